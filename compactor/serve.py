@@ -1,0 +1,63 @@
+"""Serving: turn an artifact (or compacted layers in memory) into a transformers Cache for a model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .artifact import Artifact, LayerKV, read_artifact
+from .attention import NAME, register
+from .cache import CompactedCache, CompactedLayer
+from .errors import ArtifactError
+from .models import config_fingerprint, signatures_match, tokenizer_fingerprint, weights_signature
+
+
+def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def use_compactor_attention(model) -> None:
+    """Switch the model to the beta-aware "compactor" attention (plain attention when no beta is present)."""
+    register()
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(NAME)
+
+
+def cache_from_layers(layers: list[LayerKV], logical_length: int, model, metadata: dict | None = None
+                      ) -> CompactedCache:
+    """CompactedCache on the model's device and dtype; padded slots get beta = -inf."""
+    device, dtype = _device_dtype(model)
+    cache_layers = []
+    for layer in layers:
+        slots = torch.arange(layer.keys.shape[1])
+        pad = slots[None, :] >= layer.lengths[:, None]
+        beta = layer.beta.float().masked_fill(pad, float("-inf"))
+        cache_layers.append(CompactedLayer(layer.keys.to(device, dtype), layer.values.to(device, dtype),
+                                           beta.to(device), logical_length))
+    use_compactor_attention(model)
+    return CompactedCache(cache_layers, logical_length, metadata)
+
+
+def check_compatible(meta: dict, model, tokenizer=None, where: str = "artifact") -> None:
+    """Refuse an artifact made for another model (config or weights) or tokenizer."""
+    if meta["model_config_sha256"] != config_fingerprint(model.config):
+        raise ArtifactError(f"{where} was made for model {meta['model_id']!r} with a different configuration "
+                            f"than this model ({model.config.model_type}); load the model it was made for")
+    sig = meta.get("model_weights_signature")
+    if sig is not None and not signatures_match(sig, weights_signature(model)):
+        raise ArtifactError(f"{where} was made for model {meta['model_id']!r}: same architecture but different "
+                            "weights than this model")
+    if tokenizer is not None and meta["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
+        raise ArtifactError(f"{where} was made with a different tokenizer than the one given")
+
+
+def load_cache(path: str | Path | Artifact, model, tokenizer=None, verify: bool = True) -> CompactedCache:
+    """Load an .h5 artifact as a CompactedCache for `model` (switching it to the compactor attention).
+
+    Position ids continue at the logical length T. Use `model(ids, past_key_values=cache)` or
+    `model.generate(**cache.generation_inputs(ids), ...)`; `cache.fork()` before reusing the prefix.
+    """
+    art = path if isinstance(path, Artifact) else read_artifact(path, verify=verify)
+    check_compatible(art.meta, model, tokenizer, where=str(art.path or "artifact"))
+    return cache_from_layers(art.layers, art.T, model, art.meta)
