@@ -1,0 +1,261 @@
+"""compactor command line: compress, inspect, generate, eval."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .errors import CompactorError
+
+METHOD_CHOICES = ["am", "eviction", "streaming", "random"]
+
+
+def _ratios(value: str) -> list[float]:
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _method(name: str, seed: int, context: str, score: str, ridge: float):
+    from .methods import make_method
+
+    if name == "am":
+        return make_method("am", score=score, context=context, ridge=ridge)
+    if name == "eviction":
+        return make_method("eviction", score=score, context=context)
+    if name == "random":
+        return make_method("random", seed=seed)
+    return make_method(name)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CompactorError("--device cuda asked for, but no CUDA device is available")
+    return name
+
+
+def method_options(f):
+    f = click.option("--method", type=click.Choice(METHOD_CHOICES), default="am", show_default=True,
+                     help="Compaction method (am = Attention Matching; the others are baselines).")(f)
+    f = click.option("--context", type=click.Choice(["full", "causal"]), default="full", show_default=True,
+                     help="AM: whether a document query is matched over the whole prefix or its causal past.")(f)
+    f = click.option("--score", type=click.Choice(["rms", "max"]), default="rms", show_default=True,
+                     help="Key score: RMS or max over reference queries of the attention weight.")(f)
+    f = click.option("--ridge", type=float, default=1e-3, show_default=True,
+                     help="AM value fit: relative ridge strength (toward the original values).")(f)
+    return f
+
+
+def capture_options(f):
+    f = click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+                     help="Bundled name, local Hugging Face folder, or hub id.")(f)
+    f = click.option("--budget", type=click.Choice(["uniform", "global"]), default="global", show_default=True,
+                     help="Per-head budgets: equal, or one budget shared by all heads and layers.")(f)
+    f = click.option("--budget-floor", type=float, default=0.25, show_default=True,
+                     help="Global budgets: share of the uniform budget every head keeps at least.")(f)
+    f = click.option("--chunk-size", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="Prefill chunk (tokens).")(f)
+    f = click.option("--max-queries", type=click.IntRange(min=1), default=4096, show_default=True,
+                     help="Reference queries per KV head (random subsample, seeded).")(f)
+    f = click.option("--repeat-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+                     help="Share of reference queries from the repeat pass (the rest from the document).")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(f)
+    f = click.option("--quiet", is_flag=True, help="No progress bars.")(f)
+    return f
+
+
+class _Group(click.Group):
+    """Turns CompactorError (bad input the user can fix) into a one-line `Error: ...` and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CompactorError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="compactor")
+def cli():
+    """Compress a document's KV cache into a small .h5 artifact, inspect it, and generate from it."""
+
+
+@cli.command()
+@click.argument("documents", nargs=-1)
+@click.option("--play", multiple=True, help="A bundled Shakespeare play by name (e.g. macbeth), instead of a path.")
+@click.option("--ratio", type=float, default=10.0, show_default=True, help="Compression ratio r: keep ceil(T/r).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Compress only the first N tokens of each document.")
+@click.option("--dtype", "stored_dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True, help="Stored dtype of compact keys and values.")
+@click.option("-o", "--out", "out", type=click.Path(), default=None,
+              help="Output file (one document) or folder (default: artifacts/).")
+@click.option("--report", is_flag=True, help="Print a quality report (cKL, recall retention, fidelity, bytes).")
+@method_options
+@capture_options
+def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, method, context, score, ridge,
+             model_name, budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
+    """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
+    from .documents import bundled_play, read_document
+    from .models import load_model
+    from .pipeline import CompressOptions, compress as run_compress, prepare
+
+    if not documents and not play:
+        raise click.UsageError("give at least one document path, '-' for stdin, or --play NAME")
+    if ratio < 1:
+        raise CompactorError(f"--ratio must be >= 1 (got {ratio})")
+    docs = [read_document(p) for p in documents] + [bundled_play(p) for p in play]
+    names = [d.name for d in docs]
+    if len(set(names)) != len(names):
+        raise CompactorError(f"two documents share the name {next(n for n in names if names.count(n) > 1)!r}; "
+                             "compress them in separate calls with -o")
+    if out and len(docs) > 1 and Path(out).suffix == ".h5":
+        raise CompactorError("-o names one file but several documents were given; pass a folder")
+    opts = CompressOptions(ratio=ratio, budget=budget, budget_floor=budget_floor, chunk_size=chunk_size,
+                           max_queries=max_queries, repeat_fraction=repeat_fraction, seed=seed,
+                           max_tokens=max_tokens, stored_dtype=stored_dtype)
+    lm = load_model(model_name, device=_device(device))
+    m = _method(method, seed, context, score, ridge)
+    prepared = [prepare(lm, doc, opts) for doc in docs]  # every document is checked before any work starts
+    for doc, doc_ids in zip(docs, prepared):
+        if out and Path(out).suffix == ".h5":
+            path = Path(out)
+        else:
+            path = Path(out or "artifacts") / f"{doc.name}.h5"
+        written, layers, capture, ids = run_compress(lm, doc, m, path, opts, progress=not quiet, ids=doc_ids)
+        click.echo(f"wrote {written} ({written.stat().st_size:,} bytes; T={capture.length} tokens, "
+                   f"{method} at {ratio:g}x)")
+        if report:
+            _report(lm, doc, capture, layers, method, ratio, quiet)
+
+
+def _report(lm, doc, capture, layers, method, ratio, quiet):
+    from .evaluate import Evaluator, format_table
+    from .pipeline import tokenize_document
+
+    ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
+    C = min(256, ids.numel() - capture.length)
+    if C < 16:
+        click.echo("report: the document has no text after the compressed prefix, so cKL cannot be measured; "
+                   "use --max-tokens to hold some back")
+        return
+    ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
+    row = ev.score(layers, method, ratio, seconds=float("nan"))
+    click.echo(f"\nquality report ({doc.name}: T={capture.length}, continuation C={C}):")
+    click.echo(format_table([row]))
+    click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, compressed {row.ce:.3f}, no prefix {ev.ce_none:.3f}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--no-verify", is_flag=True, help="Skip the payload digest check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+def inspect(artifact, no_verify, as_json):
+    """Summarise an artifact and verify its integrity (per-chunk checksums and payload digest)."""
+    from .artifact import read_artifact
+    from .metrics import full_cache_bytes
+
+    art = read_artifact(artifact, verify=not no_verify)
+    meta = art.meta
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in meta.items() if k != "model_weights_signature"}, indent=2,
+                              default=str))
+        return
+    lengths = [int(x) for layer in art.layers for x in layer.lengths]
+    kv_bytes = sum(layer.nbytes() for layer in art.layers)
+    full = full_cache_bytes(len(art.layers), int(meta["num_kv_heads"]), art.T, int(meta["head_dim"]))
+    size = Path(artifact).stat().st_size
+    click.echo(f"{artifact}: {meta['format']} v{meta['format_version']} (compactor {meta['compactor_version']}, "
+               f"{meta['created']})")
+    click.echo(f"  model      {meta['model_id']} ({meta.get('model_type', '?')}), config sha256 "
+               f"{meta['model_config_sha256'][:12]}, tokenizer sha256 {meta['tokenizer_sha256'][:12]}")
+    click.echo(f"  document   {meta.get('document_name', '?')} sha256 {meta['document_sha256'][:12]}, "
+               f"T={art.T} tokens")
+    click.echo(f"  method     {meta['method']} at {meta['ratio']:g}x {json.dumps(meta['method_params'])}")
+    click.echo(f"  layout     {len(art.layers)} layers x {meta['num_kv_heads']} KV heads x d={meta['head_dim']}, "
+               f"stored {meta['stored_dtype']}; kept per head min {min(lengths)} / mean "
+               f"{sum(lengths) / len(lengths):.1f} / max {max(lengths)} ({sum(lengths)} entries)")
+    click.echo(f"  bytes      file {size:,}; KV in memory {kv_bytes:,}; full 16-bit cache {full:,} "
+               f"({full / kv_bytes:.1f}x smaller in memory, {full / size:.1f}x on disk)")
+    click.echo("  integrity  " + ("per-chunk checksums and payload digest OK" if not no_verify
+                                  else "per-chunk checksums OK (digest not checked)"))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", required=True, help="Text that follows the document.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--model", "model_name", default=None, help="Model (default: the artifact's model id).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def generate(artifact, prompt, max_new_tokens, model_name, device):
+    """Continue after the compacted document with PROMPT (greedy) and print the continuation."""
+    from .artifact import read_artifact
+    from .models import load_model
+    from .serve import load_cache
+
+    art = read_artifact(artifact)
+    lm = load_model(model_name or art.meta["model_id"], device=_device(device))
+    cache = load_cache(art, lm.model, lm.tokenizer)
+    ids = lm.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(lm.device)
+    out = lm.model.generate(**cache.generation_inputs(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=lm.tokenizer.eos_token_id)
+    click.echo(lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+@cli.command(name="eval")
+@click.argument("document", required=False)
+@click.option("--play", default=None, help="A bundled play instead of a path.")
+@click.option("-T", "T", type=click.IntRange(min=2), default=2048, show_default=True, help="Prefix tokens.")
+@click.option("-C", "C", type=click.IntRange(min=1), default=256, show_default=True, help="Continuation tokens.")
+@click.option("--ratios", default="2,5,10,20,50", show_default=True, help="Comma-separated ratios.")
+@click.option("--methods", default=",".join(METHOD_CHOICES), show_default=True, help="Comma-separated methods.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the rows as JSON here.")
+@method_options
+@capture_options
+def eval_cmd(document, play, T, C, ratios, methods, json_out, method, context, score, ridge, model_name, budget,
+             budget_floor, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
+    """Compare AM and the baselines on one document: cKL, recall retention, attention fidelity, bytes."""
+    from .documents import bundled_play, read_document
+    from .evaluate import Evaluator, format_table
+    from .models import load_model
+    from .prefill import prefill_and_capture
+
+    if bool(document) == bool(play):
+        raise click.UsageError("give exactly one of DOCUMENT or --play")
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for n in names:
+        if n not in METHOD_CHOICES:
+            raise click.BadParameter(f"unknown method {n!r}; choose from {', '.join(METHOD_CHOICES)}")
+    doc = bundled_play(play) if play else read_document(document)
+    lm = load_model(model_name, device=_device(device))
+    ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
+    if ids.numel() < T + C:
+        raise CompactorError(f"document {doc.name!r} has {ids.numel()} tokens; eval needs T+C={T + C}")
+    capture = prefill_and_capture(lm.model, lm.tokenizer, ids[:T], chunk_size=chunk_size, max_queries=max_queries,
+                                  repeat_fraction=repeat_fraction, seed=seed, progress=not quiet)
+    ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
+    rows = ev.run([_method(n, seed, context, score, ridge) for n in names], _ratios(ratios), budget, budget_floor,
+                  progress=not quiet)
+    click.echo(format_table(rows))
+    click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, no prefix {ev.ce_none:.3f}")
+    if json_out:
+        Path(json_out).write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+
+
+@cli.command()
+def plays():
+    """List the bundled Shakespeare plays."""
+    from .documents import list_plays
+
+    click.echo("\n".join(list_plays()))
+
+
+def main():
+    cli()

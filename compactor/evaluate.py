@@ -1,0 +1,118 @@
+"""Evaluation harness: one prefill of x[:T], references with the full cache, then any number of compactions."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .artifact import LayerKV
+from .attention import using_compactor_attention
+from .methods import Method
+from .metrics import (RECALL_CUE, continuation_logits, full_cache_bytes, head_fidelity, kl_per_token, retention,
+                      span_ce)
+from .pipeline import compact_capture
+from .prefill import Capture, QueryRecorder
+from .serve import cache_from_layers
+
+
+@dataclass
+class EvalRow:
+    method: str
+    ratio: float
+    ckl: float            # nats/token
+    retention: float
+    ce: float             # recall CE with this cache (nats/token)
+    out_err: float        # attention fidelity: mean over (layer, head) of the relative L2 output error
+    mass_err: float       # mean relative attention-mass error
+    kv_bytes: int         # in-memory K, V (16-bit), beta (fp32) and positions (int32) of the kept entries
+    full_bytes: int       # the full 16-bit K/V cache of the same prefix
+    seconds: float        # compaction time (prefill excluded)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def full_dynamic_cache(capture: Capture, model):
+    """A fresh transformers DynamicCache holding the uncompressed prefix."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(zip(capture.keys, capture.values)):
+        cache.update(k[None], v[None], i)
+    return cache
+
+
+class Evaluator:
+    """Full-cache references for x[:T] (compressed) and x[T:T+C] (continuation) of one document."""
+
+    def __init__(self, model, tokenizer, capture: Capture, ids: torch.Tensor, C: int = 256, n_spans: int = 4,
+                 span_len: int = 64):
+        self.model, self.capture = model, capture
+        T = self.T = capture.length
+        if ids.numel() < T + C:
+            raise ValueError(f"evaluation needs T+C={T + C} tokens, the document has {ids.numel()}")
+        if T < span_len + 1:
+            raise ValueError(f"evaluation needs a prefix longer than the {span_len}-token recall span (T={T})")
+        self.cont = ids[T:T + C]
+        cfg = model.config
+        n_layers, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+        recorder = QueryRecorder(n_layers, n_kv)
+        recorder.rows = torch.arange(C)
+        with torch.no_grad(), using_compactor_attention(model):
+            self.full_logits = continuation_logits(model, full_dynamic_cache(capture, model), self.cont, T,
+                                                   compactor_recorder=recorder)
+        self.heldout = [recorder.pooled(i) for i in range(n_layers)]
+        cue = tokenizer(RECALL_CUE, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        starts = [int((T - span_len) * (k + 0.5) / n_spans) for k in range(n_spans)]
+        self.recall = [torch.cat([cue, ids[s:s + span_len]]) for s in starts]
+        self.span_start = cue.numel()
+        self.ce_full = self._recall_ce(lambda: full_dynamic_cache(capture, model))
+        self.ce_none = self._recall_ce(lambda: None, start=0)
+        self.full_bytes = full_cache_bytes(n_layers, n_kv, T, capture.keys[0].shape[-1])
+
+    def _recall_ce(self, make_cache, start: int | None = None) -> float:
+        start = self.T if start is None else start
+        ces = [span_ce(continuation_logits(self.model, make_cache(), ids, start), ids, self.span_start)
+               for ids in self.recall]
+        return sum(ces) / len(ces)
+
+    def score(self, layers: list[LayerKV], method: str, ratio: float, seconds: float) -> EvalRow:
+        cache = cache_from_layers(layers, self.T, self.model)
+        logits = continuation_logits(self.model, cache.fork(), self.cont, self.T)
+        ckl = float(kl_per_token(self.full_logits, logits).mean())
+        ce_c = self._recall_ce(cache.fork)
+        out_errs, mass_errs = [], []
+        for l, layer in enumerate(layers):
+            for h in range(layer.keys.shape[0]):
+                n = int(layer.lengths[h])
+                o, m = head_fidelity(self.heldout[l][h], self.capture.keys[l][h], self.capture.values[l][h],
+                                     layer.keys[h, :n], layer.beta[h, :n], layer.values[h, :n], self.capture.scale)
+                out_errs.append(o)
+                mass_errs.append(m)
+        kv_bytes = sum(layer.nbytes(torch.bfloat16) for layer in layers)
+        return EvalRow(method, ratio, ckl, retention(self.ce_none, self.ce_full, ce_c), ce_c,
+                       sum(out_errs) / len(out_errs), sum(mass_errs) / len(mass_errs), kv_bytes, self.full_bytes,
+                       seconds)
+
+    def run(self, methods: list[Method], ratios: list[float], budget: str = "uniform", budget_floor: float = 0.25,
+            progress: bool = True) -> list[EvalRow]:
+        rows = []
+        jobs = [(m, r) for m in methods for r in ratios]
+        for method, ratio in tqdm(jobs, desc="evaluate", unit="run", disable=not progress):
+            t0 = time.perf_counter()
+            layers, _ = compact_capture(self.capture, method, ratio, budget, budget_floor, progress=False)
+            rows.append(self.score(layers, method.name, ratio, time.perf_counter() - t0))
+        return rows
+
+
+def format_table(rows: list[EvalRow]) -> str:
+    """Markdown table of evaluation rows."""
+    head = ("| method | ratio | cKL (nats/tok) | retention | out err | mass err | KV bytes | vs full | compact s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.ratio:g} | {r.ckl:.4f} | {r.retention:.3f} | {r.out_err:.3f} | "
+                     f"{r.mass_err:.3f} | {r.kv_bytes:,} | {r.full_bytes / r.kv_bytes:.1f}x | {r.seconds:.1f} |")
+    return "\n".join(lines)

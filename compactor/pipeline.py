@@ -1,0 +1,135 @@
+"""From a captured prefill to compacted layers, and from a document to a written artifact."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .artifact import LayerKV, write_artifact
+from .budgets import MODES, global_budgets, per_head_budget, uniform_budgets
+from .documents import Document
+from .errors import CompactorError
+from .key_selection import score_of
+from .methods import Method
+from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_signature
+from .prefill import Capture, check_length, prefill_and_capture
+
+
+@dataclass
+class CompressOptions:
+    ratio: float = 10.0
+    budget: str = "uniform"        # uniform | global
+    budget_floor: float = 0.25     # global: fraction of the uniform budget every head keeps at least
+    chunk_size: int = 512
+    max_queries: int = 4096        # reference queries per KV head (pooled over its query group)
+    repeat_fraction: float = 0.5   # share of those queries taken from the repeat pass
+    seed: int = 0
+    max_tokens: int | None = None  # compress only the first max_tokens tokens of the document
+    stored_dtype: str = "bfloat16"
+
+
+def _pad(items: list[torch.Tensor], length: int, fill) -> torch.Tensor:
+    out = []
+    for x in items:
+        pad = length - x.shape[0]
+        if pad:
+            x = torch.cat([x, torch.full((pad, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)])
+        out.append(x)
+    return torch.stack(out)
+
+
+def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "uniform",
+                    budget_floor: float = 0.25, progress: bool = True) -> tuple[list[LayerKV], torch.Tensor]:
+    """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used."""
+    if budget not in MODES:
+        raise ValueError(f"budget must be one of {', '.join(MODES)}")
+    L, (H, T, _) = len(capture.keys), capture.keys[0].shape
+    per_head_budget(T, ratio)  # validates the ratio
+    context = getattr(method, "context", "full")
+    stats = capture.attention_stats(context, progress) if method.uses_scores or budget == "global" else None
+    if budget == "global":
+        scores = torch.stack([score_of(s, getattr(method, "score", "rms")) for s in stats]).cpu()
+        budgets = global_budgets(scores, ratio, budget_floor)
+    else:
+        budgets = uniform_budgets(L, H, T, ratio)
+    layers = []
+    for l in tqdm(range(L), desc=f"compact {method.name}", unit="layer", disable=not progress):
+        heads = []
+        for h in range(H):
+            head_stats = None if stats is None else type(stats[l])(*(x[h] for x in stats[l]))
+            heads.append(method.compact(capture.keys[l][h], capture.values[l][h], capture.queries[l][h],
+                                        int(budgets[l, h]), query_pos=capture.query_pos.to(capture.keys[l].device),
+                                        scale=capture.scale, stats=head_stats, head_id=l * H + h))
+        t_max = max(c.keys.shape[0] for c in heads)
+        layers.append(LayerKV(
+            keys=_pad([c.keys for c in heads], t_max, 0), values=_pad([c.values for c in heads], t_max, 0),
+            beta=_pad([c.beta.float() for c in heads], t_max, 0.0),
+            positions=_pad([c.positions.long() for c in heads], t_max, -1),
+            lengths=torch.tensor([c.keys.shape[0] for c in heads], dtype=torch.int64)))
+    return layers, budgets
+
+
+def tokenize_document(lm: LoadedModel, doc: Document, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids (T,) of the document (special tokens as the tokenizer adds them at a sequence start)."""
+    ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    check_length(lm.model, ids.numel(), f"document {doc.name!r}")
+    return ids
+
+
+def artifact_meta(lm: LoadedModel, doc: Document, ids: torch.Tensor, method: Method, opts: CompressOptions,
+                  budgets: torch.Tensor, seconds: dict) -> dict:
+    cfg = lm.config
+    return {
+        "compactor_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model_id": lm.model_id, "model_type": cfg.model_type,
+        "model_config_sha256": config_fingerprint(cfg),
+        "model_weights_signature": weights_signature(lm.model).tolist(),
+        "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer),
+        "document_name": doc.name, "document_sha256": doc.sha256,
+        "tokens_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
+        "T": int(ids.numel()), "ratio": float(opts.ratio), "method": method.name,
+        "method_params": {**method.params(), "budget": opts.budget, "budget_floor": opts.budget_floor,
+                          "max_queries": opts.max_queries, "repeat_fraction": opts.repeat_fraction,
+                          "chunk_size": opts.chunk_size, "seed": opts.seed},
+        "budget_total": int(budgets.sum()),
+        "num_kv_heads": int(cfg.num_key_value_heads),
+        "head_dim": int(lm.model.model.layers[0].self_attn.head_dim),
+        "seconds": seconds,
+    }
+
+
+def prepare(lm: LoadedModel, doc: Document, opts: CompressOptions) -> torch.Tensor:
+    """Token ids of a document, checked against the model's context and the ratio (fails before any work)."""
+    ids = tokenize_document(lm, doc, opts.max_tokens)
+    try:
+        per_head_budget(ids.numel(), opts.ratio)
+    except ValueError as e:
+        raise CompactorError(f"document {doc.name!r}: {e}") from None
+    return ids
+
+
+def compress(lm: LoadedModel, doc: Document, method: Method, out_path: str | Path, opts: CompressOptions,
+             progress: bool = True, ids: torch.Tensor | None = None
+             ) -> tuple[Path, list[LayerKV], Capture, torch.Tensor]:
+    """Prefill, capture, compact and write one document. Returns (path, layers, capture, token ids)."""
+    ids = prepare(lm, doc, opts) if ids is None else ids
+    t0 = time.perf_counter()
+    capture = prefill_and_capture(lm.model, lm.tokenizer, ids, chunk_size=opts.chunk_size,
+                                  max_queries=opts.max_queries, repeat_fraction=opts.repeat_fraction,
+                                  seed=opts.seed, progress=progress)
+    t1 = time.perf_counter()
+    layers, budgets = compact_capture(capture, method, opts.ratio, opts.budget, opts.budget_floor, progress)
+    t2 = time.perf_counter()
+    meta = artifact_meta(lm, doc, ids, method, opts, budgets,
+                         {"prefill": round(t1 - t0, 3), "compact": round(t2 - t1, 3)})
+    path = write_artifact(out_path, meta, layers, opts.stored_dtype)
+    return path, layers, capture, ids

@@ -1,0 +1,147 @@
+"""The command line on tiny local models: the happy path, and every bad input giving a one-line error,
+a non-zero exit, and no partial artifact."""
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from compactor.cli import cli
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_path_factory, doc_text):
+    p = tmp_path_factory.mktemp("docs") / "story.txt"
+    p.write_text(doc_text)
+    return p
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_llama, doc):
+    out = tmp_path_factory.mktemp("out")
+    r = run("compress", doc, "--model", tiny_llama, "--ratio", 4, "-o", out, "--quiet", "--max-queries", 256)
+    assert r.exit_code == 0, r.output
+    return out / "story.h5"
+
+
+def one_line_error(r, pattern):
+    assert r.exit_code != 0
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error:") and pattern in lines[-1], r.output
+
+
+def test_compress_inspect_generate(artifact, tiny_llama):
+    assert artifact.exists()
+    r = run("inspect", artifact)
+    assert r.exit_code == 0, r.output
+    assert "payload digest OK" in r.output and "am at 4x" in r.output
+    r = run("generate", artifact, "--prompt", "The quick", "--model", tiny_llama, "--max-new-tokens", 5)
+    assert r.exit_code == 0, r.output
+    assert r.output.strip()
+
+
+def test_stdin_and_several_documents(tmp_path, tiny_llama, doc_text):
+    a, b = tmp_path / "a.md", tmp_path / "b.txt"
+    a.write_text(doc_text)
+    b.write_text(doc_text[: len(doc_text) // 2])
+    r = run("compress", a, b, "-", "--model", tiny_llama, "--ratio", 8, "-o", tmp_path / "out", "--quiet",
+            "--max-queries", 128, input=doc_text)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.h5", "b.h5", "stdin.h5"]
+
+
+def test_missing_file(tmp_path, tiny_llama):
+    one_line_error(run("compress", tmp_path / "nope.txt", "--model", tiny_llama), "document not found")
+
+
+def test_empty_file(tmp_path, tiny_llama):
+    p = tmp_path / "empty.txt"
+    p.write_text("  \n")
+    one_line_error(run("compress", p, "--model", tiny_llama, "-o", tmp_path), "is empty")
+    assert not list(tmp_path.glob("*.h5"))
+
+
+def test_binary_file(tmp_path, tiny_llama):
+    p = tmp_path / "blob.txt"
+    p.write_bytes(bytes(range(256)) * 4)
+    one_line_error(run("compress", p, "--model", tiny_llama, "-o", tmp_path), "binary")
+    assert not list(tmp_path.glob("*.h5"))
+
+
+@pytest.mark.parametrize("ratio,msg", [(0.5, ">= 1"), (100000, "larger than the document")])
+def test_bad_ratio(tmp_path, tiny_llama, doc, ratio, msg):
+    one_line_error(run("compress", doc, "--model", tiny_llama, "--ratio", ratio, "-o", tmp_path), msg)
+    assert not list(tmp_path.glob("*.h5"))
+
+
+def test_unknown_model(tmp_path, doc):
+    one_line_error(run("compress", doc, "--model", "no-such-model", "-o", tmp_path), "unknown model")
+
+
+def test_unreachable_hub_model(tmp_path, doc, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    one_line_error(run("compress", doc, "--model", "someorg/some-model", "-o", tmp_path), "could not fetch")
+
+
+def test_document_longer_than_context(tmp_path, tiny_llama, doc, doc_text):
+    p = tmp_path / "long.txt"
+    p.write_text(doc_text * 4)
+    r = run("compress", doc, p, "--model", tiny_llama, "-o", tmp_path)  # checked before the first is compressed
+    one_line_error(r, "model's context is 1024 tokens")
+    assert "document 'long' is" in r.output
+    assert not list(tmp_path.glob("*.h5"))
+
+
+def test_corrupted_artifact(tmp_path, artifact):
+    import h5py
+
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(artifact.read_bytes())
+    with h5py.File(bad) as f:
+        off = f["layers/00001/keys"].id.get_chunk_info(0).byte_offset
+    data = bytearray(bad.read_bytes())
+    data[off + 3] ^= 0x55
+    bad.write_bytes(bytes(data))
+    one_line_error(run("inspect", bad), "corrupted")
+
+
+def test_truncated_artifact(tmp_path, artifact):
+    bad = tmp_path / "cut.h5"
+    bad.write_bytes(artifact.read_bytes()[:5000])
+    one_line_error(run("inspect", bad), "truncated or corrupted")
+
+
+def test_artifact_from_another_model(artifact, tiny_models):
+    r = run("generate", artifact, "--prompt", "hi", "--model", tiny_models["qwen3"])
+    one_line_error(r, "was made for model")
+
+
+def test_artifact_from_same_architecture_other_weights(tmp_path, artifact):
+    from conftest import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other", "llama", seed=123)
+    one_line_error(run("generate", artifact, "--prompt", "hi", "--model", other), "different weights")
+
+
+def test_interrupted_compress_leaves_no_artifact(tmp_path, tiny_llama, doc, monkeypatch):
+    import compactor.artifact as art
+
+    def die(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(art, "_digest_update", die)
+    r = run("compress", doc, "--model", tiny_llama, "-o", tmp_path, "--quiet")
+    assert r.exit_code != 0
+    assert not list(tmp_path.iterdir())
+
+
+def test_real_process_exit_code(tmp_path):
+    """Through the installed entry point: stderr holds one line, the exit status is non-zero."""
+    p = subprocess.run([sys.executable, "-m", "compactor", "inspect", str(tmp_path / "missing.h5")],
+                       capture_output=True, text=True)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [f"Error: artifact not found: {tmp_path / 'missing.h5'}"]
