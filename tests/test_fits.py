@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.optimize import nnls
 
-from compactor.beta_fit import fit_mass_weights, nnls_normal
+from compactor.beta_fit import fit_mass_weights, nnls_active_set, nnls_normal
 from compactor.value_fit import fit_values
 
 
@@ -76,3 +76,18 @@ def test_value_fit_exact_when_consistent():
     X_true = torch.randn(12, 8, generator=g, dtype=torch.float64)
     X = fit_values(P, P @ X_true, torch.zeros(12, 8, dtype=torch.float64), ridge=1e-9)
     assert torch.allclose(X, X_true, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,t,seed", [(200, 20, 0), (500, 64, 1), (800, 150, 2), (1500, 400, 9)])
+def test_active_set_nnls_matches_scipy(n, t, seed):
+    """The device solver (run here on CPU tensors) finds the same minimiser as scipy's Lawson-Hanson."""
+    A = attention_like(n, t, seed)
+    y = torch.ones(n, dtype=torch.float64)
+    y[: n // 4] = 0.1
+    G, b = A.T @ A, A.T @ y
+    w = nnls_active_set(G, b)
+    assert w is not None
+    ref = nnls_normal(G.numpy(), b.numpy())
+    obj = lambda x: float(((A @ x - y) ** 2).sum())
+    assert obj(w) <= obj(torch.from_numpy(ref)) * (1 + 1e-9) + 1e-12
+    assert torch.allclose(w, torch.from_numpy(ref), rtol=1e-5, atol=1e-7)
