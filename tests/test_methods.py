@@ -130,3 +130,30 @@ def test_global_budgets_total_floor_and_preference():
     assert int(b.min()) >= t // 4
     assert int(b[1, 2]) == b.max() and int(b[1, 2]) > t
     assert int(b.max()) <= 200
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("budget", [16, 100])
+def test_am_on_cuda_matches_cpu(budget, monkeypatch):
+    """The device path (Triton scores, active-set NNLS, Cholesky values on the GPU) gives the CPU result."""
+    monkeypatch.setenv("COMPACTOR_TF32", "0")  # IEEE-accurate float32 scores, so the same keys are chosen
+    keys, values, queries = head(7, n=2 * N)
+    fit, held = queries[:N], queries[N:]
+    cpu = make_method("am").compact(keys, values, fit, budget, scale=SCALE)
+    gpu = make_method("am").compact(keys.cuda(), values.cuda(), fit.cuda(), budget, scale=SCALE)
+    assert torch.equal(gpu.positions.cpu(), cpu.positions)
+    # beta and values need not be unique (near-collinear kept keys); the attention they produce must agree
+    out_cpu, lse_cpu, _ = dense(held, cpu.keys, cpu.values, cpu.beta)
+    out_gpu, lse_gpu, _ = dense(held, gpu.keys.cpu(), gpu.values.cpu(), gpu.beta.cpu())
+    out_full, _, _ = dense(held, keys, values)
+    assert float((out_gpu - out_cpu).norm() / out_full.norm()) < 1e-3
+    assert float((lse_gpu - lse_cpu).abs().max()) < 1e-3
+
+
+def test_am_ridge_shrinks_values_toward_originals():
+    keys, values, queries = head(8)
+    weak = make_method("am", ridge=1e-6).compact(keys, values, queries, 20, scale=SCALE)
+    strong = make_method("am", ridge=1e6).compact(keys, values, queries, 20, scale=SCALE)
+    assert torch.equal(weak.positions, strong.positions)
+    assert (strong.values - values[strong.positions]).abs().max() < 1e-3
+    assert (weak.values - values[weak.positions]).abs().max() > 0.1

@@ -90,7 +90,7 @@ class AttentionMatching(ScoredMethod):
         mass = A @ w
         rows = mass > 0
         P = (A[rows] * w) / mass[rows, None]
-        X = fit_values(P, stats.out[rows].to(A.device), values[idx])
+        X = fit_values(P, stats.out[rows].to(A.device), values[idx], ridge=self.ridge)
         beta = torch.log(w).float()
         if not (torch.isfinite(X).all() and torch.isfinite(beta).all()):
             return take(keys, values, idx)
