@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RATIO ?= 10
 PLAY ?= macbeth
+TOKENS ?= 2048
 
 .PHONY: install demo test test-fast bench clean
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/compactor compress --play $(PLAY) --ratio $(RATIO) --report
+	$(BIN)/compactor compress --play $(PLAY) --max-tokens $(TOKENS) --ratio $(RATIO) --report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -102,7 +102,8 @@ class Evaluator:
         jobs = [(m, r) for m in methods for r in ratios]
         for method, ratio in tqdm(jobs, desc="evaluate", unit="run", disable=not progress):
             t0 = time.perf_counter()
-            layers, _ = compact_capture(self.capture, method, ratio, budget, budget_floor, progress=False)
+            mode = budget if method.uses_scores else "uniform"  # streaming / random are defined per head
+            layers, _ = compact_capture(self.capture, method, ratio, mode, budget_floor, progress=False)
             rows.append(self.score(layers, method.name, ratio, time.perf_counter() - t0))
         return rows
 

@@ -300,3 +300,20 @@ def test_triton_kernels_under_interpreter():
     n_cases = len(CASES) + 7 + 2
     assert f"{n_cases} passed" in proc.stdout, f"expected {n_cases} interpreter cases to pass:\n{tail}"
     assert "skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled Triton on a real GPU (skipped where there is none, e.g. CI)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _HAS_TRITON), reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("case", CASES + [(700, 1500, 128, "shared", torch.bfloat16),
+                                          (513, 2049, 64, "batched", torch.float16)], ids=_case_id)
+def test_compiled_triton_matches_dense_on_cuda(case, monkeypatch):
+    n, T, d, qpos_kind, dtype = case
+    monkeypatch.setenv("COMPACTOR_TF32", "0")  # 3xTF32 for float32 inputs: IEEE-level accuracy
+    q, k, v, qpos = make_inputs(_seed(case), 3, n, T, d, dtype, qpos_kind)
+    ref = dense_reference(q, k, v, d ** -0.5, qpos)
+    got = attention_stats(q.cuda(), k.cuda(), v.cuda(), d ** -0.5, None if qpos is None else qpos.cuda())
+    assert_matches(AttentionStats(*(x.cpu() for x in got)), ref, dtype, (3, n, T, d))
