@@ -1,10 +1,10 @@
-"""The .h5 artifact, schema v1 (documented in artifacts/README.md).
+"""The .h5 container (schema v1, documented in artifacts/README.md): root attributes, one group of named arrays
+per layer, and the codebooks shared by the file. What the arrays mean is kv_codec.py's business.
 
 Written atomically (temporary file in the same folder, fsync, rename) so a crash or Ctrl-C never leaves a partial
 artifact under the final name. Every dataset is chunked with HDF5's Fletcher-32 filter (a checksum per chunk,
 checked by HDF5 on every read), and the root carries a sha256 digest of the whole payload. No pickle anywhere:
-metadata are HDF5 attributes (strings, numbers, JSON text), tensors are plain numeric datasets; bfloat16 is
-stored explicitly as its uint16 bit pattern with a `dtype="bfloat16"` attribute.
+metadata are HDF5 attributes (strings, numbers, numeric arrays, JSON text), tensors are numeric datasets.
 """
 from __future__ import annotations
 
@@ -16,52 +16,39 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 from .errors import ArtifactError
 
 FORMAT = "compactor-kv"
 VERSION = 1
-STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REQUIRED_ATTRS = ("format", "format_version", "compactor_version", "created", "model_id", "model_config_sha256",
                   "tokenizer_sha256", "document_sha256", "T", "ratio", "method", "method_params", "num_layers",
-                  "num_kv_heads", "head_dim", "stored_dtype", "payload_sha256")
-LAYER_DATASETS = ("keys", "values", "beta", "positions", "lengths")
+                  "num_kv_heads", "head_dim", "payload_sha256")
 
 
 @dataclass
-class LayerKV:
-    """One layer of a compacted cache; heads shorter than t_max are padded (beta 0, position -1, zeros)."""
-
-    keys: torch.Tensor       # (Hkv, t_max, d)
-    values: torch.Tensor     # (Hkv, t_max, d)
-    beta: torch.Tensor       # (Hkv, t_max) float32
-    positions: torch.Tensor  # (Hkv, t_max) int64, -1 in padding
-    lengths: torch.Tensor    # (Hkv,) int64 valid entries per head
-
-    def nbytes(self, dtype: torch.dtype | None = None) -> int:
-        """In-memory bytes of the valid entries: keys+values at `dtype`, beta float32, positions int32."""
-        item = torch.empty((), dtype=dtype or self.keys.dtype).element_size()
-        n, d = int(self.lengths.sum()), self.keys.shape[-1]
-        return n * (2 * d * item + 4 + 4)
+class StoredLayer:
+    arrays: dict[str, np.ndarray]
+    attrs: dict
 
 
 @dataclass
 class Artifact:
     meta: dict
-    layers: list[LayerKV] = field(default_factory=list)
+    layers: list[StoredLayer] = field(default_factory=list)
+    codebooks: dict[str, np.ndarray] = field(default_factory=dict)
     path: Path | None = None
 
     @property
     def T(self) -> int:
         return int(self.meta["T"])
 
-
-def _to_numpy(x: torch.Tensor, stored: str) -> np.ndarray:
-    x = x.detach().cpu()
-    if stored == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.uint16).numpy()
-    return x.to(STORED_DTYPES[stored]).numpy()
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of every stored array: codes, gains, means, scales, raw keys/values, beta, positions, lengths,
+        codebooks (the HDF5 file adds its own structure on top)."""
+        return (sum(a.nbytes for layer in self.layers for a in layer.arrays.values())
+                + sum(c.nbytes for c in self.codebooks.values()))
 
 
 def _digest_update(h, name: str, arr: np.ndarray) -> None:
@@ -69,18 +56,19 @@ def _digest_update(h, name: str, arr: np.ndarray) -> None:
     h.update(np.ascontiguousarray(arr).tobytes())
 
 
-def _layer_arrays(layer: LayerKV, stored: str) -> dict[str, np.ndarray]:
-    return {"keys": _to_numpy(layer.keys, stored), "values": _to_numpy(layer.values, stored),
-            "beta": layer.beta.detach().cpu().float().numpy(),
-            "positions": layer.positions.detach().cpu().to(torch.int32).numpy(),
-            "lengths": layer.lengths.detach().cpu().to(torch.int32).numpy()}
+def _items(layers: list[StoredLayer], codebooks: dict[str, np.ndarray]):
+    """(dataset path, array) in the canonical order the digest uses."""
+    for i, layer in enumerate(layers):
+        for name in sorted(layer.arrays):
+            yield f"layers/{i:05d}/{name}", layer.arrays[name]
+    for name in sorted(codebooks):
+        yield f"codebooks/{name}", codebooks[name]
 
 
-def write_artifact(path: str | Path, meta: dict, layers: list[LayerKV], stored_dtype: str = "bfloat16") -> Path:
-    """Write atomically; `meta` holds the root attributes except format/version/dtype/digest (added here)."""
-    if stored_dtype not in STORED_DTYPES:
-        raise ValueError(f"stored dtype must be one of {', '.join(STORED_DTYPES)}")
-    path = Path(path)
+def write_artifact(path: str | Path, meta: dict, layers: list[StoredLayer],
+                   codebooks: dict[str, np.ndarray] | None = None) -> Path:
+    """Write atomically; `meta` holds the root attributes except format/version/digest (added here)."""
+    path, codebooks = Path(path), codebooks or {}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     digest = hashlib.sha256()
@@ -88,15 +76,14 @@ def write_artifact(path: str | Path, meta: dict, layers: list[LayerKV], stored_d
         with h5py.File(tmp, "w") as f:
             for i, layer in enumerate(layers):
                 g = f.create_group(f"layers/{i:05d}")
-                g.attrs["encoding"] = "raw"
-                for name, arr in _layer_arrays(layer, stored_dtype).items():
-                    ds = g.create_dataset(name, data=arr, chunks=True if arr.size else None,
-                                          fletcher32=bool(arr.size))
-                    if name in ("keys", "values"):
-                        ds.attrs["dtype"] = stored_dtype
-                    _digest_update(digest, f"layers/{i:05d}/{name}", arr)
-            attrs = {**meta, "format": FORMAT, "format_version": VERSION, "stored_dtype": stored_dtype,
-                     "num_layers": len(layers), "payload_sha256": digest.hexdigest()}
+                for k, v in layer.attrs.items():
+                    g.attrs[k] = v
+            f.create_group("codebooks")
+            for name, arr in _items(layers, codebooks):
+                f.create_dataset(name, data=arr, chunks=True if arr.size else None, fletcher32=bool(arr.size))
+                _digest_update(digest, name, arr)
+            attrs = {**meta, "format": FORMAT, "format_version": VERSION, "num_layers": len(layers),
+                     "payload_sha256": digest.hexdigest()}
             json_keys = sorted(k for k, v in attrs.items() if isinstance(v, dict))
             for k, v in attrs.items():
                 f.attrs[k] = json.dumps(v) if k in json_keys else (np.asarray(v) if isinstance(v, list) else v)
@@ -128,13 +115,6 @@ def _open(path: Path) -> h5py.File:
                             f"{str(e).splitlines()[0]}") from None
 
 
-def read_meta(path: str | Path) -> dict:
-    """Root attributes, validated (format, version, required keys); no payload read."""
-    path = Path(path)
-    with _open(path) as f:
-        return _check_meta(path, {k: _attr(v) for k, v in f.attrs.items()})
-
-
 def _check_meta(path: Path, meta: dict) -> dict:
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a compactor artifact (format attribute {meta.get('format')!r})")
@@ -149,38 +129,40 @@ def _check_meta(path: Path, meta: dict) -> dict:
     return meta
 
 
-def _from_numpy(arr: np.ndarray, stored: str) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    return t.view(torch.bfloat16) if stored == "bfloat16" else t
+def read_meta(path: str | Path) -> dict:
+    """Root attributes, validated (format, version, required keys); no payload read."""
+    path = Path(path)
+    with _open(path) as f:
+        return _check_meta(path, {k: _attr(v) for k, v in f.attrs.items()})
+
+
+def _read(f: h5py.File, path: Path, name: str) -> np.ndarray:
+    try:
+        return f[name][()]
+    except OSError as e:
+        raise ArtifactError(f"{path} is corrupted: {name} fails its checksum ({str(e).splitlines()[0]})") from None
 
 
 def read_artifact(path: str | Path, verify: bool = True) -> Artifact:
-    """Read and (by default) verify the payload digest; HDF5 checks each chunk's Fletcher-32 sum on read."""
+    """Read every array; HDF5 checks each chunk's Fletcher-32 sum on read, and (by default) the payload digest
+    is recomputed and compared."""
     path = Path(path)
     with _open(path) as f:
         meta = _check_meta(path, {k: _attr(v) for k, v in f.attrs.items()})
-        stored = meta["stored_dtype"]
-        digest = hashlib.sha256()
         layers = []
         for i in range(int(meta["num_layers"])):
             name = f"layers/{i:05d}"
             if name not in f:
                 raise ArtifactError(f"{path} is missing group {name}")
-            if _attr(f[name].attrs.get("encoding", "raw")) != "raw":
-                raise ArtifactError(f"{path}: {name} uses encoding {f[name].attrs['encoding']!r}, unknown here")
-            arrays = {}
-            for ds in LAYER_DATASETS:
-                try:
-                    arrays[ds] = f[f"{name}/{ds}"][()]
-                except KeyError:
-                    raise ArtifactError(f"{path} is missing dataset {name}/{ds}") from None
-                except OSError as e:
-                    raise ArtifactError(f"{path} is corrupted: {name}/{ds} fails its checksum "
-                                        f"({str(e).splitlines()[0]})") from None
-                _digest_update(digest, f"{name}/{ds}", arrays[ds])
-            layers.append(LayerKV(_from_numpy(arrays["keys"], stored), _from_numpy(arrays["values"], stored),
-                                  torch.from_numpy(arrays["beta"]), torch.from_numpy(arrays["positions"]).long(),
-                                  torch.from_numpy(arrays["lengths"]).long()))
-    if verify and digest.hexdigest() != meta["payload_sha256"]:
-        raise ArtifactError(f"{path} is corrupted: payload digest mismatch")
-    return Artifact(meta, layers, path)
+            g = f[name]
+            layers.append(StoredLayer({k: _read(f, path, f"{name}/{k}") for k in g},
+                                      {k: _attr(v) for k, v in g.attrs.items()}))
+        books = {k: _read(f, path, f"codebooks/{k}") for k in f.get("codebooks", {})}
+    art = Artifact(meta, layers, books, path)
+    if verify:
+        digest = hashlib.sha256()
+        for name, arr in _items(layers, books):
+            _digest_update(digest, name, arr)
+        if digest.hexdigest() != meta["payload_sha256"]:
+            raise ArtifactError(f"{path} is corrupted: payload digest mismatch")
+    return art

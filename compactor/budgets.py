@@ -3,7 +3,9 @@
 - uniform: every head keeps t = ceil(T / r);
 - global: the same total L * H * t, shared across all heads and layers by ranking every key of every head on one
   comparable score (its softmax weight statistic); each head first gets `floor` keys (a fraction of t) so that no
-  head is emptied.
+  head is emptied;
+- layer: the global allocation summed per layer, then split equally among the layer's KV heads. Heads of one
+  layer then have equal lengths, so the serving cache (padded to the longest head of a layer) wastes nothing.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import math
 
 import torch
 
-MODES = ("uniform", "global")
+MODES = ("uniform", "global", "layer")
 
 
 def per_head_budget(T: int, ratio: float) -> int:
@@ -38,3 +40,15 @@ def global_budgets(scores: torch.Tensor, ratio: float, floor_fraction: float = 0
     chosen = torch.topk(flat.reshape(-1), L * H * t).indices
     counts = torch.bincount(chosen // T, minlength=L * H)
     return counts.reshape(L, H).to(torch.int64)
+
+
+def layer_budgets(scores: torch.Tensor, ratio: float, floor_fraction: float = 0.25) -> torch.Tensor:
+    """(L, H) int64: global_budgets summed per layer and split equally over its heads (same total)."""
+    per_head = global_budgets(scores, ratio, floor_fraction)
+    L, H = per_head.shape
+    total = per_head.sum(1)
+    out = (total // H)[:, None].repeat(1, H)
+    rem = total - out.sum(1)
+    for l in range(L):  # the remainder goes to the first heads of the layer
+        out[l, : int(rem[l])] += 1
+    return out.clamp(max=scores.shape[-1])

@@ -18,6 +18,34 @@ def _ratios(value: str) -> list[float]:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
 
 
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CompactorError(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def _calibration_bits(path: str | None, model_name: str) -> dict | None:
+    """Per-layer bits from a calibration JSON: the given file, or artifacts/calibration/<model>.json if present."""
+    if path is None:
+        default = Path("artifacts") / "calibration" / f"{Path(model_name).name}.json"
+        if not default.is_file():
+            return None
+        path = str(default)
+        click.echo(f"using per-layer bits from {path}", err=True)
+    try:
+        data = json.loads(Path(path).read_text())
+        layers = data["layers"]
+        if not isinstance(layers, dict):
+            raise TypeError("'layers' must be an object")
+        return {int(k): str(v) for k, v in layers.items()}
+    except FileNotFoundError:
+        raise CompactorError(f"calibration file not found: {path}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CompactorError(f"calibration file {path} is not valid ({e}); expected {{\"layers\": "
+                             f"{{\"0\": \"K8V8\", ...}}}}") from None
+
+
 def _method(name: str, seed: int, context: str, score: str, ridge: float):
     from .methods import make_method
 
@@ -55,8 +83,9 @@ def method_options(f):
 def capture_options(f):
     f = click.option("--model", "model_name", default="smollm2-135m", show_default=True,
                      help="Bundled name, local Hugging Face folder, or hub id.")(f)
-    f = click.option("--budget", type=click.Choice(["uniform", "global"]), default="global", show_default=True,
-                     help="Per-head budgets: equal, or one budget shared by all heads and layers.")(f)
+    f = click.option("--budget", type=click.Choice(["uniform", "global", "layer"]), default="global",
+                     show_default=True, help="Per-head budgets: equal; one budget shared by all heads and layers; "
+                                             "or that shared budget split equally within each layer.")(f)
     f = click.option("--budget-floor", type=float, default=0.25, show_default=True,
                      help="Global budgets: share of the uniform budget every head keeps at least.")(f)
     f = click.option("--chunk-size", type=click.IntRange(min=1), default=512, show_default=True,
@@ -98,14 +127,23 @@ def cli():
 @click.option("-o", "--out", "out", type=click.Path(), default=None,
               help="Output file (one document) or folder (default: artifacts/).")
 @click.option("--report", is_flag=True, help="Print a quality report (cKL, recall retention, fidelity, bytes).")
+@click.option("--kv-bits", default="16", show_default=True,
+              help="Quantize stored keys/values: K<b>V<b> Lloyd-Max bits (e.g. K4V3), q4_0, q8_0; 16 = none.")
+@click.option("--hi-layers", default="", help="Comma-separated layers (negative from the end, e.g. 0,-1) stored "
+                                              "at --hi-bits instead.")
+@click.option("--hi-bits", default="K8V8", show_default=True, help="Storage of the --hi-layers.")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="JSON with per-layer bits {\"layers\": {\"0\": \"K8V8\", ...}} (default: "
+                   "artifacts/calibration/<model>.json when present).")
 @method_options
 @capture_options
-def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, method, context, score, ridge,
-             model_name, budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
+def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_bits, hi_layers, hi_bits,
+             calibration, method, context, score, ridge, model_name, budget, budget_floor, chunk_size, max_queries,
+             repeat_fraction, seed, device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
     from .documents import bundled_play, read_document
     from .models import load_model
-    from .pipeline import CompressOptions, compress as run_compress, prepare
+    from .pipeline import CompressOptions, codec_plan, compress as run_compress, prepare
 
     if not documents and not play:
         raise click.UsageError("give at least one document path, '-' for stdin, or --play NAME")
@@ -120,7 +158,9 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, meth
         raise CompactorError("-o names one file but several documents were given; pass a folder")
     opts = CompressOptions(ratio=ratio, budget=budget, budget_floor=budget_floor, chunk_size=chunk_size,
                            max_queries=max_queries, repeat_fraction=repeat_fraction, seed=seed,
-                           max_tokens=max_tokens, stored_dtype=stored_dtype)
+                           max_tokens=max_tokens, stored_dtype=stored_dtype, kv_bits=kv_bits,
+                           hi_layers=_int_list(hi_layers, "--hi-layers"), hi_bits=hi_bits,
+                           layer_bits=_calibration_bits(calibration, model_name))
     lm = load_model(model_name, device=_device(device))
     m = _method(method, seed, context, score, ridge)
     prepared = [prepare(lm, doc, opts) for doc in docs]  # every document is checked before any work starts
@@ -133,12 +173,11 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, meth
         click.echo(f"wrote {written} ({written.stat().st_size:,} bytes; T={capture.length} tokens, "
                    f"{method} at {ratio:g}x)")
         if report:
-            _report(lm, doc, capture, layers, method, ratio, quiet)
+            _report(lm, doc, capture, layers, method, ratio, codec_plan(len(layers), opts), opts)
 
 
-def _report(lm, doc, capture, layers, method, ratio, quiet):
+def _report(lm, doc, capture, layers, method, ratio, codecs, opts):
     from .evaluate import Evaluator, format_table
-    from .pipeline import tokenize_document
 
     ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
     C = min(256, ids.numel() - capture.length)
@@ -147,7 +186,7 @@ def _report(lm, doc, capture, layers, method, ratio, quiet):
                    "use --max-tokens to hold some back")
         return
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
-    row = ev.score(layers, method, ratio, seconds=float("nan"))
+    row = ev.score(layers, method, ratio, float("nan"), codecs, opts.stored_dtype, opts.seed)
     click.echo(f"\nquality report ({doc.name}: T={capture.length}, continuation C={C}):")
     click.echo(format_table([row]))
     click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, compressed {row.ce:.3f}, no prefix {ev.ce_none:.3f}")
@@ -168,10 +207,15 @@ def inspect(artifact, no_verify, as_json):
         click.echo(json.dumps({k: v for k, v in meta.items() if k != "model_weights_signature"}, indent=2,
                               default=str))
         return
-    lengths = [int(x) for layer in art.layers for x in layer.lengths]
-    kv_bytes = sum(layer.nbytes() for layer in art.layers)
-    full = full_cache_bytes(len(art.layers), int(meta["num_kv_heads"]), art.T, int(meta["head_dim"]))
+    from .kv_codec import byte_breakdown
+    from .serve import decode_layers
+
+    layers = decode_layers(art)  # also checks that every layer decodes
+    lengths = [int(x) for layer in layers for x in layer.lengths]
+    memory = sum(layer.memory_bytes() for layer in layers)
+    full = full_cache_bytes(len(layers), int(meta["num_kv_heads"]), art.T, int(meta["head_dim"]))
     size = Path(artifact).stat().st_size
+    payload = art.payload_bytes
     click.echo(f"{artifact}: {meta['format']} v{meta['format_version']} (compactor {meta['compactor_version']}, "
                f"{meta['created']})")
     click.echo(f"  model      {meta['model_id']} ({meta.get('model_type', '?')}), config sha256 "
@@ -179,11 +223,14 @@ def inspect(artifact, no_verify, as_json):
     click.echo(f"  document   {meta.get('document_name', '?')} sha256 {meta['document_sha256'][:12]}, "
                f"T={art.T} tokens")
     click.echo(f"  method     {meta['method']} at {meta['ratio']:g}x {json.dumps(meta['method_params'])}")
-    click.echo(f"  layout     {len(art.layers)} layers x {meta['num_kv_heads']} KV heads x d={meta['head_dim']}, "
-               f"stored {meta['stored_dtype']}; kept per head min {min(lengths)} / mean "
+    click.echo(f"  layout     {len(layers)} layers x {meta['num_kv_heads']} KV heads x d={meta['head_dim']}, "
+               f"K/V stored as {meta.get('kv_bits', '?')}; kept per head min {min(lengths)} / mean "
                f"{sum(lengths) / len(lengths):.1f} / max {max(lengths)} ({sum(lengths)} entries)")
-    click.echo(f"  bytes      file {size:,}; KV in memory {kv_bytes:,}; full 16-bit cache {full:,} "
-               f"({full / kv_bytes:.1f}x smaller in memory, {full / size:.1f}x on disk)")
+    parts = ", ".join(f"{k} {v:,}" for k, v in byte_breakdown(art).items())
+    click.echo(f"  stored     {payload:,} bytes ({parts}); file {size:,} bytes")
+    click.echo(f"  vs full    full 16-bit cache {full:,} bytes: {full / payload:.1f}x smaller stored, "
+               f"{full / size:.1f}x on disk, {full / memory:.1f}x in memory when served "
+               f"(16-bit keys/values padded per layer + beta: {memory:,} bytes)")
     click.echo("  integrity  " + ("per-chunk checksums and payload digest OK" if not no_verify
                                   else "per-chunk checksums OK (digest not checked)"))
 
@@ -217,10 +264,12 @@ def generate(artifact, prompt, max_new_tokens, model_name, device):
 @click.option("--ratios", default="2,5,10,20,50", show_default=True, help="Comma-separated ratios.")
 @click.option("--methods", default=",".join(METHOD_CHOICES), show_default=True, help="Comma-separated methods.")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the rows as JSON here.")
+@click.option("--kv-bits", "kv_bits", default="16", show_default=True,
+              help="Comma-separated storages to evaluate, e.g. 16,K4V3,q4_0 (see compress --kv-bits).")
 @method_options
 @capture_options
-def eval_cmd(document, play, T, C, ratios, methods, json_out, method, context, score, ridge, model_name, budget,
-             budget_floor, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
+def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, context, score, ridge, model_name,
+             budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
     """Compare AM and the baselines on one document: cKL, recall retention, attention fidelity, bytes."""
     from .documents import bundled_play, read_document
     from .evaluate import Evaluator, format_table
@@ -233,6 +282,14 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, method, context, s
     for n in names:
         if n not in METHOD_CHOICES:
             raise click.BadParameter(f"unknown method {n!r}; choose from {', '.join(METHOD_CHOICES)}")
+    from .kv_codec import parse_kv_bits
+
+    bits = [b.strip() for b in kv_bits.split(",") if b.strip()]
+    for b in bits:
+        try:
+            parse_kv_bits(b)
+        except ValueError as e:
+            raise CompactorError(str(e)) from None
     doc = bundled_play(play) if play else read_document(document)
     lm = load_model(model_name, device=_device(device))
     ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
@@ -242,7 +299,7 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, method, context, s
                                   repeat_fraction=repeat_fraction, seed=seed, progress=not quiet)
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
     rows = ev.run([_method(n, seed, context, score, ridge) for n in names], _ratios(ratios), budget, budget_floor,
-                  progress=not quiet)
+                  progress=not quiet, kv_bits=bits, seed=seed)
     click.echo(format_table(rows))
     click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, no prefix {ev.ce_none:.3f}")
     if json_out:

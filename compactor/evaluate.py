@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import LayerKV
+from .kv_codec import RAW, KVCodec, codebook_name, parse_kv_bits, roundtrip
+from .layer_kv import LayerKV
 from .attention import using_compactor_attention
 from .methods import Method
 from .metrics import (RECALL_CUE, continuation_logits, full_cache_bytes, head_fidelity, kl_per_token, retention,
@@ -21,14 +22,16 @@ from .serve import cache_from_layers
 class EvalRow:
     method: str
     ratio: float
+    kv: str               # storage of keys/values, e.g. K16V16 (bf16), K4V3 (lloyd bits), Kq4_0Vq4_0
     ckl: float            # nats/token
     retention: float
     ce: float             # recall CE with this cache (nats/token)
     out_err: float        # attention fidelity: mean over (layer, head) of the relative L2 output error
     mass_err: float       # mean relative attention-mass error
-    kv_bytes: int         # in-memory K, V (16-bit), beta (fp32) and positions (int32) of the kept entries
+    stored_bytes: int     # artifact payload: codes, gains, means, scales, beta, positions, lengths, codebooks
+    memory_bytes: int     # serving cache: padded 16-bit keys and values + float32 beta
     full_bytes: int       # the full 16-bit K/V cache of the same prefix
-    seconds: float        # compaction time (prefill excluded)
+    seconds: float        # compaction time (prefill and key scoring excluded)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +81,15 @@ class Evaluator:
                for ids in self.recall]
         return sum(ces) / len(ces)
 
-    def score(self, layers: list[LayerKV], method: str, ratio: float, seconds: float) -> EvalRow:
+    def score(self, layers: list[LayerKV], method: str, ratio: float, seconds: float,
+              codecs: list[KVCodec] | None = None, stored_dtype: str = "bfloat16", seed: int = 0) -> EvalRow:
+        """Metrics of the cache as it is served: each layer goes through its codec's store-and-load first."""
+        codecs = codecs or [RAW] * len(layers)
+        trips = [roundtrip(layer, codec, stored_dtype, seed) for layer, codec in zip(layers, codecs)]
+        layers = [t[0] for t in trips]
+        books = {codebook_name(p.bits, layers[0].keys.shape[-1]): 4 * 2 ** p.bits
+                 for c in codecs for p in (c.keys, c.values) if p.name == "lloyd"}
+        stored_bytes = sum(t[1] for t in trips) + sum(books.values())
         cache = cache_from_layers(layers, self.T, self.model)
         logits = continuation_logits(self.model, cache.fork(), self.cont, self.T)
         ckl = float(kl_per_token(self.full_logits, logits).mean())
@@ -91,29 +102,35 @@ class Evaluator:
                                      layer.keys[h, :n], layer.beta[h, :n], layer.values[h, :n], self.capture.scale)
                 out_errs.append(o)
                 mass_errs.append(m)
-        kv_bytes = sum(layer.nbytes(torch.bfloat16) for layer in layers)
-        return EvalRow(method, ratio, ckl, retention(self.ce_none, self.ce_full, ce_c), ce_c,
-                       sum(out_errs) / len(out_errs), sum(mass_errs) / len(mass_errs), kv_bytes, self.full_bytes,
-                       seconds)
+        label = ",".join(sorted({c.label for c in codecs}))
+        return EvalRow(method, ratio, label, ckl, retention(self.ce_none, self.ce_full, ce_c), ce_c,
+                       sum(out_errs) / len(out_errs), sum(mass_errs) / len(mass_errs), stored_bytes,
+                       sum(layer.memory_bytes() for layer in layers), self.full_bytes, seconds)
 
     def run(self, methods: list[Method], ratios: list[float], budget: str = "uniform", budget_floor: float = 0.25,
-            progress: bool = True) -> list[EvalRow]:
+            progress: bool = True, kv_bits: list[str] = ("16",), stored_dtype: str = "bfloat16",
+            seed: int = 0) -> list[EvalRow]:
+        """Every method x ratio x storage; ratio 1 means no compaction (quantization only)."""
         rows = []
-        jobs = [(m, r) for m in methods for r in ratios]
-        for method, ratio in tqdm(jobs, desc="evaluate", unit="run", disable=not progress):
+        jobs = [(m, r, k) for m in methods for r in ratios for k in kv_bits]
+        L = len(self.capture.keys)
+        for method, ratio, bits in tqdm(jobs, desc="evaluate", unit="run", disable=not progress):
+            codecs = [parse_kv_bits(bits)] * L
             t0 = time.perf_counter()
             mode = budget if method.uses_scores else "uniform"  # streaming / random are defined per head
-            layers, _ = compact_capture(self.capture, method, ratio, mode, budget_floor, progress=False)
-            rows.append(self.score(layers, method.name, ratio, time.perf_counter() - t0))
+            layers, _ = compact_capture(self.capture, method, ratio, mode, budget_floor, progress=False,
+                                        codecs=codecs, stored_dtype=stored_dtype, seed=seed)
+            rows.append(self.score(layers, method.name, ratio, time.perf_counter() - t0, codecs, stored_dtype, seed))
         return rows
 
 
 def format_table(rows: list[EvalRow]) -> str:
     """Markdown table of evaluation rows."""
-    head = ("| method | ratio | cKL (nats/tok) | retention | out err | mass err | KV bytes | vs full | compact s |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| method | ratio | K/V | cKL (nats/tok) | retention | out err | mass err | stored bytes | vs full "
+            "| memory bytes | vs full | compact s |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
-        lines.append(f"| {r.method} | {r.ratio:g} | {r.ckl:.4f} | {r.retention:.3f} | {r.out_err:.3f} | "
-                     f"{r.mass_err:.3f} | {r.kv_bytes:,} | {r.full_bytes / r.kv_bytes:.1f}x | {r.seconds:.1f} |")
+        lines.append(f"| {r.method} | {r.ratio:g} | {r.kv} | {r.ckl:.4f} | {r.retention:.3f} | {r.out_err:.3f} | "
+                     f"{r.mass_err:.3f} | {r.stored_bytes:,} | {r.full_bytes / r.stored_bytes:.1f}x | "
+                     f"{r.memory_bytes:,} | {r.full_bytes / r.memory_bytes:.1f}x | {r.seconds:.1f} |")
     return "\n".join(lines)

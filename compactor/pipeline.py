@@ -11,11 +11,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .artifact import LayerKV, write_artifact
-from .budgets import MODES, global_budgets, per_head_budget, uniform_budgets
+from .artifact import StoredLayer, write_artifact
+from .budgets import MODES, global_budgets, layer_budgets, per_head_budget, uniform_budgets
 from .documents import Document
 from .errors import CompactorError
 from .key_selection import score_of
+from .kv_codec import RAW, KVCodec, check_codec, encode_layer, parse_kv_bits, roundtrip_tensor
+from .layer_kv import LayerKV
 from .methods import Method
 from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_signature
 from .prefill import Capture, check_length, prefill_and_capture
@@ -31,7 +33,25 @@ class CompressOptions:
     repeat_fraction: float = 0.5   # share of those queries taken from the repeat pass
     seed: int = 0
     max_tokens: int | None = None  # compress only the first max_tokens tokens of the document
-    stored_dtype: str = "bfloat16"
+    stored_dtype: str = "bfloat16"  # of unquantized keys/values
+    kv_bits: str = "16"            # e.g. K4V3 (lloyd), q4_0, q8_0; "16" = unquantized
+    hi_layers: tuple = ()          # layer indices (negative from the end) stored at hi_bits instead
+    hi_bits: str = "K8V8"
+    layer_bits: dict | None = None  # per-layer overrides {layer index: "K4V3"} (e.g. from a calibration file)
+
+
+def codec_plan(n_layers: int, opts: CompressOptions) -> list[KVCodec]:
+    """The KVCodec of every layer: kv_bits, hi_bits on hi_layers, then per-layer overrides."""
+    plan = [parse_kv_bits(opts.kv_bits)] * n_layers
+    for i in opts.hi_layers:
+        if not -n_layers <= int(i) < n_layers:
+            raise ValueError(f"--hi-layers: layer {i} does not exist (the model has {n_layers})")
+        plan[int(i) % n_layers] = parse_kv_bits(opts.hi_bits)
+    for i, text in (opts.layer_bits or {}).items():
+        if not -n_layers <= int(i) < n_layers:
+            raise ValueError(f"per-layer bits: layer {i} does not exist (the model has {n_layers})")
+        plan[int(i) % n_layers] = parse_kv_bits(text)
+    return plan
 
 
 def _pad(items: list[torch.Tensor], length: int, fill) -> torch.Tensor:
@@ -45,27 +65,32 @@ def _pad(items: list[torch.Tensor], length: int, fill) -> torch.Tensor:
 
 
 def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "uniform",
-                    budget_floor: float = 0.25, progress: bool = True) -> tuple[list[LayerKV], torch.Tensor]:
-    """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used."""
+                    budget_floor: float = 0.25, progress: bool = True, codecs: list[KVCodec] | None = None,
+                    stored_dtype: str = "bfloat16", seed: int = 0) -> tuple[list[LayerKV], torch.Tensor]:
+    """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used.
+    With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded."""
     if budget not in MODES:
         raise ValueError(f"budget must be one of {', '.join(MODES)}")
     L, (H, T, _) = len(capture.keys), capture.keys[0].shape
     per_head_budget(T, ratio)  # validates the ratio
     context = getattr(method, "context", "full")
-    stats = capture.attention_stats(context, progress) if method.uses_scores or budget == "global" else None
-    if budget == "global":
+    stats = capture.attention_stats(context, progress) if method.uses_scores or budget != "uniform" else None
+    if budget in ("global", "layer"):
         scores = torch.stack([score_of(s, getattr(method, "score", "rms")) for s in stats]).cpu()
-        budgets = global_budgets(scores, ratio, budget_floor)
+        budgets = (global_budgets if budget == "global" else layer_budgets)(scores, ratio, budget_floor)
     else:
         budgets = uniform_budgets(L, H, T, ratio)
     layers = []
     for l in tqdm(range(L), desc=f"compact {method.name}", unit="layer", disable=not progress):
         heads = []
+        key_codec = (codecs[l] if codecs else RAW).keys
+        key_transform = lambda k, c=key_codec: roundtrip_tensor(k, c, stored_dtype, seed)  # noqa: E731
         for h in range(H):
             head_stats = None if stats is None else type(stats[l])(*(x[h] for x in stats[l]))
             heads.append(method.compact(capture.keys[l][h], capture.values[l][h], capture.queries[l][h],
                                         int(budgets[l, h]), query_pos=capture.query_pos.to(capture.keys[l].device),
-                                        scale=capture.scale, stats=head_stats, head_id=l * H + h))
+                                        scale=capture.scale, stats=head_stats, head_id=l * H + h,
+                                        key_transform=key_transform))
         t_max = max(c.keys.shape[0] for c in heads)
         layers.append(LayerKV(
             keys=_pad([c.keys for c in heads], t_max, 0), values=_pad([c.values for c in heads], t_max, 0),
@@ -99,7 +124,8 @@ def artifact_meta(lm: LoadedModel, doc: Document, ids: torch.Tensor, method: Met
         "T": int(ids.numel()), "ratio": float(opts.ratio), "method": method.name,
         "method_params": {**method.params(), "budget": opts.budget, "budget_floor": opts.budget_floor,
                           "max_queries": opts.max_queries, "repeat_fraction": opts.repeat_fraction,
-                          "chunk_size": opts.chunk_size, "seed": opts.seed},
+                          "chunk_size": opts.chunk_size, "seed": opts.seed, "stored_dtype": opts.stored_dtype,
+                          "hi_layers": list(opts.hi_layers), "hi_bits": opts.hi_bits},
         "budget_total": int(budgets.sum()),
         "num_kv_heads": int(cfg.num_key_value_heads),
         "head_dim": int(lm.model.model.layers[0].self_attn.head_dim),
@@ -114,6 +140,11 @@ def prepare(lm: LoadedModel, doc: Document, opts: CompressOptions) -> torch.Tens
         per_head_budget(ids.numel(), opts.ratio)
     except ValueError as e:
         raise CompactorError(f"document {doc.name!r}: {e}") from None
+    try:
+        for codec in codec_plan(lm.config.num_hidden_layers, opts):
+            check_codec(codec, lm.model.model.layers[0].self_attn.head_dim)
+    except ValueError as e:
+        raise CompactorError(str(e)) from None
     return ids
 
 
@@ -127,9 +158,15 @@ def compress(lm: LoadedModel, doc: Document, method: Method, out_path: str | Pat
                                   max_queries=opts.max_queries, repeat_fraction=opts.repeat_fraction,
                                   seed=opts.seed, progress=progress)
     t1 = time.perf_counter()
-    layers, budgets = compact_capture(capture, method, opts.ratio, opts.budget, opts.budget_floor, progress)
+    codecs = codec_plan(len(capture.keys), opts)
+    layers, budgets = compact_capture(capture, method, opts.ratio, opts.budget, opts.budget_floor, progress,
+                                      codecs, opts.stored_dtype, opts.seed)
     t2 = time.perf_counter()
     meta = artifact_meta(lm, doc, ids, method, opts, budgets,
                          {"prefill": round(t1 - t0, 3), "compact": round(t2 - t1, 3)})
-    path = write_artifact(out_path, meta, layers, opts.stored_dtype)
+    books: dict = {}
+    stored = [StoredLayer(*encode_layer(layer, codec, opts.stored_dtype, opts.seed, books))
+              for layer, codec in zip(layers, codecs)]
+    meta["kv_bits"] = ",".join(sorted({c.label for c in codecs}))
+    path = write_artifact(out_path, meta, stored, books)
     return path, layers, capture, ids

@@ -5,10 +5,12 @@ from pathlib import Path
 
 import torch
 
-from .artifact import Artifact, LayerKV, read_artifact
+from .artifact import Artifact, read_artifact
+from .layer_kv import LayerKV
 from .attention import NAME, register
 from .cache import CompactedCache, CompactedLayer
 from .errors import ArtifactError
+from .kv_codec import decode_layer
 from .models import config_fingerprint, signatures_match, tokenizer_fingerprint, weights_signature
 
 
@@ -52,6 +54,15 @@ def check_compatible(meta: dict, model, tokenizer=None, where: str = "artifact")
         raise ArtifactError(f"{where} was made with a different tokenizer than the one given")
 
 
+def decode_layers(art: Artifact) -> list[LayerKV]:
+    """Dequantize (or unpack) every layer of an artifact to float32 LayerKV."""
+    try:
+        return [decode_layer(layer.arrays, layer.attrs, art.codebooks, int(art.meta["head_dim"]))
+                for layer in art.layers]
+    except (KeyError, ValueError) as e:
+        raise ArtifactError(f"{art.path}: cannot decode its layers ({e})") from None
+
+
 def load_cache(path: str | Path | Artifact, model, tokenizer=None, verify: bool = True) -> CompactedCache:
     """Load an .h5 artifact as a CompactedCache for `model` (switching it to the compactor attention).
 
@@ -60,4 +71,4 @@ def load_cache(path: str | Path | Artifact, model, tokenizer=None, verify: bool 
     """
     art = path if isinstance(path, Artifact) else read_artifact(path, verify=verify)
     check_compatible(art.meta, model, tokenizer, where=str(art.path or "artifact"))
-    return cache_from_layers(art.layers, art.T, model, art.meta)
+    return cache_from_layers(decode_layers(art), art.T, model, art.meta)

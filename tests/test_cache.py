@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from compactor.artifact import LayerKV
+from compactor.layer_kv import LayerKV
 from compactor.models import load_model
 from compactor.serve import cache_from_layers
 

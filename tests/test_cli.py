@@ -145,3 +145,60 @@ def test_real_process_exit_code(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [f"Error: artifact not found: {tmp_path / 'missing.h5'}"]
+
+
+def test_quantized_artifact_end_to_end(tmp_path, tiny_llama, doc):
+    """K4V3 Lloyd-Max storage, first and last layers at 8 bits; inspect counts every byte; it loads and runs."""
+    out = tmp_path / "q.h5"
+    r = run("compress", doc, "--model", tiny_llama, "--ratio", 4, "--kv-bits", "K4V3", "--hi-layers", "0,-1",
+            "--hi-bits", "K8V8", "-o", out, "--quiet", "--max-queries", 256)
+    assert r.exit_code == 0, r.output
+    r = run("inspect", out)
+    assert r.exit_code == 0, r.output
+    assert "K/V stored as K8V8" in r.output and "codes" in r.output and "codebooks" in r.output
+    raw = tmp_path / "raw.h5"
+    assert run("compress", doc, "--model", tiny_llama, "--ratio", 4, "-o", raw, "--quiet",
+               "--max-queries", 256).exit_code == 0
+    from compactor.artifact import read_artifact
+
+    assert read_artifact(out).payload_bytes < read_artifact(raw).payload_bytes
+    r = run("generate", out, "--prompt", "The quick", "--model", tiny_llama, "--max-new-tokens", 4)
+    assert r.exit_code == 0, r.output
+
+
+def test_quantization_without_compaction(tmp_path, doc):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "d32", "llama", head_dim=32)  # q8_0 blocks need a multiple of 32
+    out = tmp_path / "q1.h5"
+    r = run("compress", doc, "--model", model, "--ratio", 1, "--kv-bits", "q8_0", "-o", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "q-blocks" in run("inspect", out).output
+
+
+def test_calibration_file_sets_per_layer_bits(tmp_path, tiny_llama, doc):
+    cal = tmp_path / "cal.json"
+    cal.write_text('{"layers": {"1": "K2V2"}}')
+    out = tmp_path / "c.h5"
+    r = run("compress", doc, "--model", tiny_llama, "--kv-bits", "K6V6", "--calibration", cal, "-o", out, "--quiet",
+            "--max-queries", 128)
+    assert r.exit_code == 0, r.output
+    from compactor.artifact import read_artifact
+
+    art = read_artifact(out)
+    assert [layer.attrs["kv_codec"] for layer in art.layers] == ["K6V6", "K2V2"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"layers": {"7": "K2V2"}}')
+    one_line_error(run("compress", doc, "--model", tiny_llama, "--calibration", bad, "-o", tmp_path), "layer 7")
+
+
+@pytest.mark.parametrize("bits,msg", [("K9V4", "bad --kv-bits"), ("K4", "bad --kv-bits")])
+def test_bad_kv_bits(tmp_path, tiny_llama, doc, bits, msg):
+    one_line_error(run("compress", doc, "--model", tiny_llama, "--kv-bits", bits, "-o", tmp_path), msg)
+    assert not list(tmp_path.glob("*.h5"))
+
+
+def test_block_codec_on_unsupported_head_dim(tmp_path, tiny_llama, doc):
+    # the tiny models have head dim 16: q4_0 blocks need a multiple of 32
+    one_line_error(run("compress", doc, "--model", tiny_llama, "--kv-bits", "q4_0", "-o", tmp_path),
+                   "multiple of 32")

@@ -6,7 +6,9 @@
 3. values: ridge least squares so that attention over the compact cache reproduces each query's full-cache
    attention output (value_fit.py).
 `context="full"` lets every reference query see the whole prefix; `"causal"` limits a context query to its
-causal past (in the scores and in both fits). A degenerate head (no positive weight, non-finite fit) falls back
+causal past (in the scores and in both fits). With a `key_transform` in the call context (the pipeline passes
+the store-and-load round trip of the layer's key codec), both fits use the keys as they will be served, so
+beta and the values absorb the key quantization error. A degenerate head (no positive weight, non-finite fit) falls back
 to plain eviction of the same keys.
 """
 from __future__ import annotations
@@ -75,18 +77,25 @@ class AttentionMatching(ScoredMethod):
             return keep_all(keys, values)
         stats = self._stats(keys, values, queries, context)
         idx = top_keys(score_of(stats, self.score), budget).to(keys.device)
-        scale = context["scale"]
-        q = queries.double()
-        # share of each query's full mass carried by each kept key (n, t); 0 where the key is not visible
-        A = torch.exp(scale * (q @ keys[idx].double().T) - stats.lse.double()[:, None])
-        pos = self.visible_pos(context.get("query_pos"))
-        if pos is not None:
-            A = A * (idx[None, :].to(pos.device) <= pos[:, None]).to(A.device)
+        scale, pos = context["scale"], self.visible_pos(context.get("query_pos"))
+        # fit around the keys as they will be stored and loaded (bf16 rounding, quantization), if given
+        stored = context.get("key_transform") or (lambda k: k)
+        q, lse = queries.double(), stats.lse.double()[:, None]
+
+        def mass_shares(kept: torch.Tensor) -> torch.Tensor:
+            """(n, t) share of each query's full mass carried by each kept key; 0 where not visible."""
+            A = torch.exp(scale * (q @ stored(keys[kept]).double().T) - lse)
+            if pos is not None:
+                A = A * (kept[None, :].to(pos.device) <= pos[:, None]).to(A.device)
+            return A
+
+        A = mass_shares(idx)
         w = fit_mass_weights(A).to(A.device)
         keep = w > 0
         if not bool(keep.any()):
             return take(keys, values, idx)
-        idx, A, w = idx[keep], A[:, keep], w[keep]
+        idx, w = idx[keep], w[keep]
+        A = A[:, keep] if context.get("key_transform") is None else mass_shares(idx)
         mass = A @ w
         rows = mass > 0
         P = (A[rows] * w) / mass[rows, None]

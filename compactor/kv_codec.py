@@ -1,0 +1,228 @@
+"""How compact keys and values are stored: raw 16/32-bit, or quantized (lloyd, q8_0, q4_0), per layer.
+
+A layer's entries are stored ragged: the kept entries of its KV heads one after another (N = sum of per-head
+lengths rows), so heads of unequal length cost no padding on disk. Each of keys and values has its own codec:
+
+- raw:   `<t>` (N, d) in the stored dtype (bfloat16 as its uint16 bit pattern);
+- lloyd: `<t>_codes` (N, ceil(d*b/8)) uint8 bit-packed Lloyd-Max codes of the rotated unit vectors,
+         `<t>_gains` (N,) float16 per-vector gains, `<t>_mean` (Hkv, d) float32 per-head channel means
+         (subtracted before rotation, so a shared k_proj bias does not eat the code range); rotation seed and
+         codebook name in the layer attributes, the codebook's centroids once per file under /codebooks;
+- q8_0 / q4_0: `<t>_blocks` (N, d/32 * 34 or 18) uint8, llama.cpp's block layout byte for byte.
+beta (N,) float32, positions (N,) int32 and lengths (Hkv,) int32 are always stored as they are.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .layer_kv import LayerKV
+from .quant import (BLOCK_BYTES, LloydCode, beta_codebook, lloyd_decode, lloyd_encode, q4_0_decode, q4_0_encode,
+                    q8_0_decode, q8_0_encode)
+
+STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BLOCK_CODECS = {"q8_0": (q8_0_encode, q8_0_decode), "q4_0": (q4_0_encode, q4_0_decode)}
+
+
+@dataclass(frozen=True)
+class TensorCodec:
+    """How one of keys/values is stored: name in {raw, lloyd, q8_0, q4_0}; bits for lloyd (1..8)."""
+
+    name: str = "raw"
+    bits: int | None = None
+
+    @property
+    def label(self) -> str:
+        return {"raw": "16", "lloyd": str(self.bits)}.get(self.name, self.name)
+
+
+@dataclass(frozen=True)
+class KVCodec:
+    keys: TensorCodec = TensorCodec()
+    values: TensorCodec = TensorCodec()
+
+    @property
+    def label(self) -> str:
+        return f"K{self.keys.label}V{self.values.label}"
+
+    @property
+    def is_raw(self) -> bool:
+        return self.keys.name == "raw" and self.values.name == "raw"
+
+
+RAW = KVCodec()
+_PART = r"(16|[1-8]|q8_0|q4_0)"
+
+
+def _tensor_codec(part: str) -> TensorCodec:
+    if part == "16":
+        return TensorCodec("raw")
+    if part in BLOCK_CODECS:
+        return TensorCodec(part)
+    return TensorCodec("lloyd", int(part))
+
+
+def parse_kv_bits(text: str) -> KVCodec:
+    """'K4V3' (lloyd 4-bit keys, 3-bit values), 'K8V16' (16 = unquantized), 'Kq4_0Vq8_0', or 'q4_0' / 'q8_0'
+    (both tensors); '16' or 'none' keeps both unquantized."""
+    t = text.strip()
+    if t.lower() in ("16", "none", "raw"):
+        return RAW
+    if t in BLOCK_CODECS:
+        return KVCodec(TensorCodec(t), TensorCodec(t))
+    m = re.fullmatch(f"K{_PART}V{_PART}", t)
+    if not m:
+        raise ValueError(f"bad --kv-bits {text!r}: expected K<b>V<b> with b in 1..8, 16, q8_0 or q4_0 "
+                         "(e.g. K4V3, K8V16, Kq4_0Vq4_0), or q4_0 / q8_0 / 16")
+    return KVCodec(_tensor_codec(m.group(1)), _tensor_codec(m.group(2)))
+
+
+def check_codec(codec: KVCodec, head_dim: int) -> None:
+    for part in (codec.keys, codec.values):
+        if part.name in BLOCK_CODECS and head_dim % 32:
+            raise ValueError(f"{part.name} needs a head dim that is a multiple of 32, this model has {head_dim}")
+
+
+def codebook_name(bits: int, dim: int) -> str:
+    return f"beta-b{bits}-d{dim}"
+
+
+def _to_stored(x: torch.Tensor, stored: str) -> np.ndarray:
+    x = x.detach().cpu()
+    if stored == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.uint16).numpy()
+    return x.to(STORED_DTYPES[stored]).numpy()
+
+
+def _from_stored(arr: np.ndarray, stored: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return (t.view(torch.bfloat16) if stored == "bfloat16" else t).float()
+
+
+def _ragged(x: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """(H, t_max, ...) padded -> per-head valid rows."""
+    return [x[h, : int(n)] for h, n in enumerate(lengths)]
+
+
+def _encode_tensor(name: str, heads: list[torch.Tensor], codec: TensorCodec, stored: str, seed: int,
+                   codebooks: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    arrays, attrs = {}, {f"{name}_codec": codec.name}
+    rows = torch.cat(heads).float()
+    if codec.name == "raw":
+        arrays[name] = _to_stored(rows, stored)
+        attrs[f"{name}_dtype"] = stored
+    elif codec.name in BLOCK_CODECS:
+        arrays[f"{name}_blocks"] = BLOCK_CODECS[codec.name][0](rows).cpu().numpy()
+    else:
+        d = rows.shape[-1]
+        codes = [lloyd_encode(h.float().cpu(), codec.bits, seed=seed, center=True) for h in heads]
+        arrays[f"{name}_codes"] = torch.cat([c.packed for c in codes]).numpy()
+        arrays[f"{name}_gains"] = torch.cat([c.gains for c in codes]).numpy()
+        arrays[f"{name}_mean"] = torch.stack([c.mean for c in codes]).numpy().astype(np.float32)
+        cb = codebook_name(codec.bits, d)
+        codebooks.setdefault(cb, beta_codebook(codec.bits, d).centroids.numpy().astype(np.float32))
+        attrs.update({f"{name}_bits": codec.bits, f"{name}_seed": seed, f"{name}_codebook": cb})
+    return arrays, attrs
+
+
+def encode_layer(layer: LayerKV, codec: KVCodec, stored: str, seed: int, codebooks: dict[str, np.ndarray]
+                 ) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays and attributes of one layer group. `codebooks` collects the codebooks the file must hold."""
+    if not (torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()):
+        raise ValueError("compact keys/values contain NaN or inf; refusing to store them")
+    arrays, attrs = {}, {}
+    for name, x, part in (("keys", layer.keys, codec.keys), ("values", layer.values, codec.values)):
+        a, t = _encode_tensor(name, _ragged(x, layer.lengths), part, stored, seed, codebooks)
+        arrays.update(a)
+        attrs.update(t)
+    arrays["beta"] = torch.cat(_ragged(layer.beta, layer.lengths)).float().cpu().numpy()
+    arrays["positions"] = torch.cat(_ragged(layer.positions, layer.lengths)).to(torch.int32).cpu().numpy()
+    arrays["lengths"] = layer.lengths.to(torch.int32).cpu().numpy()
+    attrs["kv_codec"] = codec.label
+    return arrays, attrs
+
+
+def _decode_tensor(name: str, arrays: dict, attrs: dict, codebooks: dict, lengths: list[int], d: int
+                   ) -> torch.Tensor:
+    kind = attrs.get(f"{name}_codec", "raw")
+    if kind == "raw":
+        return _from_stored(arrays[name], attrs[f"{name}_dtype"])
+    if kind in BLOCK_CODECS:
+        return BLOCK_CODECS[kind][1](torch.from_numpy(arrays[f"{name}_blocks"]))
+    if kind != "lloyd":
+        raise ValueError(f"unknown codec {kind!r} for {name}")
+    bits, seed, cb = int(attrs[f"{name}_bits"]), int(attrs[f"{name}_seed"]), attrs[f"{name}_codebook"]
+    if cb not in codebooks:
+        raise ValueError(f"codebook {cb!r} missing from the file")
+    cent = torch.from_numpy(codebooks[cb]).float()
+    if cent.numel() != 2 ** bits:
+        raise ValueError(f"codebook {cb!r} has {cent.numel()} centroids, {bits}-bit codes need {2 ** bits}")
+    codes, gains = torch.from_numpy(arrays[f"{name}_codes"]), torch.from_numpy(arrays[f"{name}_gains"])
+    means = torch.from_numpy(arrays[f"{name}_mean"])
+    if means.shape[-1] != d:
+        raise ValueError(f"{name} mean has dim {means.shape[-1]}, expected head dim {d}")
+    out, start = [], 0
+    for h, n in enumerate(lengths):
+        code = LloydCode(codes[start:start + n], gains[start:start + n], means[h], bits, d, seed, cent)
+        out.append(lloyd_decode(code))
+        start += n
+    return torch.cat(out) if out else torch.zeros(0, d)
+
+
+def decode_layer(arrays: dict[str, np.ndarray], attrs: dict, codebooks: dict[str, np.ndarray], head_dim: int
+                 ) -> LayerKV:
+    """Stored arrays of one layer -> LayerKV padded per head (float32 keys/values; beta 0 and position -1 in
+    padding)."""
+    lengths = [int(n) for n in arrays["lengths"]]
+    H, t_max = len(lengths), max(lengths) if lengths else 0
+    keys = _decode_tensor("keys", arrays, attrs, codebooks, lengths, head_dim)
+    values = _decode_tensor("values", arrays, attrs, codebooks, lengths, head_dim)
+    beta = torch.from_numpy(arrays["beta"]).float()
+    pos = torch.from_numpy(arrays["positions"]).long()
+    if not (keys.shape[0] == values.shape[0] == beta.shape[0] == pos.shape[0] == sum(lengths)):
+        raise ValueError("layer arrays disagree with the per-head lengths")
+    out = LayerKV(torch.zeros(H, t_max, head_dim), torch.zeros(H, t_max, head_dim), torch.zeros(H, t_max),
+                  torch.full((H, t_max), -1, dtype=torch.long), torch.tensor(lengths, dtype=torch.long))
+    start = 0
+    for h, n in enumerate(lengths):
+        sl = slice(start, start + n)
+        out.keys[h, :n], out.values[h, :n], out.beta[h, :n], out.positions[h, :n] = keys[sl], values[sl], beta[sl], pos[sl]
+        start += n
+    return out
+
+
+def roundtrip(layer: LayerKV, codec: KVCodec, stored: str = "bfloat16", seed: int = 0) -> tuple[LayerKV, int]:
+    """What a layer looks like after being stored and loaded, and the bytes its arrays take (codebooks
+    excluded: they are shared by the file)."""
+    books: dict[str, np.ndarray] = {}
+    arrays, attrs = encode_layer(layer, codec, stored, seed, books)
+    return decode_layer(arrays, attrs, books, layer.keys.shape[-1]), sum(a.nbytes for a in arrays.values())
+
+
+def roundtrip_tensor(x: torch.Tensor, codec: TensorCodec, stored: str = "bfloat16", seed: int = 0) -> torch.Tensor:
+    """One head's vectors (n, d) after storing and loading with `codec` (float32, on x's device)."""
+    if codec.name == "raw":
+        return x.to(STORED_DTYPES[stored]).float()
+    books: dict[str, np.ndarray] = {}
+    arrays, attrs = _encode_tensor("t", [x], codec, stored, seed, books)
+    return _decode_tensor("t", arrays, attrs, books, [x.shape[0]], x.shape[-1]).to(x.device)
+
+
+def byte_breakdown(art) -> dict[str, int]:
+    """Stored bytes of an Artifact by kind: raw keys/values, codes, gains, means, q-blocks, beta, positions
+    (+ lengths), codebooks."""
+    kinds = {"keys": "raw K/V", "values": "raw K/V", "beta": "beta", "positions": "positions",
+             "lengths": "positions"}
+    out: dict[str, int] = {}
+    for layer in art.layers:
+        for name, arr in layer.arrays.items():
+            suffix = name.rsplit("_", 1)[-1] if "_" in name else name
+            kind = kinds.get(name) or {"codes": "codes", "gains": "gains", "mean": "means",
+                                       "blocks": "q-blocks (codes+scales)"}.get(suffix, name)
+            out[kind] = out.get(kind, 0) + arr.nbytes
+    if art.codebooks:
+        out["codebooks"] = sum(c.nbytes for c in art.codebooks.values())
+    return out
