@@ -7,7 +7,7 @@ RATIO ?= 10
 PLAY ?= macbeth
 TOKENS ?= 2048
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test bench clean
 
 # torch==2.13.0 first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -27,7 +27,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[plot]"
 	$(BIN)/python benchmarks/bench_quality.py
+	$(BIN)/python benchmarks/bench_quant.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -29,7 +29,7 @@ def uniform_budgets(n_layers: int, n_heads: int, T: int, ratio: float) -> torch.
     return torch.full((n_layers, n_heads), per_head_budget(T, ratio), dtype=torch.int64)
 
 
-def global_budgets(scores: torch.Tensor, ratio: float, floor_fraction: float = 0.25) -> torch.Tensor:
+def global_budgets(scores: torch.Tensor, ratio: float, floor_fraction: float = 0.75) -> torch.Tensor:
     """(L, H) int64 budgets from key scores (L, H, T) with the same total as uniform_budgets."""
     L, H, T = scores.shape
     t = per_head_budget(T, ratio)
@@ -42,7 +42,7 @@ def global_budgets(scores: torch.Tensor, ratio: float, floor_fraction: float = 0
     return counts.reshape(L, H).to(torch.int64)
 
 
-def layer_budgets(scores: torch.Tensor, ratio: float, floor_fraction: float = 0.25) -> torch.Tensor:
+def layer_budgets(scores: torch.Tensor, ratio: float, floor_fraction: float = 0.75) -> torch.Tensor:
     """(L, H) int64: global_budgets summed per layer and split equally over its heads (same total)."""
     per_head = global_budgets(scores, ratio, floor_fraction)
     L, H = per_head.shape

@@ -83,11 +83,11 @@ def method_options(f):
 def capture_options(f):
     f = click.option("--model", "model_name", default="smollm2-135m", show_default=True,
                      help="Bundled name, local Hugging Face folder, or hub id.")(f)
-    f = click.option("--budget", type=click.Choice(["uniform", "global", "layer"]), default="global",
+    f = click.option("--budget", type=click.Choice(["uniform", "global", "layer"]), default="layer",
                      show_default=True, help="Per-head budgets: equal; one budget shared by all heads and layers; "
                                              "or that shared budget split equally within each layer.")(f)
-    f = click.option("--budget-floor", type=float, default=0.25, show_default=True,
-                     help="Global budgets: share of the uniform budget every head keeps at least.")(f)
+    f = click.option("--budget-floor", type=click.FloatRange(0, 1), default=0.75, show_default=True,
+                     help="global/layer budgets: share of the uniform budget every head keeps at least.")(f)
     f = click.option("--chunk-size", type=click.IntRange(min=1), default=512, show_default=True,
                      help="Prefill chunk (tokens).")(f)
     f = click.option("--max-queries", type=click.IntRange(min=1), default=4096, show_default=True,

@@ -107,7 +107,7 @@ class Evaluator:
                        sum(out_errs) / len(out_errs), sum(mass_errs) / len(mass_errs), stored_bytes,
                        sum(layer.memory_bytes() for layer in layers), self.full_bytes, seconds)
 
-    def run(self, methods: list[Method], ratios: list[float], budget: str = "uniform", budget_floor: float = 0.25,
+    def run(self, methods: list[Method], ratios: list[float], budget: str = "layer", budget_floor: float = 0.75,
             progress: bool = True, kv_bits: list[str] = ("16",), stored_dtype: str = "bfloat16",
             seed: int = 0) -> list[EvalRow]:
         """Every method x ratio x storage; ratio 1 means no compaction (quantization only)."""

@@ -26,8 +26,8 @@ from .prefill import Capture, check_length, prefill_and_capture
 @dataclass
 class CompressOptions:
     ratio: float = 10.0
-    budget: str = "uniform"        # uniform | global
-    budget_floor: float = 0.25     # global: fraction of the uniform budget every head keeps at least
+    budget: str = "layer"          # uniform | global | layer (see budgets.py)
+    budget_floor: float = 0.75     # global/layer: fraction of the uniform budget every head keeps at least
     chunk_size: int = 512
     max_queries: int = 4096        # reference queries per KV head (pooled over its query group)
     repeat_fraction: float = 0.5   # share of those queries taken from the repeat pass
@@ -64,8 +64,8 @@ def _pad(items: list[torch.Tensor], length: int, fill) -> torch.Tensor:
     return torch.stack(out)
 
 
-def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "uniform",
-                    budget_floor: float = 0.25, progress: bool = True, codecs: list[KVCodec] | None = None,
+def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "layer",
+                    budget_floor: float = 0.75, progress: bool = True, codecs: list[KVCodec] | None = None,
                     stored_dtype: str = "bfloat16", seed: int = 0) -> tuple[list[LayerKV], torch.Tensor]:
     """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used.
     With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded."""

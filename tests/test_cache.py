@@ -129,3 +129,21 @@ def test_fork_reset_crop(tiny_llama, doc_text):
         a.crop(-7)  # cannot crop into the compacted prefix
     a.reset()
     assert a.get_seq_length() == T
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_beta_in_bf16_on_cuda(tiny_llama, doc_text):
+    """bf16 serving on the GPU: beta keeps full precision (attention runs in float32 when beta is present)."""
+    lm = load_model(str(tiny_llama), device="cuda", dtype=torch.bfloat16)
+    ids = lm.tokenizer(doc_text, return_tensors="pt").input_ids[0][:120].cuda()
+    T, j = 100, 37
+    kv = [(k.float().cpu(), v.float().cpu()) for k, v in prefix_kv(lm.model, ids[:T])]
+    dup = cache_from_layers(identity_layers(kv, dup=(j, 6)), T, lm.model)
+    layers = identity_layers(kv)
+    for layer in layers:
+        layer.beta[:, j] = torch.log(torch.tensor(7.0))
+    beta = cache_from_layers(layers, T, lm.model)
+    with torch.no_grad():
+        a = lm.model(ids[None, T:], past_key_values=dup).logits.float()
+        b = lm.model(ids[None, T:], past_key_values=beta).logits.float()
+    assert (a - b).abs().max() < 5e-2  # bf16 model arithmetic; a bf16-rounded beta=log 7 would be off ~1% in mass

@@ -157,3 +157,16 @@ def test_am_ridge_shrinks_values_toward_originals():
     assert torch.equal(weak.positions, strong.positions)
     assert (strong.values - values[strong.positions]).abs().max() < 1e-3
     assert (weak.values - values[weak.positions]).abs().max() > 0.1
+
+
+def test_layer_budgets_equal_within_layer_same_total():
+    from compactor.budgets import layer_budgets
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(5, 4, 300, generator=g)
+    scores[2] *= 20  # layer 2 attracts budget
+    b = layer_budgets(scores, ratio=10, floor_fraction=0.5)
+    t = per_head_budget(300, 10)
+    assert int(b.sum()) == 5 * 4 * t
+    assert ((b.max(1).values - b.min(1).values) <= 1).all()  # equal split (remainder on the first heads)
+    assert int(b[2].min()) > t and int(b.min()) >= t // 2
