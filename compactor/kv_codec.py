@@ -8,6 +8,10 @@ lengths rows), so heads of unequal length cost no padding on disk. Each of keys 
          `<t>_gains` (N,) float16 per-vector gains, `<t>_mean` (Hkv, d) float32 per-head channel means
          (subtracted before rotation, so a shared k_proj bias does not eat the code range); rotation seed and
          codebook name in the layer attributes, the codebook's centroids once per file under /codebooks;
+         plus the `exact` most attended entries of each head kept in the stored dtype (`<t>_exact` (Hkv*e, d),
+         `<t>_exact_rows` (Hkv, e) int32 row within the head). Measured on SmolLM2: the attention sink alone
+         caused most of 4-bit keys' damage (cKL 0.0115 -> 0.0019 when it was kept exact): rotation spreads its
+         large, far-from-the-mean components over every coordinate, and nearly every query attends to it;
 - q8_0 / q4_0: `<t>_blocks` (N, d/32 * 34 or 18) uint8, llama.cpp's block layout byte for byte.
 beta (N,) float32, positions (N,) int32 and lengths (Hkv,) int32 are always stored as they are.
 """
@@ -20,19 +24,24 @@ import numpy as np
 import torch
 
 from .layer_kv import LayerKV
-from .quant import (BLOCK_BYTES, LloydCode, beta_codebook, lloyd_decode, lloyd_encode, q4_0_decode, q4_0_encode,
+from .quant import (LloydCode, beta_codebook, lloyd_decode, lloyd_encode, q4_0_decode, q4_0_encode,
                     q8_0_decode, q8_0_encode)
 
 STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BLOCK_CODECS = {"q8_0": (q8_0_encode, q8_0_decode), "q4_0": (q4_0_encode, q4_0_decode)}
 
 
+EXACT_DEFAULT = 2  # lloyd: most attended entries per head kept unquantized
+
+
 @dataclass(frozen=True)
 class TensorCodec:
-    """How one of keys/values is stored: name in {raw, lloyd, q8_0, q4_0}; bits for lloyd (1..8)."""
+    """How one of keys/values is stored: name in {raw, lloyd, q8_0, q4_0}; bits for lloyd (1..8); exact: lloyd
+    entries per head kept in the stored dtype (the most attended ones)."""
 
     name: str = "raw"
     bits: int | None = None
+    exact: int = 0
 
     @property
     def label(self) -> str:
@@ -62,7 +71,7 @@ def _tensor_codec(part: str) -> TensorCodec:
         return TensorCodec("raw")
     if part in BLOCK_CODECS:
         return TensorCodec(part)
-    return TensorCodec("lloyd", int(part))
+    return TensorCodec("lloyd", int(part), EXACT_DEFAULT)
 
 
 def parse_kv_bits(text: str) -> KVCodec:
@@ -107,8 +116,19 @@ def _ragged(x: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
     return [x[h, : int(n)] for h, n in enumerate(lengths)]
 
 
+def _exact_rows(importance: list[torch.Tensor] | None, lengths: list[int], exact: int) -> torch.Tensor:
+    """(Hkv, e) rows of each head kept exact: the e most important (ties and no importance: the first rows)."""
+    e = min([exact] + lengths)
+    rows = []
+    for h, n in enumerate(lengths):
+        score = importance[h].float() if importance is not None else -torch.arange(n, dtype=torch.float32)
+        rows.append(torch.topk(score.cpu(), e).indices.sort().values)
+    return torch.stack(rows).to(torch.int32) if rows else torch.zeros(0, 0, dtype=torch.int32)
+
+
 def _encode_tensor(name: str, heads: list[torch.Tensor], codec: TensorCodec, stored: str, seed: int,
-                   codebooks: dict[str, np.ndarray]) -> tuple[dict, dict]:
+                   codebooks: dict[str, np.ndarray], importance: list[torch.Tensor] | None = None
+                   ) -> tuple[dict, dict]:
     arrays, attrs = {}, {f"{name}_codec": codec.name}
     rows = torch.cat(heads).float()
     if codec.name == "raw":
@@ -125,6 +145,11 @@ def _encode_tensor(name: str, heads: list[torch.Tensor], codec: TensorCodec, sto
         cb = codebook_name(codec.bits, d)
         codebooks.setdefault(cb, beta_codebook(codec.bits, d).centroids.numpy().astype(np.float32))
         attrs.update({f"{name}_bits": codec.bits, f"{name}_seed": seed, f"{name}_codebook": cb})
+        if codec.exact:
+            rows = _exact_rows(importance, [h.shape[0] for h in heads], codec.exact)
+            arrays[f"{name}_exact_rows"] = rows.numpy()
+            arrays[f"{name}_exact"] = _to_stored(torch.cat([h[r.long()] for h, r in zip(heads, rows)]), stored)
+            attrs[f"{name}_exact_dtype"] = stored
     return arrays, attrs
 
 
@@ -134,8 +159,9 @@ def encode_layer(layer: LayerKV, codec: KVCodec, stored: str, seed: int, codeboo
     if not (torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()):
         raise ValueError("compact keys/values contain NaN or inf; refusing to store them")
     arrays, attrs = {}, {}
+    importance = None if layer.importance is None else _ragged(layer.importance, layer.lengths)
     for name, x, part in (("keys", layer.keys, codec.keys), ("values", layer.values, codec.values)):
-        a, t = _encode_tensor(name, _ragged(x, layer.lengths), part, stored, seed, codebooks)
+        a, t = _encode_tensor(name, _ragged(x, layer.lengths), part, stored, seed, codebooks, importance)
         arrays.update(a)
         attrs.update(t)
     arrays["beta"] = torch.cat(_ragged(layer.beta, layer.lengths)).float().cpu().numpy()
@@ -164,10 +190,16 @@ def _decode_tensor(name: str, arrays: dict, attrs: dict, codebooks: dict, length
     means = torch.from_numpy(arrays[f"{name}_mean"])
     if means.shape[-1] != d:
         raise ValueError(f"{name} mean has dim {means.shape[-1]}, expected head dim {d}")
+    exact_rows = arrays.get(f"{name}_exact_rows")
+    exact = None if exact_rows is None else _from_stored(arrays[f"{name}_exact"], attrs[f"{name}_exact_dtype"])
     out, start = [], 0
     for h, n in enumerate(lengths):
         code = LloydCode(codes[start:start + n], gains[start:start + n], means[h], bits, d, seed, cent)
-        out.append(lloyd_decode(code))
+        x = lloyd_decode(code)
+        if exact is not None:
+            e = exact_rows.shape[1]
+            x[torch.from_numpy(exact_rows[h]).long()] = exact[h * e:(h + 1) * e]
+        out.append(x)
         start += n
     return torch.cat(out) if out else torch.zeros(0, d)
 
@@ -189,7 +221,8 @@ def decode_layer(arrays: dict[str, np.ndarray], attrs: dict, codebooks: dict[str
     start = 0
     for h, n in enumerate(lengths):
         sl = slice(start, start + n)
-        out.keys[h, :n], out.values[h, :n], out.beta[h, :n], out.positions[h, :n] = keys[sl], values[sl], beta[sl], pos[sl]
+        out.keys[h, :n], out.values[h, :n] = keys[sl], values[sl]
+        out.beta[h, :n], out.positions[h, :n] = beta[sl], pos[sl]
         start += n
     return out
 
@@ -199,15 +232,20 @@ def roundtrip(layer: LayerKV, codec: KVCodec, stored: str = "bfloat16", seed: in
     excluded: they are shared by the file)."""
     books: dict[str, np.ndarray] = {}
     arrays, attrs = encode_layer(layer, codec, stored, seed, books)
-    return decode_layer(arrays, attrs, books, layer.keys.shape[-1]), sum(a.nbytes for a in arrays.values())
+    out = decode_layer(arrays, attrs, books, layer.keys.shape[-1])
+    out.importance = layer.importance
+    return out, sum(a.nbytes for a in arrays.values())
 
 
-def roundtrip_tensor(x: torch.Tensor, codec: TensorCodec, stored: str = "bfloat16", seed: int = 0) -> torch.Tensor:
-    """One head's vectors (n, d) after storing and loading with `codec` (float32, on x's device)."""
+def roundtrip_tensor(x: torch.Tensor, codec: TensorCodec, stored: str = "bfloat16", seed: int = 0,
+                     importance: torch.Tensor | None = None) -> torch.Tensor:
+    """One head's vectors (n, d) (with their attention scores, if known) after storing and loading with `codec`
+    (float32, on x's device)."""
     if codec.name == "raw":
         return x.to(STORED_DTYPES[stored]).float()
     books: dict[str, np.ndarray] = {}
-    arrays, attrs = _encode_tensor("t", [x], codec, stored, seed, books)
+    arrays, attrs = _encode_tensor("t", [x], codec, stored, seed, books,
+                                   None if importance is None else [importance])
     return _decode_tensor("t", arrays, attrs, books, [x.shape[0]], x.shape[-1]).to(x.device)
 
 
@@ -215,7 +253,8 @@ def byte_breakdown(art) -> dict[str, int]:
     """Stored bytes of an Artifact by kind: raw keys/values, codes, gains, means, q-blocks, beta, positions
     (+ lengths), codebooks."""
     kinds = {"keys": "raw K/V", "values": "raw K/V", "beta": "beta", "positions": "positions",
-             "lengths": "positions"}
+             "lengths": "positions", "keys_exact": "exact entries", "values_exact": "exact entries",
+             "keys_exact_rows": "exact entries", "values_exact_rows": "exact entries"}
     out: dict[str, int] = {}
     for layer in art.layers:
         for name, arr in layer.arrays.items():

@@ -74,7 +74,10 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     L, (H, T, _) = len(capture.keys), capture.keys[0].shape
     per_head_budget(T, ratio)  # validates the ratio
     context = getattr(method, "context", "full")
-    stats = capture.attention_stats(context, progress) if method.uses_scores or budget != "uniform" else None
+    quantized = codecs is not None and any(not c.is_raw for c in codecs)
+    # scores rank the keys (scored methods), share the budget, and tell the codecs which entries matter most
+    stats = capture.attention_stats(context, progress) if method.uses_scores or budget != "uniform" or quantized \
+        else None
     if budget in ("global", "layer"):
         scores = torch.stack([score_of(s, getattr(method, "score", "rms")) for s in stats]).cpu()
         budgets = (global_budgets if budget == "global" else layer_budgets)(scores, ratio, budget_floor)
@@ -84,7 +87,7 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     for l in tqdm(range(L), desc=f"compact {method.name}", unit="layer", disable=not progress):
         heads = []
         key_codec = (codecs[l] if codecs else RAW).keys
-        key_transform = lambda k, c=key_codec: roundtrip_tensor(k, c, stored_dtype, seed)  # noqa: E731
+        key_transform = lambda k, imp, c=key_codec: roundtrip_tensor(k, c, stored_dtype, seed, imp)  # noqa: E731
         for h in range(H):
             head_stats = None if stats is None else type(stats[l])(*(x[h] for x in stats[l]))
             heads.append(method.compact(capture.keys[l][h], capture.values[l][h], capture.queries[l][h],
@@ -96,7 +99,9 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
             keys=_pad([c.keys for c in heads], t_max, 0), values=_pad([c.values for c in heads], t_max, 0),
             beta=_pad([c.beta.float() for c in heads], t_max, 0.0),
             positions=_pad([c.positions.long() for c in heads], t_max, -1),
-            lengths=torch.tensor([c.keys.shape[0] for c in heads], dtype=torch.int64)))
+            lengths=torch.tensor([c.keys.shape[0] for c in heads], dtype=torch.int64),
+            importance=None if stats is None else _pad([stats[l].p_rms[h][c.positions.to(stats[l].p_rms.device)]
+                                                        .cpu() for h, c in enumerate(heads)], t_max, 0.0)))
     return layers, budgets
 
 

@@ -8,7 +8,7 @@ import torch
 
 from compactor.artifact import StoredLayer, read_artifact, read_meta, write_artifact
 from compactor.errors import ArtifactError
-from compactor.kv_codec import RAW, decode_layer, encode_layer, parse_kv_bits
+from compactor.kv_codec import decode_layer, encode_layer, parse_kv_bits
 from compactor.layer_kv import LayerKV
 
 META = {"compactor_version": "0.1.0", "created": "2026-11-23T00:00:00+00:00", "model_id": "x",

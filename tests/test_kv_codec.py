@@ -1,10 +1,9 @@
 """Storage of compact keys/values: spec parsing, exact raw round trips, quantized round trips within their
 error, byte accounting, codebooks once per file, and refusal of bad input."""
-import numpy as np
 import pytest
 import torch
 
-from compactor.kv_codec import (RAW, KVCodec, TensorCodec, check_codec, decode_layer, encode_layer, parse_kv_bits,
+from compactor.kv_codec import (EXACT_DEFAULT, RAW, KVCodec, TensorCodec, check_codec, decode_layer, encode_layer, parse_kv_bits,
                                 roundtrip, roundtrip_tensor)
 from compactor.layer_kv import LayerKV
 from compactor.quant import beta_codebook, q4_0_decode, q4_0_encode
@@ -24,9 +23,10 @@ def layer(d=64, lengths=(40, 25, 33), seed=0, bias=0.0):
 
 
 def test_parse():
-    assert parse_kv_bits("K4V3") == KVCodec(TensorCodec("lloyd", 4), TensorCodec("lloyd", 3))
+    e = EXACT_DEFAULT
+    assert parse_kv_bits("K4V3") == KVCodec(TensorCodec("lloyd", 4, e), TensorCodec("lloyd", 3, e))
     assert parse_kv_bits("q4_0") == KVCodec(TensorCodec("q4_0"), TensorCodec("q4_0"))
-    assert parse_kv_bits("K8V16") == KVCodec(TensorCodec("lloyd", 8), TensorCodec("raw"))
+    assert parse_kv_bits("K8V16") == KVCodec(TensorCodec("lloyd", 8, e), TensorCodec("raw"))
     assert parse_kv_bits("16") == RAW and parse_kv_bits("K4V3").label == "K4V3"
     for bad in ("K9V3", "K0V1", "4", "K4", "q5_0", "K4V3x"):
         with pytest.raises(ValueError, match="bad --kv-bits"):
@@ -56,15 +56,16 @@ def test_lloyd_round_trip_error_matches_codebook_mse(bits):
     """Relative MSE of keys after the round trip is about the Beta codebook's d*MSE (rotation makes any input
     look like a random direction), and the per-head mean removes a large shared bias first."""
     src = layer(d=64, lengths=(300, 280), bias=30.0)
-    out, nbytes = roundtrip(src, parse_kv_bits(f"K{bits}V{bits}"))
+    out, nbytes = roundtrip(src, parse_kv_bits(f"K{bits}V{bits}"), stored="float32")  # exact rows in fp32
     for h, n in enumerate(src.lengths):
         x = src.keys[h, :n]
         centered = x - x.mean(0)
         rel = float(((out.keys[h, :n] - x) ** 2).sum() / (centered ** 2).sum())
         expected = 64 * beta_codebook(bits, 64).mse
         assert 0.7 * expected < rel < 1.15 * expected, (bits, rel, expected)
-    rows, d = 580, 64
-    assert nbytes == 2 * (rows * (d * bits // 8) + rows * 2 + 2 * d * 4) + rows * 4 + rows * 4 + 2 * 4
+    rows, d, e = 580, 64, EXACT_DEFAULT
+    per_tensor = rows * (d * bits // 8) + rows * 2 + 2 * d * 4 + 2 * e * (4 + d * 4)  # codes gains means exact
+    assert nbytes == 2 * per_tensor + rows * 4 + rows * 4 + 2 * 4  # + beta, positions, lengths
 
 
 def test_block_codec_matches_the_primitive():
@@ -110,3 +111,14 @@ def test_roundtrip_tensor_matches_layer_path():
     codec = parse_kv_bits("K3V3")
     via_layer, _ = roundtrip(src, codec)
     assert torch.equal(roundtrip_tensor(src.keys[0, :50], codec.keys), via_layer.keys[0, :50])
+
+
+def test_most_attended_entries_are_kept_exact():
+    src = layer(d=64, lengths=(60, 50), bias=5.0)
+    src.importance = torch.rand(2, 60, generator=torch.Generator().manual_seed(3))
+    src.importance[0, 17] = src.importance[1, 3] = 10.0  # the "attention sinks" of each head
+    out, _ = roundtrip(src, parse_kv_bits("K3V3"), stored="float32")
+    assert torch.equal(out.keys[0, 17], src.keys[0, 17]) and torch.equal(out.values[1, 3], src.values[1, 3])
+    assert not torch.equal(out.keys[0, 16], src.keys[0, 16])  # the others are quantized
+    top2 = torch.topk(src.importance[0, :60], 2).indices
+    assert all(torch.equal(out.keys[0, i], src.keys[0, i]) for i in top2)
