@@ -117,8 +117,7 @@ class Evaluator:
         for method, ratio, bits in tqdm(jobs, desc="evaluate", unit="run", disable=not progress):
             codecs = [parse_kv_bits(bits)] * L
             t0 = time.perf_counter()
-            mode = budget if method.uses_scores else "uniform"  # streaming / random are defined per head
-            layers, _ = compact_capture(self.capture, method, ratio, mode, budget_floor, progress=False,
+            layers, _ = compact_capture(self.capture, method, ratio, budget, budget_floor, progress=False,
                                         codecs=codecs, stored_dtype=stored_dtype, seed=seed)
             rows.append(self.score(layers, method.name, ratio, time.perf_counter() - t0, codecs, stored_dtype, seed))
         return rows

@@ -68,9 +68,12 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
                     budget_floor: float = 0.75, progress: bool = True, codecs: list[KVCodec] | None = None,
                     stored_dtype: str = "bfloat16", seed: int = 0) -> tuple[list[LayerKV], torch.Tensor]:
     """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used.
+    Methods that do not score keys (StreamingLLM, random) are defined per head and always get uniform budgets.
     With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded."""
     if budget not in MODES:
         raise ValueError(f"budget must be one of {', '.join(MODES)}")
+    if not method.uses_scores:
+        budget = "uniform"
     L, (H, T, _) = len(capture.keys), capture.keys[0].shape
     per_head_budget(T, ratio)  # validates the ratio
     context = getattr(method, "context", "full")
