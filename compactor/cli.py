@@ -141,6 +141,7 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
              calibration, method, context, score, ridge, model_name, budget, budget_floor, chunk_size, max_queries,
              repeat_fraction, seed, device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
+    from .artifact import read_meta
     from .documents import bundled_play, read_document
     from .models import load_model
     from .pipeline import CompressOptions, codec_plan, compress as run_compress, prepare
@@ -173,10 +174,11 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
         click.echo(f"wrote {written} ({written.stat().st_size:,} bytes; T={capture.length} tokens, "
                    f"{method} at {ratio:g}x)")
         if report:
-            _report(lm, doc, capture, layers, method, ratio, codec_plan(len(layers), opts), opts)
+            seconds = read_meta(written)["seconds"]["compact"]
+            _report(lm, doc, capture, layers, method, ratio, codec_plan(len(layers), opts), opts, seconds)
 
 
-def _report(lm, doc, capture, layers, method, ratio, codecs, opts):
+def _report(lm, doc, capture, layers, method, ratio, codecs, opts, seconds):
     from .evaluate import Evaluator, format_table
 
     ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
@@ -186,7 +188,7 @@ def _report(lm, doc, capture, layers, method, ratio, codecs, opts):
                    "use --max-tokens to hold some back")
         return
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
-    row = ev.score(layers, method, ratio, float("nan"), codecs, opts.stored_dtype, opts.seed)
+    row = ev.score(layers, method, ratio, seconds, codecs, opts.stored_dtype, opts.seed)
     click.echo(f"\nquality report ({doc.name}: T={capture.length}, continuation C={C}):")
     click.echo(format_table([row]))
     click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, compressed {row.ce:.3f}, no prefix {ev.ce_none:.3f}")
