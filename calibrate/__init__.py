@@ -1,0 +1,1 @@
+"""Calibration pipeline (per-model codebooks, bit allocation, head budgets): not built yet; see README."""

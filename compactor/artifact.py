@@ -3,8 +3,9 @@ per layer, and the codebooks shared by the file. What the arrays mean is kv_code
 
 Written atomically (temporary file in the same folder, fsync, rename) so a crash or Ctrl-C never leaves a partial
 artifact under the final name. Every dataset is chunked with HDF5's Fletcher-32 filter (a checksum per chunk,
-checked by HDF5 on every read), and the root carries a sha256 digest of the whole payload. No pickle anywhere:
-metadata are HDF5 attributes (strings, numbers, numeric arrays, JSON text), tensors are numeric datasets.
+checked by HDF5 on every read), and the root carries a sha256 digest of the whole payload. No Python object
+serialization anywhere: metadata are HDF5 attributes (strings, numbers, numeric arrays, JSON text), tensors are
+numeric datasets.
 """
 from __future__ import annotations
 

@@ -93,10 +93,6 @@ class CompactedCache(Cache):
         self.logical_length = int(logical_length)
         self.metadata = dict(metadata or {})
 
-    @property
-    def prefix_slots(self) -> list[int]:
-        return [layer.prefix_slots for layer in self.layers]
-
     def generation_inputs(self, input_ids: torch.Tensor) -> dict:
         """Keyword arguments for `model.generate` continuing after the prefix with prompt `input_ids` (b, n)."""
         if input_ids.dim() == 1:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .kv_codec import RAW, KVCodec, codebook_name, parse_kv_bits, roundtrip
+from .kv_codec import RAW, KVCodec, parse_kv_bits, roundtrip
 from .layer_kv import LayerKV
 from .attention import using_compactor_attention
 from .methods import Method
@@ -85,11 +85,10 @@ class Evaluator:
               codecs: list[KVCodec] | None = None, stored_dtype: str = "bfloat16", seed: int = 0) -> EvalRow:
         """Metrics of the cache as it is served: each layer goes through its codec's store-and-load first."""
         codecs = codecs or [RAW] * len(layers)
-        trips = [roundtrip(layer, codec, stored_dtype, seed) for layer, codec in zip(layers, codecs)]
+        books: dict = {}
+        trips = [roundtrip(layer, codec, stored_dtype, seed, books) for layer, codec in zip(layers, codecs)]
         layers = [t[0] for t in trips]
-        books = {codebook_name(p.bits, layers[0].keys.shape[-1]): 4 * 2 ** p.bits
-                 for c in codecs for p in (c.keys, c.values) if p.name == "lloyd"}
-        stored_bytes = sum(t[1] for t in trips) + sum(books.values())
+        stored_bytes = sum(t[1] for t in trips) + sum(b.nbytes for b in books.values())
         cache = cache_from_layers(layers, self.T, self.model)
         logits = continuation_logits(self.model, cache.fork(), self.cont, self.T)
         ckl = float(kl_per_token(self.full_logits, logits).mean())

@@ -227,10 +227,11 @@ def decode_layer(arrays: dict[str, np.ndarray], attrs: dict, codebooks: dict[str
     return out
 
 
-def roundtrip(layer: LayerKV, codec: KVCodec, stored: str = "bfloat16", seed: int = 0) -> tuple[LayerKV, int]:
-    """What a layer looks like after being stored and loaded, and the bytes its arrays take (codebooks
-    excluded: they are shared by the file)."""
-    books: dict[str, np.ndarray] = {}
+def roundtrip(layer: LayerKV, codec: KVCodec, stored: str = "bfloat16", seed: int = 0,
+              codebooks: dict[str, np.ndarray] | None = None) -> tuple[LayerKV, int]:
+    """What a layer looks like after being stored and loaded, and the bytes its arrays take; the codebooks it
+    needs are added to `codebooks` (shared by a file, so counted once there)."""
+    books = {} if codebooks is None else codebooks
     arrays, attrs = encode_layer(layer, codec, stored, seed, books)
     out = decode_layer(arrays, attrs, books, layer.keys.shape[-1])
     out.importance = layer.importance
