@@ -69,12 +69,18 @@ def register() -> None:
     AttentionInterface.register(NAME, compactor_attention)
 
 
+def use_compactor_attention(model) -> None:
+    """Switch the model to the beta-aware "compactor" attention (plain attention when no beta is present)."""
+    register()
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(NAME)
+
+
 @contextlib.contextmanager
 def using_compactor_attention(model):
     """Temporarily switch `model` to the compactor attention function."""
-    register()
     previous = model.config._attn_implementation
-    model.set_attn_implementation(NAME)
+    use_compactor_attention(model)
     try:
         yield model
     finally:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .attention import using_compactor_attention
 from .errors import DocumentError
+from .key_selection import key_stats
 
 REPEAT_PROMPT = "\n\nRepeat the text above, word for word.\n\n"
 CONTEXT, REPEAT = 0, 1
@@ -42,8 +43,6 @@ class Capture:
         """Per layer, AttentionStats of the reference queries over the document keys (batched over KV heads),
         computed once per visibility mode: "full" (every query sees the whole prefix) or "causal"."""
         if context not in self._stats:
-            from .key_selection import key_stats
-
             pos = self.query_pos if context == "causal" else None
             self._stats[context] = [key_stats(k, v, q, self.scale, pos) for k, v, q in
                                     tqdm(list(zip(self.keys, self.values, self.queries)), desc="score keys",

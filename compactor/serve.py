@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from .artifact import Artifact, read_artifact
+from .attention import use_compactor_attention
 from .layer_kv import LayerKV
-from .attention import NAME, register
 from .cache import CompactedCache, CompactedLayer
 from .errors import ArtifactError
 from .kv_codec import decode_layer
@@ -17,13 +17,6 @@ from .models import config_fingerprint, signatures_match, tokenizer_fingerprint,
 def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
-
-
-def use_compactor_attention(model) -> None:
-    """Switch the model to the beta-aware "compactor" attention (plain attention when no beta is present)."""
-    register()
-    if model.config._attn_implementation != NAME:
-        model.set_attn_implementation(NAME)
 
 
 def cache_from_layers(layers: list[LayerKV], logical_length: int, model, metadata: dict | None = None
