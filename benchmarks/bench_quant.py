@@ -1,10 +1,13 @@
 """Quantization benchmark: Lloyd-Max (rotation + codebook) against llama.cpp's q4_0 / q8_0 blocks, alone (ratio 1)
-and combined with Attention Matching at ratios 5, 10, 20, on a bundled play.
+and combined with Attention Matching at ratios 5, 10, 20, on bundled plays.
 
-Runs on several plays (cKL of one 256-token continuation is noisy at high ratios) and compares at equal bytes on
-the mean. Writes benchmarks/results_quant.md (tables, equal-bytes comparison, date, machine, command), a JSON,
-and benchmarks/quant_frontier.png (stored bytes vs cKL). Run from the repo root:
-`python benchmarks/bench_quant.py` (needs matplotlib for the plot: pip install -e .[plot]).
+cKL of one 256-token continuation is noisy at high ratios (a few tokens whose prediction flips carry much of the
+mean), so the benchmark takes several windows (T+C tokens each, spread over each play) from several plays and
+compares at equal bytes on the mean over windows, with the standard error of the paired per-window difference.
+Writes benchmarks/results_quant.md (tables, equal-bytes comparison, date, machine, command), a JSON with every
+window's rows, and benchmarks/quant_frontier.png (stored bytes vs cKL). Run from the repo root:
+`python benchmarks/bench_quant.py` (CPU, 3 plays x 1 window, ~15 min; needs matplotlib for the plot:
+pip install -e .[plot]); on a GPU e.g. `--device cuda --plays all --windows 2 --max-minutes 8`.
 """
 from __future__ import annotations
 
@@ -14,30 +17,53 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from compactor.documents import bundled_play
+from compactor.documents import bundled_play, list_plays
 from compactor.evaluate import Evaluator, format_table
 from compactor.methods import make_method
 from compactor.models import load_model
 from compactor.prefill import prefill_and_capture
 
-LLOYD = ["K2V2", "K3V3", "K4V4", "K5V4", "K8V8"]
+LLOYD = ["K2V2", "K3V3", "K4V3", "K3V4", "K4V4", "K5V4", "K8V8"]
 BLOCKS = ["q4_0", "q8_0"]
 
 
-def interpolate_at(points: list[tuple[int, float]], x: float) -> float | None:
-    """cKL of a frontier (bytes, cKL), linear in log-bytes/log-cKL, at x bytes; None outside its range."""
-    pts = sorted(points)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= x <= x1:
-            f = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
+def lloyd_label(kv: str) -> bool:
+    return "q" not in kv and kv != "K16V16"
+
+
+def pareto(points: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
+    """(bytes, cKL, name) points no other point beats on both (fewer bytes and lower cKL), by bytes."""
+    out = []
+    for p in sorted(points):
+        if not out or p[1] < out[-1][1]:
+            out.append(p)
+    return out
+
+
+def frontier_at(points: list[tuple[int, float, str]], x: float):
+    """Where x bytes falls on the Pareto frontier of points: (lower point, upper point, f), with the frontier's
+    cKL at x = interpolation linear in log-bytes / log-cKL with weight f; None outside its range."""
+    front = pareto(points)
+    for a, b in zip(front, front[1:]):
+        if a[0] <= x <= b[0]:
+            return a, b, (math.log(x) - math.log(a[0])) / (math.log(b[0]) - math.log(a[0]))
     return None
+
+
+def windows_of(n_tokens: int, span: int, count: int) -> list[int]:
+    """Start offsets of `count` windows of `span` tokens spread evenly over n_tokens (fewer if they do not fit)."""
+    if n_tokens < span:
+        return []
+    last = n_tokens - span
+    count = max(1, min(count, last // span + 1))
+    return sorted({round(last * k / max(count - 1, 1)) for k in range(count)})
 
 
 def mean_rows(per_play: dict) -> list:
@@ -54,11 +80,94 @@ def mean_rows(per_play: dict) -> list:
     return out
 
 
+def paired(per_window: dict, ratio: float, q_kv: str, lo: str, hi: str, f: float) -> tuple[float, float, int]:
+    """Mean and standard error over windows of [lloyd frontier at f between configs lo and hi] - [q codec] cKL."""
+    diffs = []
+    for rows in per_window.values():
+        by = {r.kv: r.ckl for r in rows if r.ratio == ratio}
+        if q_kv in by and lo in by and hi in by:
+            at = math.exp((1 - f) * math.log(max(by[lo], 1e-9)) + f * math.log(max(by[hi], 1e-9)))
+            diffs.append(at - by[q_kv])
+    if not diffs:
+        return float("nan"), float("nan"), 0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return statistics.fmean(diffs), se, len(diffs)
+
+
+def equal_bytes(rows: list, per_window: dict, ratios: list[float]) -> tuple[str, list[bool]]:
+    """Markdown table: q4_0 against the Lloyd frontier at its bytes, and the verdict per ratio."""
+    lines = ["| ratio | q4_0 stored bytes | q4_0 cKL | Lloyd frontier cKL at those bytes | between | "
+             "paired difference (Lloyd - q4_0), mean ± s.e. over windows | best Lloyd point with fewer bytes | "
+             "its cKL |", "|---:|---:|---:|---:|---|---:|---|---:|"]
+    verdicts = []
+    for r in ratios:
+        q = next((x for x in rows if x.ratio == r and x.kv == "Kq4_0Vq4_0"), None)
+        if q is None:
+            continue
+        lloyd = [(x.stored_bytes, x.ckl, x.kv) for x in rows if x.ratio == r and lloyd_label(x.kv)]
+        where = frontier_at(lloyd, q.stored_bytes)
+        cheaper = [x for x in lloyd if x[0] <= q.stored_bytes]
+        best = min(cheaper, key=lambda x: x[1]) if cheaper else None
+        best_txt = f"{best[2]} ({best[0]:,} B) | {best[1]:.4f}" if best else "none | n/a"
+        if where is None:  # beyond the frontier's ends: only a cheaper Lloyd point with lower cKL wins
+            lines.append(f"| {r:g} | {q.stored_bytes:,} | {q.ckl:.4f} | outside the Lloyd range | | | {best_txt} |")
+            verdicts.append(best is not None and best[1] < q.ckl)
+            continue
+        a, b, f = where
+        at = math.exp((1 - f) * math.log(a[1]) + f * math.log(b[1]))
+        mean, se, n = paired(per_window, r, "Kq4_0Vq4_0", a[2], b[2], f)
+        lines.append(f"| {r:g} | {q.stored_bytes:,} | {q.ckl:.4f} | **{at:.4f}** | {a[2]}-{b[2]} | "
+                     f"{mean:+.4f} ± {se:.4f} (n={n}) | {best_txt} |")
+        verdicts.append(at < q.ckl)
+    return "\n".join(lines), verdicts
+
+
+def plot(rows: list, ratios: list[float], path: str, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e .[plot])")
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for r in ratios:
+        color = None
+        for family, pick, marker in (("lloyd frontier", lloyd_label, "o"), ("q4_0/q8_0", lambda k: "q" in k, "s"),
+                                     ("bf16", lambda k: k == "K16V16", "^")):
+            pts = sorted((x.stored_bytes, x.ckl, x.kv) for x in rows if x.ratio == r and pick(x.kv))
+            if family == "lloyd frontier":
+                others = [p for p in pts if p not in pareto(pts)]
+                pts = pareto(pts)
+            if not pts:
+                continue
+            line, = ax.plot([p[0] for p in pts], [max(p[1], 1e-5) for p in pts], marker=marker, color=color,
+                            linestyle="-" if family == "lloyd frontier" else ":", label=f"{family}, {r:g}x")
+            color = line.get_color()
+            if family == "lloyd frontier" and others:
+                ax.plot([p[0] for p in others], [max(p[1], 1e-5) for p in others], marker="o", linestyle="",
+                        markerfacecolor="none", color=color)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bytes (codes, gains, means, scales, exact entries, beta, positions, codebooks)")
+    ax.set_ylabel("cKL (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--plays", default="macbeth,hamlet,othello",
-                    help="comma-separated plays; the equal-bytes verdict uses the mean over them")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32 on either)")
+    ap.add_argument("--plays", default="macbeth,hamlet,othello", help="comma-separated plays, or 'all'")
+    ap.add_argument("--windows", type=int, default=1, help="windows of T+C tokens per play, spread over it")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="start no new window after this long (the results say how many windows ran)")
     ap.add_argument("-T", type=int, default=2048)
     ap.add_argument("-C", type=int, default=256)
     ap.add_argument("--ratios", default="1,5,10,20")
@@ -70,79 +179,61 @@ def main() -> None:
     ap.add_argument("--plot", default="benchmarks/quant_frontier.png")
     args = ap.parse_args()
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device, dtype=torch.float32)
     ratios = [float(r) for r in args.ratios.split(",")]
     bits = args.kv_bits.split(",")
-    plays = args.plays.split(",")
+    plays = list(list_plays()) if args.plays == "all" else args.plays.split(",")
     t0 = time.perf_counter()
-    per_play = {}
-    for play in plays:
+    per_window: dict[str, list] = {}
+    jobs = []  # (k-th window of its play, play, start, ids): sorted round-robin over plays, so that a time limit
+    for play in plays:  # still leaves every play represented
         ids = lm.tokenizer(bundled_play(play).text, return_tensors="pt").input_ids[0]
-        capture = prefill_and_capture(lm.model, lm.tokenizer, ids[:args.T], max_queries=args.max_queries)
-        ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=args.C)
-        per_play[play] = ev.run([make_method("am")], ratios, args.budget, args.budget_floor, kv_bits=bits)
-        print(play, format_table(per_play[play]), sep="\n")
-    rows = mean_rows(per_play)
-    print("mean over plays", format_table(rows), sep="\n")
-
-    lines = ["| ratio | q codec | q stored bytes | q cKL | lloyd cKL at those bytes (interpolated) | "
-             "lloyd point with fewer bytes | its cKL |", "|---:|---|---:|---:|---:|---|---:|"]
-    verdicts = []
-    for r in ratios:
-        lloyd = [(x.stored_bytes, x.ckl) for x in rows if x.ratio == r and x.kv in LLOYD]
-        for q in (x for x in rows if x.ratio == r and x.kv == "Kq4_0Vq4_0"):
-            at = interpolate_at(lloyd, q.stored_bytes)
-            cheaper = [x for x in rows if x.ratio == r and x.kv in LLOYD and x.stored_bytes <= q.stored_bytes]
-            best = min(cheaper, key=lambda x: x.ckl) if cheaper else None
-            lines.append(f"| {r:g} | q4_0 | {q.stored_bytes:,} | {q.ckl:.4f} | "
-                         f"{'n/a' if at is None else f'{at:.4f}'} | {best.kv if best else 'none'} "
-                         f"({best.stored_bytes:,} B) | {best.ckl:.4f} |" if best else "| |")
-            verdicts.append(at is not None and at < q.ckl)
-    equal = "\n".join(lines)
+        jobs += [(k, play, start, ids) for k, start in enumerate(windows_of(ids.numel(), args.T + args.C,
+                                                                            args.windows))]
+    jobs.sort(key=lambda j: j[0])
+    for _, play, start, ids in jobs:
+        if args.max_minutes is not None and time.perf_counter() - t0 > 60 * args.max_minutes:
+            print(f"time limit: stopping after {len(per_window)} of {len(jobs)} windows")
+            break
+        t1 = time.perf_counter()
+        window = ids[start:start + args.T + args.C]
+        capture = prefill_and_capture(lm.model, lm.tokenizer, window[:args.T], max_queries=args.max_queries,
+                                      progress=False)
+        ev = Evaluator(lm.model, lm.tokenizer, capture, window, C=args.C)
+        key = f"{play}@{start}"
+        per_window[key] = ev.run([make_method("am")], ratios, args.budget, args.budget_floor, kv_bits=bits,
+                                 progress=False)
+        print(f"{key}: {time.perf_counter() - t1:.0f} s", flush=True)
+    rows = mean_rows(per_window)
+    print("mean over windows", format_table(rows), sep="\n")
+    equal, verdicts = equal_bytes(rows, per_window, ratios)
     print(equal)
-
+    title = (f"{args.model}, mean of {len(per_window)} windows ({len({k.split('@')[0] for k in per_window})} plays), "
+             f"T={args.T}, C={args.C}: AM + quantization")
     if args.plot:
-        try:
-            import matplotlib
+        plot(rows, ratios, args.plot, title)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            for r in ratios:
-                for family, names, marker in (("lloyd", LLOYD, "o"), ("q4_0/q8_0", ["Kq4_0Vq4_0", "Kq8_0Vq8_0"], "s"),
-                                              ("bf16", ["K16V16"], "^")):
-                    pts = sorted((x.stored_bytes, x.ckl, x.kv) for x in rows if x.ratio == r and x.kv in names)
-                    if pts:
-                        ax.plot([p[0] for p in pts], [max(p[1], 1e-5) for p in pts], marker=marker,
-                                linestyle="-" if family == "lloyd" else ":", label=f"{family}, {r:g}x")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("stored bytes (codes, gains, means, scales, beta, positions, codebooks)")
-            ax.set_ylabel("cKL (nats/token)")
-            ax.set_title(f"{args.model}, mean of {len(plays)} plays, T={args.T}, C={args.C}: AM + quantization",
-                         fontsize=9)
-            ax.legend(fontsize=7, ncol=2)
-            ax.grid(True, which="both", alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(args.plot, dpi=120)
-            print(f"wrote {args.plot}")
-        except ImportError:
-            print("matplotlib not installed: no plot (pip install -e .[plot])")
-
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+               + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     text = (f"# Quantization benchmark\n\n- date: {datetime.date.today().isoformat()}\n- machine: {machine}\n"
-            f"- command: `python {' '.join(sys.argv)}`\n- setting: {args.model}, plays {', '.join(plays)}, T={args.T}, "
-            f"C={args.C}; AM with {args.budget} budgets (ratio 1 = no compaction, quantization only); keys and "
-            f"values stored with each codec and loaded back before scoring; {time.perf_counter() - t0:.0f} s\n"
+            f"- command: `python {' '.join(sys.argv)}`\n- setting: {args.model} (float32 on {args.device}), "
+            f"{len(per_window)} windows of T={args.T} + C={args.C} tokens from {len(plays)} plays "
+            f"({args.windows} per play, spread over it); AM with {args.budget} budgets (ratio 1 = no compaction, "
+            f"quantization only); keys and values stored with each codec and loaded back before scoring; "
+            f"{time.perf_counter() - t0:.0f} s\n"
             f"- stored bytes count everything the artifact holds for the cache; memory bytes are the serving cache "
-            f"(dequantized to 16 bits, padded per layer)\n\n## Mean over the plays\n\n{format_table(rows)}\n\n"
-            f"## Equal bytes: Lloyd-Max against q4_0 (mean over the plays)\n\n{equal}\n\n"
-            f"lloyd beats q4_0 at equal bytes at every ratio: {all(verdicts)}\n\n![frontier](quant_frontier.png)\n"
-            + "".join(f"\n## {play}\n\n{format_table(r)}\n" for play, r in per_play.items()))
+            f"(dequantized to 16 bits, padded per layer)\n"
+            f"- windows: {', '.join(per_window)}\n\n## Mean over the windows\n\n{format_table(rows)}\n\n"
+            f"## Equal bytes: Lloyd-Max against q4_0 (mean over the windows)\n\n"
+            f"The Lloyd frontier is the set of Lloyd configurations no other one beats on both bytes and cKL; its "
+            f"cKL at q4_0's bytes is interpolated linearly in log-bytes/log-cKL between its two neighbours. The "
+            f"paired difference applies the same interpolation window by window.\n\n{equal}\n\n"
+            f"lloyd beats q4_0 at equal bytes at every ratio: {bool(verdicts) and all(verdicts)}\n\n"
+            f"![frontier](quant_frontier.png)\n"
+            + "".join(f"\n## {key}\n\n{format_table(r)}\n" for key, r in per_window.items()))
     Path(args.out).write_text(text)
     Path(args.out).with_suffix(".json").write_text(json.dumps(
-        {play: [r.as_dict() for r in r_] for play, r_ in {"mean": rows, **per_play}.items()}, indent=2))
+        {key: [r.as_dict() for r in r_] for key, r_ in {"mean": rows, **per_window}.items()}, indent=2))
     print(f"wrote {args.out}")
 
 

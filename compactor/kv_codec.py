@@ -5,8 +5,9 @@ lengths rows), so heads of unequal length cost no padding on disk. Each of keys 
 
 - raw:   `<t>` (N, d) in the stored dtype (bfloat16 as its uint16 bit pattern);
 - lloyd: `<t>_codes` (N, ceil(d*b/8)) uint8 bit-packed Lloyd-Max codes of the rotated unit vectors,
-         `<t>_gains` (N,) float16 per-vector gains, `<t>_mean` (Hkv, d) float32 per-head channel means
-         (subtracted before rotation, so a shared k_proj bias does not eat the code range); rotation seed and
+         `<t>_gains` (N,) float16 per-vector gains, `<t>_mean` (Hkv, d) float16 per-head channel means
+         (float32 beyond fp16's range; subtracted before rotation, so a shared k_proj bias does not eat the
+         code range); rotation seed and
          codebook name in the layer attributes, the codebook's centroids once per file under /codebooks;
          plus the `exact` most attended entries of each head kept in the stored dtype (`<t>_exact` (Hkv*e, d),
          `<t>_exact_rows` (Hkv, e) int32 row within the head). Measured on SmolLM2: the attention sink alone
@@ -141,7 +142,9 @@ def _encode_tensor(name: str, heads: list[torch.Tensor], codec: TensorCodec, sto
         codes = [lloyd_encode(h.float().cpu(), codec.bits, seed=seed, center=True) for h in heads]
         arrays[f"{name}_codes"] = torch.cat([c.packed for c in codes]).numpy()
         arrays[f"{name}_gains"] = torch.cat([c.gains for c in codes]).numpy()
-        arrays[f"{name}_mean"] = torch.stack([c.mean for c in codes]).numpy().astype(np.float32)
+        means = [c.mean for c in codes]
+        dtype = torch.float16 if all(m.dtype == torch.float16 for m in means) else torch.float32
+        arrays[f"{name}_mean"] = torch.stack([m.to(dtype) for m in means]).numpy()
         cb = codebook_name(codec.bits, d)
         codebooks.setdefault(cb, beta_codebook(codec.bits, d).centroids.numpy().astype(np.float32))
         attrs.update({f"{name}_bits": codec.bits, f"{name}_seed": seed, f"{name}_codebook": cb})

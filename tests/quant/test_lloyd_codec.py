@@ -45,10 +45,12 @@ def test_nbytes_by_hand_and_shapes():
     assert code.packed.shape == (3, 50, 36) and code.gains.shape == (3, 50) and code.gains.dtype == torch.float16
     assert code.nbytes == 150 * 36 + 150 * 2  # ceil(96·3/8) = 36 code bytes + fp16 gain per vector
     centered = lloyd_encode(x, 3, center=True)
-    assert centered.mean.shape == (3, 96) and centered.mean.dtype == torch.float32
-    assert centered.nbytes == 150 * 36 + 150 * 2 + 3 * 96 * 4
+    assert centered.mean.shape == (3, 96) and centered.mean.dtype == torch.float16
+    assert centered.nbytes == 150 * 36 + 150 * 2 + 3 * 96 * 2
     cb = empirical_codebook(torch.randn(5000) * 0.1, 3, dim=96)
-    assert lloyd_encode(x, 3, center=True, codebook=cb).nbytes == 150 * 38 + 3 * 96 * 4 + 8 * 4
+    assert lloyd_encode(x, 3, center=True, codebook=cb).nbytes == 150 * 38 + 3 * 96 * 2 + 8 * 4
+    huge = lloyd_encode(x + 1e5, 3, center=True)  # a mean beyond fp16's range stays float32
+    assert huge.mean.dtype == torch.float32 and huge.nbytes == 150 * 38 + 3 * 96 * 4
     assert lloyd_encode(_gauss(7, 128), 5).nbytes == 7 * (80 + 2)
     assert lloyd_decode(code).shape == x.shape and lloyd_decode(code).dtype == torch.float32
 
@@ -66,6 +68,13 @@ def test_mean_centering_removes_shared_bias():
     resid = x - x.mean(-2, keepdim=True)
     assert e_centered / resid.pow(2).sum().item() < 1.1 * 64 * beta_codebook(4, 64).mse
     assert e_centered < e_plain / 50
+    # the fp16 mean rounds 150 + noise by up to 0.06, but the codes carry that remainder: the error matches
+    # coding around the float32 mean to within a percent
+    code = lloyd_encode(x, 4, center=True)
+    assert code.mean.dtype == torch.float16 and (x.mean(-2) - code.mean.float()).abs().max() > 1e-3
+    mean32 = x.mean(-2, keepdim=True)
+    e_ref = (lloyd_decode(lloyd_encode(x - mean32, 4)) + mean32 - x).pow(2).sum().item()
+    assert abs(e_centered / e_ref - 1) < 0.01
 
 
 def test_round_trip_properties():
