@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from compactor.documents import bundled_play, list_plays
-from compactor.evaluate import Evaluator, format_table
+from compactor.evaluate import EvalRow, Evaluator, format_table
 from compactor.methods import make_method
 from compactor.models import load_model
 from compactor.prefill import prefill_and_capture
@@ -80,11 +80,13 @@ def mean_rows(per_play: dict) -> list:
     return out
 
 
-def paired(per_window: dict, ratio: float, q_kv: str, lo: str, hi: str, f: float) -> tuple[float, float, int]:
-    """Mean and standard error over windows of [lloyd frontier at f between configs lo and hi] - [q codec] cKL."""
+def paired(per_window: dict, ratio: float, q_kv: str, lo: str, hi: str, f: float, metric: str = "ckl"
+           ) -> tuple[float, float, int]:
+    """Mean and standard error over windows of [Lloyd frontier at f between configs lo and hi] - [q codec], for
+    `metric` (an EvalRow field)."""
     diffs = []
     for rows in per_window.values():
-        by = {r.kv: r.ckl for r in rows if r.ratio == ratio}
+        by = {r.kv: getattr(r, metric) for r in rows if r.ratio == ratio}
         if q_kv in by and lo in by and hi in by:
             at = math.exp((1 - f) * math.log(max(by[lo], 1e-9)) + f * math.log(max(by[hi], 1e-9)))
             diffs.append(at - by[q_kv])
@@ -94,11 +96,23 @@ def paired(per_window: dict, ratio: float, q_kv: str, lo: str, hi: str, f: float
     return statistics.fmean(diffs), se, len(diffs)
 
 
+def noise_floor(per_window: dict, ratio: float) -> str:
+    """Per-window standard deviation of cKL(K8V8) - cKL(K16V16): how much a near-lossless change of the stored
+    cache moves one window's cKL at this ratio."""
+    diffs = []
+    for rows in per_window.values():
+        by = {r.kv: r.ckl for r in rows if r.ratio == ratio}
+        if "K8V8" in by and "K16V16" in by:
+            diffs.append(by["K8V8"] - by["K16V16"])
+    return f"{statistics.stdev(diffs):.4f}" if len(diffs) > 1 else "n/a"
+
+
 def equal_bytes(rows: list, per_window: dict, ratios: list[float]) -> tuple[str, list[bool]]:
     """Markdown table: q4_0 against the Lloyd frontier at its bytes, and the verdict per ratio."""
     lines = ["| ratio | q4_0 stored bytes | q4_0 cKL | Lloyd frontier cKL at those bytes | between | "
-             "paired difference (Lloyd - q4_0), mean ± s.e. over windows | best Lloyd point with fewer bytes | "
-             "its cKL |", "|---:|---:|---:|---:|---|---:|---|---:|"]
+             "paired cKL difference (Lloyd - q4_0), mean ± s.e. over windows | paired out-err difference | "
+             "noise floor: sd of cKL(K8V8) - cKL(K16V16) per window | best Lloyd point with fewer bytes | "
+             "its cKL |", "|---:|---:|---:|---:|---|---:|---:|---:|---|---:|"]
     verdicts = []
     for r in ratios:
         q = next((x for x in rows if x.ratio == r and x.kv == "Kq4_0Vq4_0"), None)
@@ -110,14 +124,22 @@ def equal_bytes(rows: list, per_window: dict, ratios: list[float]) -> tuple[str,
         best = min(cheaper, key=lambda x: x[1]) if cheaper else None
         best_txt = f"{best[2]} ({best[0]:,} B) | {best[1]:.4f}" if best else "none | n/a"
         if where is None:  # beyond the frontier's ends: only a cheaper Lloyd point with lower cKL wins
-            lines.append(f"| {r:g} | {q.stored_bytes:,} | {q.ckl:.4f} | outside the Lloyd range | | | {best_txt} |")
-            verdicts.append(best is not None and best[1] < q.ckl)
-            continue
-        a, b, f = where
-        at = math.exp((1 - f) * math.log(a[1]) + f * math.log(b[1]))
+            if best is None:
+                lines.append(f"| {r:g} | {q.stored_bytes:,} | {q.ckl:.4f} | below the Lloyd range | | | | | none | |")
+                verdicts.append(False)
+                continue
+            a = b = best
+            f = 0.0
+        else:
+            a, b, f = where
         mean, se, n = paired(per_window, r, "Kq4_0Vq4_0", a[2], b[2], f)
-        lines.append(f"| {r:g} | {q.stored_bytes:,} | {q.ckl:.4f} | **{at:.4f}** | {a[2]}-{b[2]} | "
-                     f"{mean:+.4f} ± {se:.4f} (n={n}) | {best_txt} |")
+        out_mean, out_se, _ = paired(per_window, r, "Kq4_0Vq4_0", a[2], b[2], f, "out_err")
+        at = math.exp((1 - f) * math.log(a[1]) + f * math.log(b[1]))
+        lines.append(f"| {r:g} | {q.stored_bytes:,} | {q.ckl:.4f} | "
+                     + (f"**{at:.4f}** | {a[2]}-{b[2]}" if where else f"beyond the frontier's last point: "
+                        f"**{at:.4f}** | {a[2]}")
+                     + f" | {mean:+.4f} ± {se:.4f} (n={n}) | {out_mean:+.4f} ± {out_se:.4f} | "
+                       f"{noise_floor(per_window, r)} | {best_txt} |")
         verdicts.append(at < q.ckl)
     return "\n".join(lines), verdicts
 
@@ -160,25 +182,8 @@ def plot(rows: list, ratios: list[float], path: str, title: str) -> None:
     print(f"wrote {path}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32 on either)")
-    ap.add_argument("--plays", default="macbeth,hamlet,othello", help="comma-separated plays, or 'all'")
-    ap.add_argument("--windows", type=int, default=1, help="windows of T+C tokens per play, spread over it")
-    ap.add_argument("--max-minutes", type=float, default=None,
-                    help="start no new window after this long (the results say how many windows ran)")
-    ap.add_argument("-T", type=int, default=2048)
-    ap.add_argument("-C", type=int, default=256)
-    ap.add_argument("--ratios", default="1,5,10,20")
-    ap.add_argument("--kv-bits", default=",".join(["16"] + LLOYD + BLOCKS))
-    ap.add_argument("--budget", default="layer")
-    ap.add_argument("--budget-floor", type=float, default=0.75)
-    ap.add_argument("--max-queries", type=int, default=4096)
-    ap.add_argument("--out", default="benchmarks/results_quant.md")
-    ap.add_argument("--plot", default="benchmarks/quant_frontier.png")
-    args = ap.parse_args()
-
+def run_windows(args) -> dict[str, list[EvalRow]]:
+    """Evaluate every window: {play@start: rows}."""
     lm = load_model(args.model, device=args.device, dtype=torch.float32)
     ratios = [float(r) for r in args.ratios.split(",")]
     bits = args.kv_bits.split(",")
@@ -204,6 +209,59 @@ def main() -> None:
         per_window[key] = ev.run([make_method("am")], ratios, args.budget, args.budget_floor, kv_bits=bits,
                                  progress=False)
         print(f"{key}: {time.perf_counter() - t1:.0f} s", flush=True)
+    return per_window
+
+
+def merged(paths: list[str]) -> tuple[dict[str, list[EvalRow]], list[str], str, float]:
+    """Windows, commands, machine and seconds of earlier runs' JSON files (a window in two files is an error)."""
+    per_window, plays, machines, seconds, commands = {}, [], set(), 0.0, []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        machines.add(data["machine"])
+        seconds += data["seconds"]
+        commands += data["commands"]
+        for key, rows in data.items():
+            if "@" not in key:
+                continue
+            if key in per_window:
+                raise SystemExit(f"window {key} is in more than one file")
+            per_window[key] = [EvalRow(**r) for r in rows]
+    return per_window, commands, " / ".join(sorted(machines)), seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in float32 on either)")
+    ap.add_argument("--plays", default="macbeth,hamlet,othello", help="comma-separated plays, or 'all'")
+    ap.add_argument("--windows", type=int, default=1, help="windows of T+C tokens per play, spread over it")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="start no new window after this long (the results say how many windows ran)")
+    ap.add_argument("-T", type=int, default=2048)
+    ap.add_argument("-C", type=int, default=256)
+    ap.add_argument("--ratios", default="1,5,10,20")
+    ap.add_argument("--kv-bits", default=",".join(["16"] + LLOYD + BLOCKS))
+    ap.add_argument("--budget", default="layer")
+    ap.add_argument("--budget-floor", type=float, default=0.75)
+    ap.add_argument("--max-queries", type=int, default=4096)
+    ap.add_argument("--out", default="benchmarks/results_quant.md")
+    ap.add_argument("--plot", default="benchmarks/quant_frontier.png")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="no run: report the windows of earlier runs' JSON files together (e.g. runs that each "
+                         "took a share of the plays on a device with a per-call time limit)")
+    args = ap.parse_args()
+
+    ratios = [float(r) for r in args.ratios.split(",")]
+    t0 = time.perf_counter()
+    command = f"python {' '.join(sys.argv)}"
+    if args.merge:
+        per_window, commands, machine, seconds = merged(args.merge)
+    else:
+        per_window, commands = run_windows(args), [command]
+        machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+                   + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
+        seconds = time.perf_counter() - t0
+    ratios = [r for r in ratios if any(x.ratio == r for rows in per_window.values() for x in rows)]
     rows = mean_rows(per_window)
     print("mean over windows", format_table(rows), sep="\n")
     equal, verdicts = equal_bytes(rows, per_window, ratios)
@@ -213,14 +271,13 @@ def main() -> None:
     if args.plot:
         plot(rows, ratios, args.plot, title)
 
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-               + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     text = (f"# Quantization benchmark\n\n- date: {datetime.date.today().isoformat()}\n- machine: {machine}\n"
-            f"- command: `python {' '.join(sys.argv)}`\n- setting: {args.model} (float32 on {args.device}), "
-            f"{len(per_window)} windows of T={args.T} + C={args.C} tokens from {len(plays)} plays "
-            f"({args.windows} per play, spread over it); AM with {args.budget} budgets (ratio 1 = no compaction, "
+            + "".join(f"- command: `{c}`\n" for c in commands)
+            + (f"- merged by: `{command}`\n" if args.merge else "")
+            + f"- setting: {args.model} (float32), {len(per_window)} windows of T={args.T} + C={args.C} tokens from "
+            f"{len({k.split('@')[0] for k in per_window})} plays (play@first token); AM with {args.budget} budgets (ratio 1 = no compaction, "
             f"quantization only); keys and values stored with each codec and loaded back before scoring; "
-            f"{time.perf_counter() - t0:.0f} s\n"
+            f"{seconds:.0f} s\n"
             f"- stored bytes count everything the artifact holds for the cache; memory bytes are the serving cache "
             f"(dequantized to 16 bits, padded per layer)\n"
             f"- windows: {', '.join(per_window)}\n\n## Mean over the windows\n\n{format_table(rows)}\n\n"
@@ -233,7 +290,8 @@ def main() -> None:
             + "".join(f"\n## {key}\n\n{format_table(r)}\n" for key, r in per_window.items()))
     Path(args.out).write_text(text)
     Path(args.out).with_suffix(".json").write_text(json.dumps(
-        {key: [r.as_dict() for r in r_] for key, r_ in {"mean": rows, **per_window}.items()}, indent=2))
+        {"machine": machine, "seconds": seconds, "commands": commands,
+         **{key: [r.as_dict() for r in r_] for key, r_ in {"mean": rows, **per_window}.items()}}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -48,13 +48,15 @@ def retention(ce_none: float, ce_full: float, ce_c: float) -> float:
 def head_fidelity(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ckeys: torch.Tensor,
                   cbeta: torch.Tensor, cvalues: torch.Tensor, scale: float) -> tuple[float, float]:
     """Held-out queries (n, d) against the full prefix (T, d) and its compaction (t, d) with beta (t,).
-    Returns (relative L2 error of the outputs, mean relative error of the attention mass)."""
+    Returns (relative L2 error of the outputs, mean relative error of the attention mass). Computed in float64 on
+    the device of `queries`."""
     q = queries.double()
-    s_full = scale * q @ keys.double().T
-    s_c = scale * q @ ckeys.double().T + cbeta.double()
+    keys, values, ckeys, cbeta, cvalues = (x.to(q.device, torch.float64) for x in (keys, values, ckeys, cbeta, cvalues))
+    s_full = scale * q @ keys.T
+    s_c = scale * q @ ckeys.T + cbeta
     lse_full, lse_c = torch.logsumexp(s_full, -1), torch.logsumexp(s_c, -1)
-    out_full = torch.softmax(s_full, -1) @ values.double()
-    out_c = torch.softmax(s_c, -1) @ cvalues.double()
+    out_full = torch.softmax(s_full, -1) @ values
+    out_c = torch.softmax(s_c, -1) @ cvalues
     out_err = float((out_c - out_full).norm() / out_full.norm())
     mass_err = float((torch.exp(lse_c - lse_full) - 1).abs().mean())
     return out_err, mass_err
