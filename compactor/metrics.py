@@ -51,7 +51,8 @@ def head_fidelity(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     Returns (relative L2 error of the outputs, mean relative error of the attention mass). Computed in float64 on
     the device of `queries`."""
     q = queries.double()
-    keys, values, ckeys, cbeta, cvalues = (x.to(q.device, torch.float64) for x in (keys, values, ckeys, cbeta, cvalues))
+    keys, values, ckeys, cbeta, cvalues = (x.to(q.device, torch.float64)
+                                           for x in (keys, values, ckeys, cbeta, cvalues))
     s_full = scale * q @ keys.T
     s_c = scale * q @ ckeys.T + cbeta
     lse_full, lse_c = torch.logsumexp(s_full, -1), torch.logsumexp(s_c, -1)

@@ -36,8 +36,9 @@ from .lloyd_max import Codebook, beta_codebook, quantize_scalar
 @dataclass
 class LloydCode:
     """Encoded vectors. packed: uint8 (..., n, ceil(d·bits/8)); gains: fp16 (..., n);
-    mean: float16 (float32 beyond fp16's range) (..., d) or None; centroids: float32 (2^bits,) when a custom codebook was used,
-    None for the default beta_codebook(bits, d) (rebuilt from (bits, d) at decode)."""
+    mean: float16 (float32 beyond fp16's range) (..., d) or None; centroids: float32 (2^bits,)
+    when a custom codebook was used, None for the default beta_codebook(bits, d) (rebuilt from
+    (bits, d) at decode)."""
 
     packed: torch.Tensor
     gains: torch.Tensor
