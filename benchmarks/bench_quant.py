@@ -6,7 +6,7 @@ mean), so the benchmark takes several windows (T+C tokens each, spread over each
 compares at equal bytes on the mean over windows, with the standard error of the paired per-window difference.
 Writes benchmarks/results_quant.md (tables, equal-bytes comparison, date, machine, command), a JSON with every
 window's rows, and benchmarks/quant_frontier.png (stored bytes vs cKL). Run from the repo root:
-`python benchmarks/bench_quant.py` (CPU, 3 plays x 1 window, ~15 min; needs matplotlib for the plot:
+`python benchmarks/bench_quant.py` (CPU, 3 plays x 1 window, ~17 min; needs matplotlib for the plot:
 pip install -e .[plot]); on a GPU e.g. `--device cuda --plays all --max-minutes 8`, where a window takes ~55 s on
 an H100 (the small model leaves the GPU mostly idle). Runs that each took a share of the plays (a per-call time
 limit) are reported together with `--merge a.json b.json ...`. The device tool carries at most 64 MiB per call, so
