@@ -38,7 +38,7 @@ LLOYD = ["K2V2", "K3V3", "K4V3", "K3V4", "K4V4", "K5V4", "K8V8"]
 BLOCKS = ["q4_0", "q8_0"]
 
 
-def lloyd_label(kv: str) -> bool:
+def is_lloyd(kv: str) -> bool:
     return "q" not in kv and kv != "K16V16"
 
 
@@ -70,11 +70,11 @@ def windows_of(n_tokens: int, span: int, count: int) -> list[int]:
     return sorted({round(last * k / max(count - 1, 1)) for k in range(count)})
 
 
-def mean_rows(per_play: dict) -> list:
-    """Row-wise mean over plays (same method, ratio and storage in the same order)."""
+def mean_rows(per_window: dict) -> list:
+    """Row-wise mean over windows (same method, ratio and storage in the same order)."""
     from dataclasses import fields, replace
 
-    groups = list(zip(*per_play.values()))
+    groups = list(zip(*per_window.values()))
     out = []
     for group in groups:
         avg = {f.name: sum(getattr(r, f.name) for r in group) / len(group) for f in fields(group[0])
@@ -122,7 +122,7 @@ def equal_bytes(rows: list, per_window: dict, ratios: list[float]) -> tuple[str,
         q = next((x for x in rows if x.ratio == r and x.kv == "Kq4_0Vq4_0"), None)
         if q is None:
             continue
-        lloyd = [(x.stored_bytes, x.ckl, x.kv) for x in rows if x.ratio == r and lloyd_label(x.kv)]
+        lloyd = [(x.stored_bytes, x.ckl, x.kv) for x in rows if x.ratio == r and is_lloyd(x.kv)]
         where = frontier_at(lloyd, q.stored_bytes)
         cheaper = [x for x in lloyd if x[0] <= q.stored_bytes]
         best = min(cheaper, key=lambda x: x[1]) if cheaper else None
@@ -160,7 +160,7 @@ def plot(rows: list, ratios: list[float], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for r in ratios:
         color = None
-        for family, pick, marker in (("lloyd frontier", lloyd_label, "o"), ("q4_0/q8_0", lambda k: "q" in k, "s"),
+        for family, pick, marker in (("lloyd frontier", is_lloyd, "o"), ("q4_0/q8_0", lambda k: "q" in k, "s"),
                                      ("bf16", lambda k: k == "K16V16", "^")):
             pts = sorted((x.stored_bytes, x.ckl, x.kv) for x in rows if x.ratio == r and pick(x.kv))
             if family == "lloyd frontier":
