@@ -51,6 +51,11 @@ def pareto(points: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]
     return out
 
 
+def log_interp(y0: float, y1: float, f: float) -> float:
+    """y0..y1 at weight f, linear in log (cKL spans decades); values floored at 1e-9."""
+    return math.exp((1 - f) * math.log(max(y0, 1e-9)) + f * math.log(max(y1, 1e-9)))
+
+
 def frontier_at(points: list[tuple[int, float, str]], x: float):
     """Where x bytes falls on the Pareto frontier of points: (lower point, upper point, f), with the frontier's
     cKL at x = interpolation linear in log-bytes / log-cKL with weight f; None outside its range."""
@@ -92,7 +97,7 @@ def paired(per_window: dict, ratio: float, q_kv: str, lo: str, hi: str, f: float
     for rows in per_window.values():
         by = {r.kv: getattr(r, metric) for r in rows if r.ratio == ratio}
         if q_kv in by and lo in by and hi in by:
-            at = math.exp((1 - f) * math.log(max(by[lo], 1e-9)) + f * math.log(max(by[hi], 1e-9)))
+            at = log_interp(by[lo], by[hi], f)
             diffs.append(at - by[q_kv])
     if not diffs:
         return float("nan"), float("nan"), 0
@@ -138,7 +143,7 @@ def equal_bytes(rows: list, per_window: dict, ratios: list[float]) -> tuple[str,
             a, b, f = where
         mean, se, n = paired(per_window, r, "Kq4_0Vq4_0", a[2], b[2], f)
         out_mean, out_se, _ = paired(per_window, r, "Kq4_0Vq4_0", a[2], b[2], f, "out_err")
-        at = math.exp((1 - f) * math.log(a[1]) + f * math.log(b[1]))
+        at = log_interp(a[1], b[1], f)
         lines.append(f"| {r:g} | {q.stored_bytes:,} | {q.ckl:.4f} | "
                      + (f"**{at:.4f}** | {a[2]}-{b[2]}" if where else f"beyond the frontier's last point: "
                         f"**{at:.4f}** | {a[2]}")
@@ -164,8 +169,9 @@ def plot(rows: list, ratios: list[float], path: str, title: str) -> None:
                                      ("bf16", lambda k: k == "K16V16", "^")):
             pts = sorted((x.stored_bytes, x.ckl, x.kv) for x in rows if x.ratio == r and pick(x.kv))
             if family == "lloyd frontier":
-                others = [p for p in pts if p not in pareto(pts)]
-                pts = pareto(pts)
+                front = pareto(pts)
+                others = [p for p in pts if p not in front]
+                pts = front
             if not pts:
                 continue
             line, = ax.plot([p[0] for p in pts], [max(p[1], 1e-5) for p in pts], marker=marker, color=color,
