@@ -72,7 +72,7 @@ def main():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from compactor.methods import make_method
     from compactor.pipeline import compact_capture
-    from compactor.prefill import prefill_and_capture
+    from compactor.capture.prefill import prefill_and_capture
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=["llama-3.1-8b", "qwen3-4b"])

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from compactor.documents import bundled_play
-from compactor.evaluate import Evaluator, format_table
+from compactor.capture.documents import bundled_play
+from compactor.evaluation.harness import Evaluator, format_table
 from compactor.methods import make_method
 from compactor.models import load_model
-from compactor.prefill import prefill_and_capture
+from compactor.capture.prefill import prefill_and_capture
 
 
 def main() -> None:

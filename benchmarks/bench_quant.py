@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from compactor.documents import bundled_play, list_plays
-from compactor.evaluate import EvalRow, Evaluator, format_table
+from compactor.capture.documents import bundled_play, list_plays
+from compactor.evaluation.harness import EvalRow, Evaluator, format_table
 from compactor.methods import make_method
 from compactor.models import load_model
-from compactor.prefill import prefill_and_capture
+from compactor.capture.prefill import prefill_and_capture
 
 LLOYD = ["K2V2", "K3V3", "K4V3", "K3V4", "K4V4", "K5V4", "K8V8"]
 BLOCKS = ["q4_0", "q8_0"]

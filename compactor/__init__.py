@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 
 def load_cache(path, model, tokenizer=None, verify: bool = True):
-    """Load an .h5 artifact as a transformers Cache for `model` (see compactor.serve.load_cache)."""
-    from .serve import load_cache as _load
+    """Load an .h5 artifact as a transformers Cache for `model` (see compactor.serving.loader.load_cache)."""
+    from .serving.loader import load_cache as _load
 
     return _load(path, model, tokenizer, verify)

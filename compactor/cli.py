@@ -141,8 +141,8 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
              calibration, method, context, score, ridge, model_name, budget, budget_floor, chunk_size, max_queries,
              repeat_fraction, seed, device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
-    from .artifact import read_meta
-    from .documents import bundled_play, read_document
+    from .storage.artifact import read_meta
+    from .capture.documents import bundled_play, read_document
     from .models import load_model
     from .pipeline import CompressOptions, codec_plan, compress as run_compress, prepare
 
@@ -179,7 +179,7 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
 
 
 def _report(lm, doc, capture, layers, method, ratio, codecs, opts, seconds):
-    from .evaluate import Evaluator, format_table
+    from .evaluation.harness import Evaluator, format_table
 
     ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
     C = min(256, ids.numel() - capture.length)
@@ -200,8 +200,8 @@ def _report(lm, doc, capture, layers, method, ratio, codecs, opts, seconds):
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 def inspect(artifact, no_verify, as_json):
     """Summarise an artifact and verify its integrity (per-chunk checksums and payload digest)."""
-    from .artifact import read_artifact
-    from .metrics import full_cache_bytes
+    from .storage.artifact import read_artifact
+    from .evaluation.metrics import full_cache_bytes
 
     art = read_artifact(artifact, verify=not no_verify)
     meta = art.meta
@@ -209,8 +209,8 @@ def inspect(artifact, no_verify, as_json):
         click.echo(json.dumps({k: v for k, v in meta.items() if k != "model_weights_signature"}, indent=2,
                               default=str))
         return
-    from .kv_codec import byte_breakdown
-    from .serve import decode_layers
+    from .storage.kv_codec import byte_breakdown
+    from .serving.loader import decode_layers
 
     layers = decode_layers(art)  # also checks that every layer decodes
     lengths = [int(x) for layer in layers for x in layer.lengths]
@@ -245,9 +245,9 @@ def inspect(artifact, no_verify, as_json):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def generate(artifact, prompt, max_new_tokens, model_name, device):
     """Continue after the compacted document with PROMPT (greedy) and print the continuation."""
-    from .artifact import read_artifact
+    from .storage.artifact import read_artifact
     from .models import load_model
-    from .serve import load_cache
+    from .serving.loader import load_cache
 
     art = read_artifact(artifact)
     lm = load_model(model_name or art.meta["model_id"], device=_device(device))
@@ -273,10 +273,10 @@ def generate(artifact, prompt, max_new_tokens, model_name, device):
 def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, context, score, ridge, model_name,
              budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
     """Compare AM and the baselines on one document: cKL, recall retention, attention fidelity, bytes."""
-    from .documents import bundled_play, read_document
-    from .evaluate import Evaluator, format_table
+    from .capture.documents import bundled_play, read_document
+    from .evaluation.harness import Evaluator, format_table
     from .models import load_model
-    from .prefill import prefill_and_capture
+    from .capture.prefill import prefill_and_capture
 
     if bool(document) == bool(play):
         raise click.UsageError("give exactly one of DOCUMENT or --play")
@@ -284,7 +284,7 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
     for n in names:
         if n not in METHOD_CHOICES:
             raise click.BadParameter(f"unknown method {n!r}; choose from {', '.join(METHOD_CHOICES)}")
-    from .kv_codec import parse_kv_bits
+    from .storage.kv_codec import parse_kv_bits
 
     bits = [b.strip() for b in kv_bits.split(",") if b.strip()]
     for b in bits:
@@ -311,7 +311,7 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
 @cli.command()
 def plays():
     """List the bundled Shakespeare plays."""
-    from .documents import list_plays
+    from .capture.documents import list_plays
 
     click.echo("\n".join(list_plays()))
 

@@ -11,16 +11,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .artifact import StoredLayer, write_artifact
-from .budgets import MODES, global_budgets, layer_budgets, per_head_budget, uniform_budgets
-from .documents import Document
+from .storage.artifact import StoredLayer, write_artifact
+from .fitting.budgets import MODES, global_budgets, layer_budgets, per_head_budget, uniform_budgets
+from .capture.documents import Document
 from .errors import CompactorError
-from .key_selection import score_of
-from .kv_codec import RAW, KVCodec, check_codec, encode_layer, parse_kv_bits, roundtrip_tensor
+from .fitting.key_selection import score_of
+from .storage.kv_codec import RAW, KVCodec, check_codec, encode_layer, parse_kv_bits, roundtrip_tensor
 from .layer_kv import LayerKV
 from .methods import Method
 from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_signature
-from .prefill import Capture, check_length, prefill_and_capture
+from .capture.prefill import Capture, check_length, prefill_and_capture
 
 
 @dataclass

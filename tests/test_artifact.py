@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from compactor.artifact import StoredLayer, read_artifact, read_meta, write_artifact
+from compactor.storage.artifact import StoredLayer, read_artifact, read_meta, write_artifact
 from compactor.errors import ArtifactError
-from compactor.kv_codec import decode_layer, encode_layer, parse_kv_bits
+from compactor.storage.kv_codec import decode_layer, encode_layer, parse_kv_bits
 from compactor.layer_kv import LayerKV
 
 META = {"compactor_version": "0.1.0", "created": "2026-11-23T00:00:00+00:00", "model_id": "x",
@@ -127,7 +127,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     class Boom(KeyboardInterrupt):
         pass
 
-    import compactor.artifact as art
+    import compactor.storage.artifact as art
 
     calls = {"n": 0}
     real = art._digest_update
@@ -155,8 +155,8 @@ def test_killed_writer_leaves_no_partial_artifact(tmp_path):
     import time
 
     script = f"""
-import numpy as np, compactor.artifact as a
-from compactor.artifact import StoredLayer, write_artifact
+import numpy as np, compactor.storage.artifact as a
+from compactor.storage.artifact import StoredLayer, write_artifact
 real = a._digest_update
 def slow(*x, **k):
     import time; time.sleep(0.2); return real(*x, **k)

@@ -5,7 +5,7 @@ import math
 import statistics
 from pathlib import Path
 
-from compactor.evaluate import EvalRow
+from compactor.evaluation.harness import EvalRow
 
 _spec = importlib.util.spec_from_file_location("bench_quant", Path(__file__).parents[1] / "benchmarks/bench_quant.py")
 bench = importlib.util.module_from_spec(_spec)

@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from compactor.layer_kv import LayerKV
 from compactor.models import load_model
-from compactor.serve import cache_from_layers
+from compactor.serving.loader import cache_from_layers
 
 from conftest import FAMILIES
 

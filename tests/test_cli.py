@@ -128,7 +128,7 @@ def test_artifact_from_same_architecture_other_weights(tmp_path, artifact):
 
 
 def test_interrupted_compress_leaves_no_artifact(tmp_path, tiny_llama, doc, monkeypatch):
-    import compactor.artifact as art
+    import compactor.storage.artifact as art
 
     def die(*a, **k):
         raise KeyboardInterrupt
@@ -159,7 +159,7 @@ def test_quantized_artifact_end_to_end(tmp_path, tiny_llama, doc):
     raw = tmp_path / "raw.h5"
     assert run("compress", doc, "--model", tiny_llama, "--ratio", 4, "-o", raw, "--quiet",
                "--max-queries", 256).exit_code == 0
-    from compactor.artifact import read_artifact
+    from compactor.storage.artifact import read_artifact
 
     assert read_artifact(out).payload_bytes < read_artifact(raw).payload_bytes
     r = run("generate", out, "--prompt", "The quick", "--model", tiny_llama, "--max-new-tokens", 4)
@@ -183,7 +183,7 @@ def test_calibration_file_sets_per_layer_bits(tmp_path, tiny_llama, doc):
     r = run("compress", doc, "--model", tiny_llama, "--kv-bits", "K6V6", "--calibration", cal, "-o", out, "--quiet",
             "--max-queries", 128)
     assert r.exit_code == 0, r.output
-    from compactor.artifact import read_artifact
+    from compactor.storage.artifact import read_artifact
 
     art = read_artifact(out)
     assert [layer.attrs["kv_codec"] for layer in art.layers] == ["K6V6", "K2V2"]

@@ -6,11 +6,11 @@ from click.testing import CliRunner
 
 from compactor import load_cache
 from compactor.cli import cli
-from compactor.documents import bundled_play
-from compactor.evaluate import Evaluator
+from compactor.capture.documents import bundled_play
+from compactor.evaluation.harness import Evaluator
 from compactor.methods import make_method
 from compactor.pipeline import compact_capture
-from compactor.prefill import prefill_and_capture
+from compactor.capture.prefill import prefill_and_capture
 
 pytestmark = pytest.mark.slow
 T, C = 384, 64

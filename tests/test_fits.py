@@ -4,8 +4,8 @@ import pytest
 import torch
 from scipy.optimize import nnls
 
-from compactor.beta_fit import fit_mass_weights, nnls_active_set, nnls_normal
-from compactor.value_fit import fit_values
+from compactor.fitting.beta_fit import fit_mass_weights, nnls_active_set, nnls_normal
+from compactor.fitting.value_fit import fit_values
 
 
 def attention_like(n, t, seed):

@@ -3,7 +3,7 @@ error, byte accounting, codebooks once per file, and refusal of bad input."""
 import pytest
 import torch
 
-from compactor.kv_codec import (EXACT_DEFAULT, RAW, KVCodec, TensorCodec, check_codec, decode_layer, encode_layer, parse_kv_bits,
+from compactor.storage.kv_codec import (EXACT_DEFAULT, RAW, KVCodec, TensorCodec, check_codec, decode_layer, encode_layer, parse_kv_bits,
                                 roundtrip, roundtrip_tensor)
 from compactor.layer_kv import LayerKV
 from compactor.quant import beta_codebook, q4_0_decode, q4_0_encode

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from compactor.budgets import global_budgets, per_head_budget, uniform_budgets
+from compactor.fitting.budgets import global_budgets, per_head_budget, uniform_budgets
 from compactor.methods import METHODS, make_method
 
 D, T, N = 32, 160, 384
@@ -160,7 +160,7 @@ def test_am_ridge_shrinks_values_toward_originals():
 
 
 def test_layer_budgets_equal_within_layer_same_total():
-    from compactor.budgets import layer_budgets
+    from compactor.fitting.budgets import layer_budgets
 
     g = torch.Generator().manual_seed(1)
     scores = torch.rand(5, 4, 300, generator=g)

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from compactor.models import load_model
-from compactor.prefill import CONTEXT, REPEAT, prefill_and_capture
+from compactor.capture.prefill import CONTEXT, REPEAT, prefill_and_capture
 
 from conftest import FAMILIES
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..beta_fit import fit_mass_weights
-from ..key_selection import SCORES, key_stats, score_of, top_keys
-from ..value_fit import fit_values
+from ..fitting.beta_fit import fit_mass_weights
+from ..fitting.key_selection import SCORES, key_stats, score_of, top_keys
+from ..fitting.value_fit import fit_values
 from .base import Compacted, Method, keep_all, take
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import AttentionStats, attention_stats
+from ..kernels import AttentionStats, attention_stats
 
 SCORES = ("rms", "max")
 

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import torch
 
-from .artifact import Artifact, read_artifact
+from ..storage.artifact import Artifact, read_artifact
 from .attention import use_compactor_attention
-from .layer_kv import LayerKV
+from ..layer_kv import LayerKV
 from .cache import CompactedCache, CompactedLayer
-from .errors import ArtifactError
-from .kv_codec import decode_layer
-from .models import config_fingerprint, signatures_match, tokenizer_fingerprint, weights_signature
+from ..errors import ArtifactError
+from ..storage.kv_codec import decode_layer
+from ..models import config_fingerprint, signatures_match, tokenizer_fingerprint, weights_signature
 
 
 def _device_dtype(model) -> tuple[torch.device, torch.dtype]:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .layer_kv import LayerKV
-from .quant import (LloydCode, beta_codebook, lloyd_decode, lloyd_encode, q4_0_decode, q4_0_encode,
+from ..layer_kv import LayerKV
+from ..quant import (LloydCode, beta_codebook, lloyd_decode, lloyd_encode, q4_0_decode, q4_0_encode,
                     q8_0_decode, q8_0_encode)
 
 STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

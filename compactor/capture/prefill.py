@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .attention import using_compactor_attention
-from .errors import DocumentError
-from .key_selection import key_stats
+from ..serving.attention import using_compactor_attention
+from ..errors import DocumentError
+from ..fitting.key_selection import key_stats
 
 REPEAT_PROMPT = "\n\nRepeat the text above, word for word.\n\n"
 CONTEXT, REPEAT = 0, 1

@@ -7,15 +7,15 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .kv_codec import RAW, KVCodec, parse_kv_bits, roundtrip
-from .layer_kv import LayerKV
-from .attention import using_compactor_attention
-from .methods import Method
+from ..storage.kv_codec import RAW, KVCodec, parse_kv_bits, roundtrip
+from ..layer_kv import LayerKV
+from ..serving.attention import using_compactor_attention
+from ..methods import Method
 from .metrics import (RECALL_CUE, continuation_logits, full_cache_bytes, head_fidelity, kl_per_token, retention,
                       span_ce)
-from .pipeline import compact_capture
-from .prefill import Capture, QueryRecorder
-from .serve import cache_from_layers
+from ..pipeline import compact_capture
+from ..capture.prefill import Capture, QueryRecorder
+from ..serving.loader import cache_from_layers
 
 
 @dataclass

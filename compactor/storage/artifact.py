@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import ArtifactError
+from ..errors import ArtifactError
 
 FORMAT = "compactor-kv"
 VERSION = 1
