@@ -94,7 +94,7 @@ def capture_options(f):
                      help="Reference queries per KV head (random subsample, seeded).")(f)
     f = click.option("--repeat-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
                      help="Share of reference queries from the repeat pass (the rest from the document).")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)(f)
     f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(f)
     f = click.option("--quiet", is_flag=True, help="No progress bars.")(f)
     return f
@@ -135,16 +135,18 @@ def cli():
 @click.option("--calibration", type=click.Path(), default=None,
               help="JSON with per-layer bits {\"layers\": {\"0\": \"K8V8\", ...}} (default: "
                    "artifacts/calibration/<model>.json when present).")
+@click.option("--no-clobber", is_flag=True, help="Refuse to overwrite an existing artifact.")
 @method_options
 @capture_options
 def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_bits, hi_layers, hi_bits,
-             calibration, method, context, score, ridge, model_name, budget, budget_floor, chunk_size, max_queries,
-             repeat_fraction, seed, device, quiet):
+             calibration, no_clobber, method, context, score, ridge, model_name, budget, budget_floor, chunk_size,
+             max_queries, repeat_fraction, seed, device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
     from .storage.artifact import read_meta
     from .capture.documents import bundled_play, read_document
     from .models import load_model
-    from .pipeline import CompressOptions, codec_plan, compress as run_compress, prepare
+    from .pipeline import CompressOptions, codec_plan, compress as run_compress, estimate_artifact_bytes, prepare
+    from .storage.output import check_output
 
     if not documents and not play:
         raise click.UsageError("give at least one document path, '-' for stdin, or --play NAME")
@@ -165,14 +167,17 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
     lm = load_model(model_name, device=_device(device))
     m = _method(method, seed, context, score, ridge)
     prepared = [prepare(lm, doc, opts) for doc in docs]  # every document is checked before any work starts
-    for doc, doc_ids in zip(docs, prepared):
-        if out and Path(out).suffix == ".h5":
-            path = Path(out)
-        else:
-            path = Path(out or "artifacts") / f"{doc.name}.h5"
+    paths = [Path(out) if out and Path(out).suffix == ".h5" else Path(out or "artifacts") / f"{d.name}.h5"
+             for d in docs]
+    needed, existing = 0, set()
+    for path, doc_ids in zip(paths, prepared):  # and every output location
+        needed += estimate_artifact_bytes(lm, doc_ids.numel(), opts)
+        if check_output(path, needed, clobber=not no_clobber):
+            existing.add(path)
+    for doc, doc_ids, path in zip(docs, prepared, paths):
         written, layers, capture, ids = run_compress(lm, doc, m, path, opts, progress=not quiet, ids=doc_ids)
-        click.echo(f"wrote {written} ({written.stat().st_size:,} bytes; T={capture.length} tokens, "
-                   f"{method} at {ratio:g}x)")
+        click.echo(f"{'overwrote' if path in existing else 'wrote'} {written} ({written.stat().st_size:,} bytes; "
+                   f"T={capture.length} tokens, {method} at {ratio:g}x)")
         if report:
             seconds = read_meta(written)["seconds"]["compact"]
             _report(lm, doc, capture, layers, method, ratio, codec_plan(len(layers), opts), opts, seconds)
@@ -196,18 +201,21 @@ def _report(lm, doc, capture, layers, method, ratio, codecs, opts, seconds):
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--no-verify", is_flag=True, help="Skip the payload digest check.")
+@click.option("--no-verify", is_flag=True, help="Forensics: skip the digest comparison (structure, sizes and "
+                                                  "attributes are still checked; the cache may have been altered).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 def inspect(artifact, no_verify, as_json):
-    """Summarise an artifact and verify its integrity (per-chunk checksums and payload digest)."""
+    """Summarise an artifact and verify its integrity (digest over every attribute and dataset)."""
     from .storage.artifact import read_artifact
     from .evaluation.metrics import full_cache_bytes
 
     art = read_artifact(artifact, verify=not no_verify)
     meta = art.meta
     if as_json:
-        click.echo(json.dumps({k: v for k, v in meta.items() if k != "model_weights_signature"}, indent=2,
-                              default=str))
+        shown = {k: v for k, v in meta.items() if k not in ("model_weights_signature", "codecs")}
+        if "model_weights" in shown:
+            shown["model_weights"] = {k: v for k, v in shown["model_weights"].items() if k != "kept"}
+        click.echo(json.dumps(shown, indent=2, default=str))
         return
     from .storage.kv_codec import byte_breakdown
     from .serving.loader import decode_layers
@@ -233,25 +241,31 @@ def inspect(artifact, no_verify, as_json):
     click.echo(f"  vs full    full 16-bit cache {full:,} bytes: {full / payload:.1f}x smaller stored, "
                f"{full / size:.1f}x on disk, {full / memory:.1f}x in memory when served "
                f"(16-bit keys/values padded per layer + beta: {memory:,} bytes)")
-    click.echo("  integrity  " + ("per-chunk checksums and payload digest OK" if not no_verify
-                                  else "per-chunk checksums OK (digest not checked)"))
+    if art.version == 1:
+        integrity = ("v1 file: per-chunk checksums and payload digest OK; v1 does not cover attributes, "
+                     "re-compress to get a v2 file" if not no_verify else "v1 file: per-chunk checksums OK, "
+                     "digest NOT checked (--no-verify)")
+    else:
+        integrity = ("digest over every attribute and dataset OK" if not no_verify else
+                     "digest NOT checked (--no-verify): structure and sizes valid, content may have been altered")
+    click.echo("  integrity  " + integrity)
 
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--prompt", required=True, help="Text that follows the document.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--model", "model_name", default=None, help="Model (default: the artifact's model id).")
+@click.option("--model", "model_name", default=None,
+              help="Model (default: the artifact's model, only when that is a bundled name).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def generate(artifact, prompt, max_new_tokens, model_name, device):
     """Continue after the compacted document with PROMPT (greedy) and print the continuation."""
-    from .storage.artifact import read_artifact
+    from .storage.artifact import read_meta
     from .models import load_model
-    from .serving.loader import load_cache
+    from .serving.loader import artifact_model, load_cache
 
-    art = read_artifact(artifact)
-    lm = load_model(model_name or art.meta["model_id"], device=_device(device))
-    cache = load_cache(art, lm.model, lm.tokenizer)
+    lm = load_model(artifact_model(read_meta(artifact), model_name), device=_device(device))
+    cache = load_cache(artifact, lm.model, lm.tokenizer)
     ids = lm.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(lm.device)
     out = lm.model.generate(**cache.generation_inputs(ids), max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=lm.tokenizer.eos_token_id)

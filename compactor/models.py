@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import ModelError
@@ -139,8 +140,8 @@ def config_fingerprint(config) -> str:
 
 
 def weights_signature(model: torch.nn.Module, samples: int = 64) -> torch.Tensor:
-    """A float64 vector describing the weights, stable across float32/bf16/fp16 loads: for each parameter,
-    the mean of |w| over a fixed strided sample of `samples` elements. Compare with `signatures_match`."""
+    """Schema v1's weights signature (kept to check v1 artifacts): per parameter, the mean of |w| over a fixed
+    strided sample of `samples` elements. Loose: it accepts small fine-tunes. Compare with `signatures_match`."""
     out = []
     for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         flat = p.detach().reshape(-1)
@@ -152,6 +153,111 @@ def weights_signature(model: torch.nn.Module, samples: int = 64) -> torch.Tensor
 def signatures_match(a, b, rtol: float = 2e-2) -> bool:
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=rtol, atol=1e-6))
+
+
+# Weights identity (schema v2). Per parameter tensor (sorted by name), IDENTITY_SAMPLES elements at positions drawn
+# from the name (numpy's frozen legacy MT19937, seeded with the first 4 bytes of sha256(name), little-endian);
+# all elements when the tensor is smaller. Each tensor's sample is classed by the storage grids it lies on:
+# 'bfloat16' (every value exact in bf16, not all in fp16), 'float16' (the reverse), 'float32' (neither) or 'any'
+# (both: zeros, ones). The identity holds sha256 digests of all samples rounded (round-to-nearest-even) to each of
+# float32, bfloat16 and float16, the writer's classes, and the first IDENTITY_KEPT values of each sample as bf16.
+# A model loaded in another dtype, or from a checkpoint saved in another dtype, holds the same weights rounded once
+# more; comparing after rounding both sides to the coarser grid is then exact:
+#   classes on both sides within {float32, bfloat16}: the bf16 digests must be equal (float32 alone: the float32
+#   digests); within {float32, float16}: the fp16 digests. A single fine-tuned tensor changes the rounded value of
+#   a large share of its sampled elements (>= 10% at noise of 0.1% of the tensor's std, the bf16 case), so
+#   4096 samples miss it with probability < 1e-180.
+#   bfloat16 on one side and float16 on the other: rounding fp16 values to bf16 double-rounds (1/16 of elements end
+#   one bf16 step off), so no digest can match; the IDENTITY_KEPT stored values per tensor are compared with a
+#   tolerance of one bf16 step plus one fp16 step at their magnitude. That case is weaker, and said so.
+IDENTITY_SCHEME = "sampled-sha256-v1"
+IDENTITY_SAMPLES = 4096
+IDENTITY_KEPT = 8
+_GRIDS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _sample_positions(name: str, numel: int, k: int) -> np.ndarray:
+    if numel <= k:
+        return np.arange(numel, dtype=np.int64)
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    return np.random.RandomState(seed).randint(0, numel, size=k, dtype=np.int64)
+
+
+def _weight_samples(model: torch.nn.Module, k: int = IDENTITY_SAMPLES) -> list[tuple[str, tuple, torch.Tensor]]:
+    """(name, shape, float32 CPU sample) per parameter tensor, sorted by name."""
+    out = []
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = p.detach().reshape(-1)
+        idx = torch.from_numpy(_sample_positions(name, flat.numel(), k)).to(flat.device)
+        out.append((name, tuple(p.shape), flat[idx].float().cpu()))
+    return out
+
+
+def _grid_class(x: torch.Tensor) -> str:
+    on_bf16 = bool((x.to(torch.bfloat16).float() == x).all())
+    on_fp16 = bool((x.to(torch.float16).float() == x).all())
+    return {(True, True): "any", (True, False): "bfloat16", (False, True): "float16"}.get((on_bf16, on_fp16),
+                                                                                       "float32")
+
+
+def _grid_digest(samples, grid: str) -> str:
+    h = hashlib.sha256()
+    for name, shape, x in samples:
+        h.update(f"{name}|{','.join(map(str, shape))}|".encode())
+        h.update(x.to(_GRIDS[grid]).float().numpy().astype("<f4").tobytes())
+    return h.hexdigest()
+
+
+def weights_identity(model: torch.nn.Module) -> dict:
+    """The model's weights identity (see above): {'scheme', 'samples', 'tensors', 'classes', 'sha256': {grid: hex},
+    'kept': uint16 array (tensors, IDENTITY_KEPT) of bf16 bit patterns}. ~0.2 s on SmolLM2 (CPU)."""
+    samples = _weight_samples(model)
+    for name, _, x in samples:
+        if not bool(torch.isfinite(x).all()):
+            raise ModelError(f"model weights {name} contain NaN or inf")
+    kept = np.zeros((len(samples), IDENTITY_KEPT), dtype=np.uint16)
+    for i, (_, _, x) in enumerate(samples):
+        v = x[:IDENTITY_KEPT].to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        kept[i, : v.size] = v
+    return {"scheme": IDENTITY_SCHEME, "samples": IDENTITY_SAMPLES, "tensors": len(samples),
+            "classes": sorted({_grid_class(x) for _, _, x in samples} - {"any"}),
+            "sha256": {g: _grid_digest(samples, g) for g in _GRIDS}, "kept": kept}
+
+
+def _bf16_values(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _step(m: np.ndarray, mantissa_bits: int, min_step: float) -> np.ndarray:
+    """Spacing of a floating grid with `mantissa_bits` explicit bits at magnitude m (>= its subnormal spacing)."""
+    e = np.floor(np.log2(np.maximum(m, np.finfo(np.float64).tiny)))
+    return np.maximum(np.exp2(e - mantissa_bits), min_step)
+
+
+def weights_mismatch(identity: dict, model: torch.nn.Module) -> str | None:
+    """None when `model` holds the weights `identity` describes (up to storage rounding), else why not."""
+    samples = _weight_samples(model, int(identity["samples"]))
+    if len(samples) != int(identity["tensors"]):
+        return f"{len(samples)} weight tensors, the artifact's model has {identity['tensors']}"
+    for name, _, x in samples:
+        if not bool(torch.isfinite(x).all()):
+            return f"weights {name} contain NaN or inf (float16 overflow?)"
+    classes = set(identity["classes"]) | ({_grid_class(x) for _, _, x in samples} - {"any"})
+    if {"bfloat16", "float16"} <= classes:
+        kept = identity["kept"]
+        for i, (name, _, x) in enumerate(samples):
+            n = min(IDENTITY_KEPT, x.numel())
+            a = _bf16_values(kept[i, :n])
+            b = x[:n].to(torch.bfloat16).double().numpy()
+            m = np.maximum(np.abs(a), np.abs(b))
+            tol = _step(m, 7, 2.0 ** -133) + _step(m, 10, 2.0 ** -24)
+            if (np.abs(a - b) > tol).any():
+                return f"weights {name} differ beyond bfloat16/float16 rounding"
+        return None
+    grid = "bfloat16" if "bfloat16" in classes else "float16" if "float16" in classes else "float32"
+    if _grid_digest(samples, grid) != identity["sha256"][grid]:
+        return f"sampled weights differ after rounding both to {grid}"
+    return None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -16,10 +16,11 @@ from .fitting.budgets import MODES, global_budgets, layer_budgets, per_head_budg
 from .capture.documents import Document
 from .errors import CompactorError
 from .fitting.key_selection import score_of
-from .storage.kv_codec import RAW, KVCodec, check_codec, encode_layer, parse_kv_bits, roundtrip_tensor
+from .storage.kv_codec import (RAW, KVCodec, check_codec, encode_layer, estimate_entry_bytes, parse_kv_bits,
+                                roundtrip_tensor)
 from .layer_kv import LayerKV
 from .methods import Method
-from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_signature
+from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_identity
 from .capture.prefill import Capture, check_length, prefill_and_capture
 
 
@@ -125,7 +126,7 @@ def artifact_meta(lm: LoadedModel, doc: Document, ids: torch.Tensor, method: Met
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_id": lm.model_id, "model_type": cfg.model_type,
         "model_config_sha256": config_fingerprint(cfg),
-        "model_weights_signature": weights_signature(lm.model).tolist(),
+        "model_weights": weights_identity(lm.model),
         "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer),
         "document_name": doc.name, "document_sha256": doc.sha256,
         "tokens_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
@@ -143,6 +144,8 @@ def artifact_meta(lm: LoadedModel, doc: Document, ids: torch.Tensor, method: Met
 
 def prepare(lm: LoadedModel, doc: Document, opts: CompressOptions) -> torch.Tensor:
     """Token ids of a document, checked against the model's context and the ratio (fails before any work)."""
+    if not 0 <= opts.seed < 2**32:
+        raise CompactorError(f"seed must be in 0..2^32-1 (got {opts.seed})")
     ids = tokenize_document(lm, doc, opts.max_tokens)
     try:
         per_head_budget(ids.numel(), opts.ratio)
@@ -154,6 +157,17 @@ def prepare(lm: LoadedModel, doc: Document, opts: CompressOptions) -> torch.Tens
     except ValueError as e:
         raise CompactorError(str(e)) from None
     return ids
+
+
+def estimate_artifact_bytes(lm: LoadedModel, n_tokens: int, opts: CompressOptions) -> int:
+    """About how many bytes the artifact of an n_tokens document will take (for the free-space check)."""
+    cfg = lm.config
+    d = lm.model.model.layers[0].self_attn.head_dim
+    per_head = per_head_budget(n_tokens, opts.ratio)
+    entries = per_head * int(cfg.num_key_value_heads)
+    total = sum(entries * estimate_entry_bytes(c, d, opts.stored_dtype) + 4 * int(cfg.num_key_value_heads) * d * 4
+                for c in codec_plan(cfg.num_hidden_layers, opts))
+    return int(total) + (64 << 10)
 
 
 def compress(lm: LoadedModel, doc: Document, method: Method, out_path: str | Path, opts: CompressOptions,

@@ -25,11 +25,16 @@ import numpy as np
 import torch
 
 from ..layer_kv import LayerKV
-from ..quant import (LloydCode, beta_codebook, lloyd_decode, lloyd_encode, q4_0_decode, q4_0_encode,
-                    q8_0_decode, q8_0_encode)
+from ..quant import (BLOCK_BYTES, LloydCode, beta_codebook, lloyd_decode, lloyd_encode, packed_size, q4_0_decode,
+                     q4_0_encode, q8_0_decode, q8_0_encode)
 
 STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# how each stored dtype lies on disk (bfloat16 as its uint16 bit pattern), little-endian
+STORED_NP = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+MEAN_NP = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 BLOCK_CODECS = {"q8_0": (q8_0_encode, q8_0_decode), "q4_0": (q4_0_encode, q4_0_decode)}
+CODECS = ("raw", "lloyd", *BLOCK_CODECS)
+MAX_EXACT = 64  # lloyd: most exact entries per head a file may declare
 
 
 EXACT_DEFAULT = 2  # lloyd: most attended entries per head kept unquantized
@@ -90,14 +95,97 @@ def parse_kv_bits(text: str) -> KVCodec:
     return KVCodec(_tensor_codec(m.group(1)), _tensor_codec(m.group(2)))
 
 
+def codec_from_label(label: str, exact: int = EXACT_DEFAULT) -> KVCodec:
+    """The strict inverse of KVCodec.label ('K4V3', 'K16Vq8_0', ...), with `exact` entries per lloyd head."""
+    m = re.fullmatch(f"K{_PART}V{_PART}", label)
+    if not m:
+        raise ValueError(f"bad layer codec label {label!r}")
+    parts = [_tensor_codec(g) for g in m.groups()]
+    return KVCodec(*(TensorCodec(p.name, p.bits, exact if p.name == "lloyd" else 0) for p in parts))
+
+
 def check_codec(codec: KVCodec, head_dim: int) -> None:
     for part in (codec.keys, codec.values):
         if part.name in BLOCK_CODECS and head_dim % 32:
             raise ValueError(f"{part.name} needs a head dim that is a multiple of 32, this model has {head_dim}")
+        if part.name == "lloyd" and head_dim < 4:
+            raise ValueError(f"lloyd codes need a head dim of at least 4, this model has {head_dim}")
 
 
 def codebook_name(bits: int, dim: int) -> str:
     return f"beta-b{bits}-d{dim}"
+
+
+def exact_count(exact: int, lengths: list[int]) -> int:
+    """Entries per head a lloyd tensor keeps exact: `exact`, or fewer when a head is shorter."""
+    return min([exact] + list(lengths))
+
+
+def tensor_specs(name: str, codec: TensorCodec, lengths: list[int], d: int, stored: str, mean_dtype: str = "float16"
+                 ) -> dict[str, tuple[np.dtype, tuple]]:
+    """{array name: (dtype, shape)} that one of keys/values of a layer stores with `codec` (the layer's heads
+    keep `lengths` entries each)."""
+    N, H = sum(lengths), len(lengths)
+    if codec.name == "raw":
+        return {name: (STORED_NP[stored], (N, d))}
+    if codec.name in BLOCK_CODECS:
+        return {f"{name}_blocks": (np.dtype("u1"), (N, d // 32 * BLOCK_BYTES[codec.name]))}
+    out = {f"{name}_codes": (np.dtype("u1"), (N, packed_size(d, codec.bits))),
+           f"{name}_gains": (np.dtype("<f2"), (N,)),
+           f"{name}_mean": (MEAN_NP[mean_dtype], (H, d))}
+    if codec.exact:
+        e = exact_count(codec.exact, lengths)
+        out[f"{name}_exact"] = (STORED_NP[stored], (H * e, d))
+        out[f"{name}_exact_rows"] = (np.dtype("<i4"), (H, e))
+    return out
+
+
+def tensor_attrs(name: str, codec: TensorCodec, stored: str, seed: int, d: int) -> dict:
+    """The layer attributes describing one of keys/values (names as in schema v1's layer groups)."""
+    attrs = {f"{name}_codec": codec.name}
+    if codec.name == "raw":
+        attrs[f"{name}_dtype"] = stored
+    elif codec.name == "lloyd":
+        attrs.update({f"{name}_bits": codec.bits, f"{name}_seed": seed, f"{name}_codebook": codebook_name(codec.bits, d)})
+        if codec.exact:
+            attrs[f"{name}_exact_dtype"] = stored
+    return attrs
+
+
+def check_layer_arrays(arrays: dict[str, np.ndarray], T: int) -> None:
+    """Content rules the writer guarantees, checked before decoding: each head's positions strictly increasing in
+    [0, T), each lloyd head's exact rows strictly increasing inside the head. Raises ValueError."""
+    lengths = [int(n) for n in arrays["lengths"]]
+    starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+    pos = arrays["positions"].astype(np.int64)
+    if pos.size:
+        if pos.min() < 0 or pos.max() >= T:
+            raise ValueError(f"a kept position lies outside 0..T-1 (T={T})")
+        step = np.diff(pos)
+        first = np.zeros(pos.size, dtype=bool)
+        first[starts[np.array(lengths) > 0]] = True
+        if (step[~first[1:]] <= 0).any():
+            raise ValueError("a head's kept positions are not strictly increasing")
+    for t in ("keys", "values"):
+        rows = arrays.get(f"{t}_exact_rows")
+        if rows is None or rows.size == 0:
+            continue
+        if (rows < 0).any() or (rows >= np.array(lengths)[:, None]).any() or (np.diff(rows, axis=1) <= 0).any():
+            raise ValueError(f"{t}_exact_rows are not increasing rows inside each head")
+
+
+def estimate_entry_bytes(codec: KVCodec, d: int, stored: str) -> float:
+    """Stored bytes per kept entry (keys + values + beta + position), ignoring per-head means and exact rows."""
+    per = {"raw": STORED_NP[stored].itemsize * d}
+    total = 8.0  # beta float32 + a position
+    for part in (codec.keys, codec.values):
+        if part.name == "lloyd":
+            total += packed_size(d, part.bits) + 2
+        elif part.name in BLOCK_CODECS:
+            total += d // 32 * BLOCK_BYTES[part.name]
+        else:
+            total += per["raw"]
+    return total
 
 
 def _to_stored(x: torch.Tensor, stored: str) -> np.ndarray:
@@ -130,15 +218,15 @@ def _exact_rows(importance: list[torch.Tensor] | None, lengths: list[int], exact
 def _encode_tensor(name: str, heads: list[torch.Tensor], codec: TensorCodec, stored: str, seed: int,
                    codebooks: dict[str, np.ndarray], importance: list[torch.Tensor] | None = None
                    ) -> tuple[dict, dict]:
-    arrays, attrs = {}, {f"{name}_codec": codec.name}
+    arrays, attrs = {}, {}
     rows = torch.cat(heads).float()
+    d = rows.shape[-1]
+    attrs.update(tensor_attrs(name, codec, stored, seed, d))
     if codec.name == "raw":
         arrays[name] = _to_stored(rows, stored)
-        attrs[f"{name}_dtype"] = stored
     elif codec.name in BLOCK_CODECS:
         arrays[f"{name}_blocks"] = BLOCK_CODECS[codec.name][0](rows).cpu().numpy()
     else:
-        d = rows.shape[-1]
         codes = [lloyd_encode(h.float().cpu(), codec.bits, seed=seed, center=True) for h in heads]
         arrays[f"{name}_codes"] = torch.cat([c.packed for c in codes]).numpy()
         arrays[f"{name}_gains"] = torch.cat([c.gains for c in codes]).numpy()
@@ -147,12 +235,10 @@ def _encode_tensor(name: str, heads: list[torch.Tensor], codec: TensorCodec, sto
         arrays[f"{name}_mean"] = torch.stack([m.to(dtype) for m in means]).numpy()
         cb = codebook_name(codec.bits, d)
         codebooks.setdefault(cb, beta_codebook(codec.bits, d).centroids.numpy().astype(np.float32))
-        attrs.update({f"{name}_bits": codec.bits, f"{name}_seed": seed, f"{name}_codebook": cb})
         if codec.exact:
             rows = _exact_rows(importance, [h.shape[0] for h in heads], codec.exact)
             arrays[f"{name}_exact_rows"] = rows.numpy()
             arrays[f"{name}_exact"] = _to_stored(torch.cat([h[r.long()] for h, r in zip(heads, rows)]), stored)
-            attrs[f"{name}_exact_dtype"] = stored
     return arrays, attrs
 
 
@@ -253,19 +339,33 @@ def roundtrip_tensor(x: torch.Tensor, codec: TensorCodec, stored: str = "bfloat1
     return _decode_tensor("t", arrays, attrs, books, [x.shape[0]], x.shape[-1]).to(x.device)
 
 
+def _byte_kind(name: str) -> str | None:
+    base = name.rsplit("/", 1)[-1]
+    if name.startswith("codebook"):
+        return "codebooks"
+    if base in ("keys", "values"):
+        return "raw K/V"
+    if base.endswith("_exact") or base.endswith("_exact_rows"):
+        return "exact entries"
+    if base.startswith("positions") or base == "lengths":
+        return "positions"
+    if base == "beta":
+        return "beta"
+    suffix = base.split("_", 1)[-1]
+    return {"codes": "codes", "gains": "gains", "mean": "means", "blocks": "q-blocks (codes+scales)",
+            "q8_0": "q-blocks (codes+scales)", "q4_0": "q-blocks (codes+scales)"}.get(suffix)
+
+
 def byte_breakdown(art) -> dict[str, int]:
-    """Stored bytes of an Artifact by kind: raw keys/values, codes, gains, means, q-blocks, beta, positions
-    (+ lengths), codebooks."""
-    kinds = {"keys": "raw K/V", "values": "raw K/V", "beta": "beta", "positions": "positions",
-             "lengths": "positions", "keys_exact": "exact entries", "values_exact": "exact entries",
-             "keys_exact_rows": "exact entries", "values_exact_rows": "exact entries"}
+    """Stored bytes of an Artifact's datasets by kind: raw keys/values, codes, gains, means, q-blocks, exact
+    entries, beta, positions (+ lengths), codebooks (the model identity sample is not payload)."""
+    sizes = art.dataset_bytes or {f"layers/{i:05d}/{k}": a.nbytes for i, layer in enumerate(art.layers)
+                                  for k, a in layer.arrays.items()}
     out: dict[str, int] = {}
-    for layer in art.layers:
-        for name, arr in layer.arrays.items():
-            suffix = name.rsplit("_", 1)[-1] if "_" in name else name
-            kind = kinds.get(name) or {"codes": "codes", "gains": "gains", "mean": "means",
-                                       "blocks": "q-blocks (codes+scales)"}.get(suffix, name)
-            out[kind] = out.get(kind, 0) + arr.nbytes
-    if art.codebooks:
+    for name, n in sorted(sizes.items()):
+        kind = _byte_kind(name)
+        if kind is not None:
+            out[kind] = out.get(kind, 0) + n
+    if not art.dataset_bytes and art.codebooks:
         out["codebooks"] = sum(c.nbytes for c in art.codebooks.values())
     return out
