@@ -209,9 +209,10 @@ def _read_v2(f: h5py.File, size: int, meta: dict, where: str, verify: bool) -> A
         extra, missing = sorted(set(found) - set(specs)), sorted(set(specs) - set(found))
         raise ArtifactError(f"{where}: datasets do not match the attributes (unexpected: {extra[:5]}, "
                             f"missing: {missing[:5]})")
+    dsets = {name: f[name] for name in sorted(specs)}
     for name, (dtype, shape) in specs.items():
-        h5safe.check_dataset(f[name], f"{where}:{name}", dtype, shape, size)
-    data = {name: h5safe.read_dataset(f[name], f"{where}:{name}") for name in sorted(specs)}
+        h5safe.check_dataset(dsets[name], f"{where}:{name}", dtype, shape, size)
+    data = {name: h5safe.read_dataset(d, f"{where}:{name}") for name, d in dsets.items()}
     if verify and schema.digest_v2(meta["_fields"], data) != meta["digest_sha256"]:
         raise ArtifactError(f"{where} is corrupted or was altered: its digest (over every attribute and dataset) "
                             "does not match")
