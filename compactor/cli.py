@@ -202,7 +202,7 @@ def _report(lm, doc, capture, layers, method, ratio, codecs, opts, seconds):
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--no-verify", is_flag=True, help="Forensics: skip the digest comparison (structure, sizes and "
-                                                  "attributes are still checked; the cache may have been altered).")
+              "attributes are still checked; the cache may have been altered).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 def inspect(artifact, no_verify, as_json):
     """Summarise an artifact and verify its integrity (digest over every attribute and dataset)."""

@@ -157,16 +157,16 @@ def signatures_match(a, b, rtol: float = 2e-2) -> bool:
 
 # Weights identity (schema v2). Per parameter tensor (sorted by name), IDENTITY_SAMPLES elements at positions drawn
 # from the name (numpy's frozen legacy MT19937, seeded with the first 4 bytes of sha256(name), little-endian);
-# all elements when the tensor is smaller. Each tensor's sample is classed by the storage grids it lies on:
-# 'bfloat16' (every value exact in bf16, not all in fp16), 'float16' (the reverse), 'float32' (neither) or 'any'
-# (both: zeros, ones). The identity holds sha256 digests of all samples rounded (round-to-nearest-even) to each of
-# float32, bfloat16 and float16, the writer's classes, and the first IDENTITY_KEPT values of each sample as bf16.
+# all elements when the tensor is smaller. Each tensor's sample is classed by the storage grid it lies on
+# (`_grid_classes`: bfloat16, float16 or float32). The identity holds sha256 digests of all samples rounded
+# (to nearest, ties to even) to each of float32, bfloat16 and float16, the set of the writer's classes, and the
+# first IDENTITY_KEPT values of each sample as bf16.
 # A model loaded in another dtype, or from a checkpoint saved in another dtype, holds the same weights rounded once
 # more; comparing after rounding both sides to the coarser grid is then exact:
 #   classes on both sides within {float32, bfloat16}: the bf16 digests must be equal (float32 alone: the float32
 #   digests); within {float32, float16}: the fp16 digests. A single fine-tuned tensor changes the rounded value of
-#   a large share of its sampled elements (>= 10% at noise of 0.1% of the tensor's std, the bf16 case), so
-#   4096 samples miss it with probability < 1e-180.
+#   a large share of its sampled elements (see benchmarks/results_artifact.md for SmolLM2), so 4096 samples
+#   miss it with overwhelming probability.
 #   bfloat16 on one side and float16 on the other: rounding fp16 values to bf16 double-rounds (1/16 of elements end
 #   one bf16 step off), so no digest can match; the IDENTITY_KEPT stored values per tensor are compared with a
 #   tolerance of one bf16 step plus one fp16 step at their magnitude. That case is weaker, and said so.
@@ -193,11 +193,22 @@ def _weight_samples(model: torch.nn.Module, k: int = IDENTITY_SAMPLES) -> list[t
     return out
 
 
-def _grid_class(x: torch.Tensor) -> str:
-    on_bf16 = bool((x.to(torch.bfloat16).float() == x).all())
-    on_fp16 = bool((x.to(torch.float16).float() == x).all())
-    return {(True, True): "any", (True, False): "bfloat16", (False, True): "float16"}.get((on_bf16, on_fp16),
-                                                                                       "float32")
+def _grid_classes(samples) -> list[str]:
+    """Storage grid of each tensor's sample: 'bfloat16' (all values exact in bf16), 'float16' (exact in fp16, not
+    in bf16), 'float32', or 'any' for a constant-like tensor (fewer than 16 distinct values exact in both grids:
+    norms at their init value, zeros), which compares equal on every grid. bf16 data within fp16's range is exact
+    in both grids: such a tensor counts as float16 when the model also holds a float16-only tensor (it was loaded
+    in fp16), as bfloat16 otherwise."""
+    flags = [(bool((x.to(torch.bfloat16).float() == x).all()), bool((x.to(torch.float16).float() == x).all()),
+              x.unique().numel() >= 16) for _, _, x in samples]
+    fp16_model = any(f16 and not b16 for b16, f16, _ in flags)
+    out = []
+    for b16, f16, varied in flags:
+        if b16 and f16:
+            out.append(("float16" if fp16_model else "bfloat16") if varied else "any")
+        else:
+            out.append("bfloat16" if b16 else "float16" if f16 else "float32")
+    return out
 
 
 def _grid_digest(samples, grid: str) -> str:
@@ -220,7 +231,7 @@ def weights_identity(model: torch.nn.Module) -> dict:
         v = x[:IDENTITY_KEPT].to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
         kept[i, : v.size] = v
     return {"scheme": IDENTITY_SCHEME, "samples": IDENTITY_SAMPLES, "tensors": len(samples),
-            "classes": sorted({_grid_class(x) for _, _, x in samples} - {"any"}),
+            "classes": sorted(set(_grid_classes(samples)) - {"any"}),
             "sha256": {g: _grid_digest(samples, g) for g in _GRIDS}, "kept": kept}
 
 
@@ -242,7 +253,7 @@ def weights_mismatch(identity: dict, model: torch.nn.Module) -> str | None:
     for name, _, x in samples:
         if not bool(torch.isfinite(x).all()):
             return f"weights {name} contain NaN or inf (float16 overflow?)"
-    classes = set(identity["classes"]) | ({_grid_class(x) for _, _, x in samples} - {"any"})
+    classes = set(identity["classes"]) | (set(_grid_classes(samples)) - {"any"})
     if {"bfloat16", "float16"} <= classes:
         kept = identity["kept"]
         for i, (name, _, x) in enumerate(samples):

@@ -17,7 +17,7 @@ from .capture.documents import Document
 from .errors import CompactorError
 from .fitting.key_selection import score_of
 from .storage.kv_codec import (RAW, KVCodec, check_codec, encode_layer, estimate_entry_bytes, parse_kv_bits,
-                                roundtrip_tensor)
+                               roundtrip_tensor)
 from .layer_kv import LayerKV
 from .methods import Method
 from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_identity

@@ -157,7 +157,8 @@ def test_attribute_edits_fail_the_digest(tmp_path, field, value):
 
 @pytest.mark.parametrize("changes,msg", [
     ({"T": "abc"}, "must be an integer"), ({"T": 5_000_000_000}, "outside"), ({"T": 600.0}, "must be an integer"),
-    ({"method_params": "not json"}, "JSON object"), ({"head_dim": 0}, "outside"), ({"stored_dtype": "float64"}, "one of"),
+    ({"method_params": "not json"}, "JSON object"), ({"head_dim": 0}, "outside"),
+    ({"stored_dtype": "float64"}, "one of"),
     ({"layer_codecs": "K4V3,K9V3,K4V3"}, "bad layer codec"), ({"layer_codecs": "K4V3"}, "names 1 layers"),
     ({"lloyd_exact": 100}, "outside"), ({"model_weights": None}, "lacks required"), ({"positions": "gzip"}, "one of"),
     ({"kv_bits": "K16V16"}, "disagrees"), ({"budget_total": 10}, "more than budget_total"),

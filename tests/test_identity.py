@@ -61,3 +61,55 @@ def test_identity_is_small(model):
     ident = weights_identity(model)
     n = sum(1 for _ in model.parameters())
     assert ident["tensors"] == n and ident["kept"].shape == (n, 8) and ident["kept"].nbytes == 16 * n
+
+
+@pytest.mark.slow
+def test_smollm2_one_tensor_fine_tune_refused(smollm2):
+    """SmolLM2: the bundled weights in bfloat16 pass; 0.1%-of-std noise on one tensor (a matrix, a norm, the
+    embedding) is refused in float32, and in bfloat16 unless rounding to bf16 erased it (a norm's noise of ~1e-4 is
+    far below its bf16 step, so that bf16 model is bit-identical to the original's)."""
+    from compactor.models import load_model
+
+    model = smollm2.model
+    ident = weights_identity(model)
+    bf16 = load_model("smollm2-135m", dtype=torch.bfloat16).model
+    assert weights_mismatch(ident, bf16) is None
+    params, params16 = dict(model.named_parameters()), dict(bf16.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    for name in ("model.layers.14.mlp.down_proj.weight", "model.layers.3.input_layernorm.weight",
+                 "model.embed_tokens.weight"):
+        p, p16 = params[name], params16[name]
+        original, original16 = p.detach().clone(), p16.detach().clone()
+        noise = torch.randn(p.shape, generator=g) * 1e-3 * original.std()
+        with torch.no_grad():
+            p.add_(noise)
+            p16.copy_((original + noise).to(torch.bfloat16))
+        try:
+            assert weights_mismatch(ident, model) is not None, name
+            erased = torch.equal(p16, original16)
+            assert (weights_mismatch(ident, bf16) is None) == erased, name
+            assert erased is False or "norm" in name, name
+        finally:
+            with torch.no_grad():
+                p.copy_(original)
+                p16.copy_(original16)
+    assert weights_mismatch(ident, model) is None
+
+
+def test_mixed_precision_checkpoint_accepted(model):
+    """A checkpoint holding bf16 matrices and float32 norms (common), loaded in float32, against the float32
+    original: the same weights up to storage rounding."""
+    original = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in original.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))  # trained-looking norms, not bf16-exact
+    mixed = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, p in mixed.named_parameters():
+            if "norm" not in name:
+                p.copy_(p.to(torch.bfloat16).float())
+    assert weights_mismatch(weights_identity(original), mixed) is None
+    assert weights_mismatch(weights_identity(mixed), original) is None
+    assert weights_mismatch(weights_identity(original), perturbed(mixed, "model.norm.weight")) is not None

@@ -102,4 +102,3 @@ def load_cache(path: str | Path | Artifact, model, tokenizer=None, verify: bool 
     art = path if isinstance(path, Artifact) else read_artifact(path, verify=verify, limits=model_limits(model))
     check_compatible(art.meta, model, tokenizer, where=str(art.path or "artifact"))
     return cache_from_layers(decode_layers(art), art.T, model, art.meta)
-

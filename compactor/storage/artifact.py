@@ -1,11 +1,11 @@
 """The .h5 container (schema v2, documented in artifacts/README.md; v1 files are still read).
 
-v2: root attributes only (scalars; JSON objects as strings) and a few contiguous root datasets, one per kind of
-array with all layers concatenated (packing.py). One sha256 digest covers the canonical encoding of every
-attribute and every dataset; it is checked on every read. Before any dataset is read, every attribute is
-validated (schema.py), the expected dataset set, dtypes and shapes are derived from the attributes, and each
-dataset is checked to be plain storage inside the file (h5safe.py), so a damaged or hostile file is refused with
-one line and without allocating what it declares. Written atomically: a temporary file in the same folder
+v2: four root attributes (format, format_version, `meta`: one JSON object with every field, digest_sha256) and a
+few contiguous root datasets, one per kind of array with all layers concatenated (packing.py). The sha256 digest
+covers the canonical encoding of every field and every dataset; it is checked on every read. Before any dataset
+is read, every field is validated (schema.py), the expected datasets, dtypes and shapes are derived from the
+fields, and each dataset is checked to be plain storage inside the file (h5safe.py), so a damaged or hostile file
+is refused with one line and without allocating what it declares. Written atomically: a temporary file in the same folder
 (`.<name>.tmp-<pid>`), fsynced, renamed (output.py removes those left by dead writers).
 
 v1 (read only): layer groups of chunked Fletcher-32 datasets and a payload digest over the datasets only; its
@@ -15,7 +15,6 @@ same structural checks; see artifacts/README.md for what v1 cannot guarantee.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,9 +128,11 @@ def _write_attr(obj, name: str, value) -> None:
 
 def write_artifact(path: str | Path, meta: dict, layers: list[StoredLayer],
                    codebooks: dict[str, np.ndarray] | None = None) -> Path:
-    """Write a v2 artifact atomically. `meta` holds the root attributes of artifacts/README.md except those this
-    function derives (format, version, num_layers, the layout attributes, digest); `model_weights` is
-    `models.weights_identity(model)`. Keys the schema does not know go into the `extra` JSON attribute."""
+    """Write a v2 artifact atomically. `meta` holds the fields of artifacts/README.md except those this function
+    derives (num_layers, layer_codecs, kv_bits, stored_dtype, rotation_seed, lloyd_*, beta, positions, digest);
+    `model_weights` is `models.weights_identity(model)`. Keys the schema does not know go into `extra`.
+    Raises ArtifactError when the result would not validate or cannot be written, ValueError when the layers
+    disagree (e.g. unsorted positions)."""
     path = Path(path)
     attrs, datasets = v2_content(meta, layers, codebooks or {})
     with cleanup_on_sigterm(), atomic_target(path) as tmp:
@@ -229,9 +230,9 @@ def _read_v2(f: h5py.File, size: int, meta: dict, where: str, verify: bool) -> A
 
 
 # v1: layer attributes and which datasets each codec keeps (v1 wrote bits/seed/codebook per tensor)
-_V1_LAYER_ATTRS = {"kv_codec", "keys_codec", "values_codec", *(f"{t}_{k}" for t in ("keys", "values")
-                                                                   for k in ("dtype", "bits", "seed", "codebook",
-                                                                             "exact_dtype"))}
+_V1_LAYER_ATTRS = {"kv_codec", "keys_codec", "values_codec",
+                   *(f"{t}_{k}" for t in ("keys", "values")
+                     for k in ("dtype", "bits", "seed", "codebook", "exact_dtype"))}
 
 
 def _v1_layer_specs(attrs: dict, lengths: list[int], d: int, exact: int, mean_dtype: dict, where: str) -> dict:

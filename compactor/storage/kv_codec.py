@@ -146,7 +146,8 @@ def tensor_attrs(name: str, codec: TensorCodec, stored: str, seed: int, d: int) 
     if codec.name == "raw":
         attrs[f"{name}_dtype"] = stored
     elif codec.name == "lloyd":
-        attrs.update({f"{name}_bits": codec.bits, f"{name}_seed": seed, f"{name}_codebook": codebook_name(codec.bits, d)})
+        attrs.update({f"{name}_bits": codec.bits, f"{name}_seed": seed,
+                      f"{name}_codebook": codebook_name(codec.bits, d)})
         if codec.exact:
             attrs[f"{name}_exact_dtype"] = stored
     return attrs

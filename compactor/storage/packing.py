@@ -210,7 +210,8 @@ def pack(layers, codebooks: dict[str, np.ndarray], T: int, head_dim: int) -> tup
 
 def unpack(meta: dict, data: dict[str, np.ndarray]) -> tuple[list[tuple[dict, dict]], dict[str, np.ndarray]]:
     """Root datasets (shapes checked against `dataset_specs`) -> per layer (arrays, attrs) as
-    `kv_codec.decode_layer` reads them (slices of the datasets, no copy), and the codebooks by name. Raises ValueError on inconsistent content."""
+    `kv_codec.decode_layer` reads them (slices of the datasets, no copy), and the codebooks by name.
+    Raises ValueError on inconsistent content."""
     d, T, stored, mean = meta["head_dim"], meta["T"], meta["stored_dtype"], meta["lloyd_mean_dtype"]
     lengths = data["lengths"]
     positions = decode_positions(meta["positions"], data.get("positions_bitmap", data.get("positions_delta")),
@@ -240,4 +241,3 @@ def unpack(meta: dict, data: dict[str, np.ndarray]) -> tuple[list[tuple[dict, di
                 books[codebook_name(part.bits, d)] = book
         layers.append((arrays, attrs))
     return layers, books
-
