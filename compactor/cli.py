@@ -146,7 +146,7 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
     from .capture.documents import bundled_play, read_document
     from .models import load_model
     from .pipeline import CompressOptions, codec_plan, compress as run_compress, estimate_artifact_bytes, prepare
-    from .storage.output import check_output
+    from .storage.output import check_outputs
 
     if not documents and not play:
         raise click.UsageError("give at least one document path, '-' for stdin, or --play NAME")
@@ -169,11 +169,8 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
     prepared = [prepare(lm, doc, opts) for doc in docs]  # every document is checked before any work starts
     paths = [Path(out) if out and Path(out).suffix == ".h5" else Path(out or "artifacts") / f"{d.name}.h5"
              for d in docs]
-    needed, existing = 0, set()
-    for path, doc_ids in zip(paths, prepared):  # and every output location
-        needed += estimate_artifact_bytes(lm, doc_ids.numel(), opts)
-        if check_output(path, needed, clobber=not no_clobber):
-            existing.add(path)
+    existing = check_outputs(paths, [estimate_artifact_bytes(lm, ids.numel(), opts) for ids in prepared],
+                             clobber=not no_clobber)  # and every output location
     for doc, doc_ids, path in zip(docs, prepared, paths):
         written, layers, capture, ids = run_compress(lm, doc, m, path, opts, progress=not quiet, ids=doc_ids)
         click.echo(f"{'overwrote' if path in existing else 'wrote'} {written} ({written.stat().st_size:,} bytes; "

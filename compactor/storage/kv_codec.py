@@ -176,16 +176,16 @@ def check_layer_arrays(arrays: dict[str, np.ndarray], T: int) -> None:
 
 
 def estimate_entry_bytes(codec: KVCodec, d: int, stored: str) -> float:
-    """Stored bytes per kept entry (keys + values + beta + position), ignoring per-head means and exact rows."""
-    per = {"raw": STORED_NP[stored].itemsize * d}
-    total = 8.0  # beta float32 + a position
+    """Stored bytes per kept entry (keys + values + beta + a position, at most), ignoring per-head means and exact
+    rows (an upper bound for the free-space check, not an accounting)."""
+    total = 8.0  # float32 beta + up to 4 bytes of position
     for part in (codec.keys, codec.values):
         if part.name == "lloyd":
-            total += packed_size(d, part.bits) + 2
+            total += packed_size(d, part.bits) + 2  # codes + fp16 gain
         elif part.name in BLOCK_CODECS:
             total += d // 32 * BLOCK_BYTES[part.name]
         else:
-            total += per["raw"]
+            total += STORED_NP[stored].itemsize * d
     return total
 
 

@@ -86,6 +86,18 @@ def check_output(path: str | Path, estimate_bytes: int = 0, clobber: bool = True
     return exists
 
 
+def check_outputs(paths: list[Path], estimates: list[int], clobber: bool = True) -> set[Path]:
+    """`check_output` for several artifacts (the free space must hold all of those going to one folder); returns
+    the paths that exist and will be overwritten."""
+    existing, per_folder = set(), {}
+    for path, estimate in zip(map(Path, paths), estimates):
+        folder = path.parent.resolve()
+        per_folder[folder] = per_folder.get(folder, 0) + int(estimate)
+        if check_output(path, per_folder[folder], clobber):
+            existing.add(path)
+    return existing
+
+
 @contextlib.contextmanager
 def atomic_target(path: Path):
     """Yield a temporary path next to `path`; on success it replaces `path`, on any failure it is removed."""
