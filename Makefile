@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[plot]"
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_quant.py
+	$(BIN)/python benchmarks/bench_artifact.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
