@@ -381,3 +381,18 @@ def test_v1_checks(tmp_path):
         f.attrs["T"] = 5  # below the kept positions: refused (v1 cannot catch an edit that stays consistent)
     with pytest.raises(ArtifactError, match="outside 0..T-1|more than T"):
         read_artifact(path)
+
+
+def test_means_beyond_fp16_make_the_file_float32_exactly(tmp_path):
+    """One layer's lloyd mean needs float32 (a k_proj bias beyond fp16's range): the file stores all means in
+    float32, and every layer decodes exactly as it did from its own arrays."""
+    src = compact_layers()
+    src[1].keys += 1e5
+    books = {}
+    stored = [StoredLayer(*encode_layer(layer, parse_kv_bits("K4V4"), "float32", 0, books)) for layer in src]
+    assert stored[0].arrays["keys_mean"].dtype == np.float16 and stored[1].arrays["keys_mean"].dtype == np.float32
+    art = read_artifact(write_artifact(tmp_path / "m.h5", META, stored, books))
+    assert art.meta["lloyd_mean_dtype"] == "float32"
+    for got, s in zip(decoded(art), stored):
+        want = decode_layer(s.arrays, s.attrs, books, 32)
+        assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)

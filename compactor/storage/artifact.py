@@ -5,8 +5,8 @@ few contiguous root datasets, one per kind of array with all layers concatenated
 covers the canonical encoding of every field and every dataset; it is checked on every read. Before any dataset
 is read, every field is validated (schema.py), the expected datasets, dtypes and shapes are derived from the
 fields, and each dataset is checked to be plain storage inside the file (h5safe.py), so a damaged or hostile file
-is refused with one line and without allocating what it declares. Written atomically: a temporary file in the same folder
-(`.<name>.tmp-<pid>`), fsynced, renamed (output.py removes those left by dead writers).
+is refused with one line and without allocating what it declares. Written atomically: a temporary file in the
+same folder (`.<name>.tmp-<pid>`), fsynced, renamed (output.py removes those left by dead writers).
 
 v1 (read only): layer groups of chunked Fletcher-32 datasets and a payload digest over the datasets only; its
 attributes (T, dtypes, seeds) are not covered by any checksum, and its weights signature is loose. Read with the

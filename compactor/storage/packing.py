@@ -185,8 +185,8 @@ def pack(layers, codebooks: dict[str, np.ndarray], T: int, head_dim: int) -> tup
         specs = layer_specs(codec, row, head_dim, params["stored_dtype"], params["lloyd_mean_dtype"])
         for name, (root, dtype, shape) in specs.items():
             arr = np.asarray(layer.arrays[name])
-            if arr.shape != shape:
-                raise ValueError(f"layer array {name} has shape {arr.shape}, expected {shape}")
+            if arr.shape != shape or arr.dtype != dtype and not name.endswith("_mean"):  # means: fp16 -> fp32 exact
+                raise ValueError(f"layer array {name} is {arr.dtype.str} {arr.shape}, expected {dtype.str} {shape}")
             parts.setdefault(root, []).append(arr.astype(dtype).reshape(_flat(root, shape)))
     datasets = {k: np.concatenate(v) for k, v in parts.items()}
     for label in set(labels):
