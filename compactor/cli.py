@@ -219,7 +219,7 @@ def inspect(artifact, no_verify, as_json):
 
     layers = decode_layers(art)  # also checks that every layer decodes
     lengths = [int(x) for layer in layers for x in layer.lengths]
-    memory = sum(layer.memory_bytes() for layer in layers)
+    memory = max(1, sum(layer.memory_bytes() for layer in layers))  # a cache whose heads keep nothing: no 0 division
     full = full_cache_bytes(len(layers), int(meta["num_kv_heads"]), art.T, int(meta["head_dim"]))
     size = Path(artifact).stat().st_size
     payload = art.payload_bytes

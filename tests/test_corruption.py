@@ -14,7 +14,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from compactor.cli import cli
 from compactor.errors import ArtifactError
 from compactor.storage import schema
 from compactor.storage.artifact import read_artifact, read_meta
@@ -174,10 +176,10 @@ def same_cache(a, b) -> bool:
         for x, y in zip(a.layers, b.layers))
 
 
-def outcome(path: Path, ref, model, tokenizer) -> tuple[str, str]:
+def outcome(path: Path, ref, model, tokenizer, kind: str) -> tuple[str, str]:
     """('rejected' | 'identical' | 'other', detail) for one corrupted file, through every read path: inspect
-    --no-verify (read without the digest, decode, count bytes: may show altered data, must not crash), generate's
-    read_meta, and load_cache (inspect's verified read is load_cache's read without the model checks)."""
+    --no-verify's read (without the digest, decode, count bytes: may show altered data, must not crash),
+    generate's read_meta, the CLI's inspect (all but bit flips, to keep the test short), and load_cache."""
     def refused(e: Exception) -> tuple[str, str]:
         msg = str(e)
         ok = isinstance(e, ArtifactError) and msg and "\n" not in msg
@@ -190,6 +192,13 @@ def outcome(path: Path, ref, model, tokenizer) -> tuple[str, str]:
         except Exception as e:
             if refused(e)[0] == "other":
                 return refused(e)
+    if kind != "flip":  # the CLI's inspect on every edited file (its report formats every validated field)
+        for args in (["inspect", str(path)], ["inspect", str(path), "--no-verify"], ["inspect", str(path), "--json"]):
+            r = CliRunner().invoke(cli, args)
+            lines = r.output.strip().splitlines()
+            if r.exit_code not in (0, 1) or r.exit_code == 1 and not (lines and lines[-1].startswith("Error:")) \
+                    or r.exception is not None and not isinstance(r.exception, SystemExit):
+                return "other", f"inspect {args[2:]}: exit {r.exit_code} {r.exception!r} {r.output[-200:]}"
     try:
         cache = load_cache(path, model, tokenizer)
     except Exception as e:
@@ -263,7 +272,7 @@ def test_corruptions_are_refused_or_harmless(bases, tmp_path):
                             oversize(path, rng)
                     before = tracemalloc.get_traced_memory()[0]
                     tracemalloc.reset_peak()
-                    result, detail = outcome(path, ref, model, tokenizer)
+                    result, detail = outcome(path, ref, model, tokenizer, kind)
                     peak = tracemalloc.get_traced_memory()[1] - before
                     peaks[kind] = max(peaks.get(kind, 0), peak)
                     counts[kind, result] += 1
