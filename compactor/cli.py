@@ -47,15 +47,9 @@ def _calibration_bits(path: str | None, model_name: str) -> dict | None:
 
 
 def _method(name: str, seed: int, context: str, score: str, ridge: float):
-    from .methods import make_method
+    from .methods import method_from_options
 
-    if name == "am":
-        return make_method("am", score=score, context=context, ridge=ridge)
-    if name == "eviction":
-        return make_method("eviction", score=score, context=context)
-    if name == "random":
-        return make_method("random", seed=seed)
-    return make_method(name)
+    return method_from_options(name, seed, context, score, ridge)
 
 
 def _device(name: str):
