@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -121,6 +122,10 @@ def cli():
 @click.option("-o", "--out", "out", type=click.Path(), default=None,
               help="Output file (one document) or folder (default: artifacts/).")
 @click.option("--report", is_flag=True, help="Print a quality report (cKL, recall retention, fidelity, bytes).")
+@click.option("--chat", is_flag=True, help="Wrap each document in the model's chat template as the opening of the "
+                                           "first user turn, for `generate --question` (see README, Chat).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (artifacts, sizes, timings) instead "
+                                                      "of text.")
 @click.option("--kv-bits", default="16", show_default=True,
               help="Quantize stored keys/values: K<b>V<b> Lloyd-Max bits (e.g. K4V3), q4_0, q8_0; 16 = none.")
 @click.option("--hi-layers", default="", help="Comma-separated layers (negative from the end, e.g. 0,-1) stored "
@@ -131,11 +136,11 @@ def cli():
                    "artifacts/calibration/<model>.json when present).")
 @method_options
 @capture_options
-def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_bits, hi_layers, hi_bits,
-             calibration, method, context, score, ridge, model_name, budget, budget_floor, chunk_size, max_queries,
-             repeat_fraction, seed, device, quiet):
+def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat, as_json, kv_bits, hi_layers,
+             hi_bits, calibration, method, context, score, ridge, model_name, budget, budget_floor, chunk_size,
+             max_queries, repeat_fraction, seed, device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
-    from .storage.artifact import read_meta
+    from .storage.artifact import read_artifact, read_meta
     from .capture.documents import bundled_play, read_document
     from .models import load_model
     from .pipeline import CompressOptions, codec_plan, compress as run_compress, prepare
@@ -155,74 +160,120 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
                            max_queries=max_queries, repeat_fraction=repeat_fraction, seed=seed,
                            max_tokens=max_tokens, stored_dtype=stored_dtype, kv_bits=kv_bits,
                            hi_layers=_int_list(hi_layers, "--hi-layers"), hi_bits=hi_bits,
-                           layer_bits=_calibration_bits(calibration, model_name))
+                           layer_bits=_calibration_bits(calibration, model_name), chat=chat)
     lm = load_model(model_name, device=_device(device))
     m = _method(method, seed, context, score, ridge)
     prepared = [prepare(lm, doc, opts) for doc in docs]  # every document is checked before any work starts
+    results = []
     for doc, doc_ids in zip(docs, prepared):
         if out and Path(out).suffix == ".h5":
             path = Path(out)
         else:
             path = Path(out or "artifacts") / f"{doc.name}.h5"
+        t0 = time.perf_counter()
         written, layers, capture, ids = run_compress(lm, doc, m, path, opts, progress=not quiet, ids=doc_ids)
-        click.echo(f"wrote {written} ({written.stat().st_size:,} bytes; T={capture.length} tokens, "
-                   f"{method} at {ratio:g}x)")
+        wall = time.perf_counter() - t0
+        if not as_json:
+            click.echo(f"wrote {written} ({written.stat().st_size:,} bytes; T={capture.length} tokens, "
+                       f"{method} at {ratio:g}x{', chat-wrapped' if chat else ''})")
+        row = None
         if report:
             seconds = read_meta(written)["seconds"]["compact"]
-            _report(lm, doc, capture, layers, method, ratio, codec_plan(len(layers), opts), opts, seconds)
+            row = _report(lm, doc, capture, layers, method, ratio, codec_plan(len(layers), opts), opts, seconds,
+                          echo=not as_json)
+        if as_json:
+            summary = _artifact_summary(read_artifact(written, verify=False), written)
+            summary["seconds"]["total"] = round(wall, 3)
+            results.append({**summary, "report": row.as_dict() if row is not None else None})
+    if as_json:
+        click.echo(json.dumps({"artifacts": results}, indent=2))
 
 
-def _report(lm, doc, capture, layers, method, ratio, codecs, opts, seconds):
+def _artifact_summary(art, path) -> dict:
+    """Sizes and layout of an artifact: file, stored payload (by kind), the full 16-bit cache of the same prefix,
+    and the serving memory (16-bit keys/values padded per layer + float32 beta)."""
+    from .evaluation.metrics import full_cache_bytes
+    from .serving.loader import decode_layers
+    from .storage.kv_codec import byte_breakdown
+
+    meta = art.meta
+    layers = decode_layers(art)  # also checks that every layer decodes
+    lengths = [int(x) for layer in layers for x in layer.lengths]
+    full = full_cache_bytes(len(layers), int(meta["num_kv_heads"]), art.T, int(meta["head_dim"]))
+    return {
+        "path": str(path), "document": meta.get("document_name"), "model_id": meta["model_id"],
+        "T": art.T, "ratio": meta["ratio"], "method": meta["method"], "kv_bits": meta.get("kv_bits"),
+        "chat": meta.get("chat") is not None,
+        "bytes": {"file": Path(path).stat().st_size, "payload": art.payload_bytes,
+                  "payload_by_kind": byte_breakdown(art), "full_cache": full,
+                  "memory": sum(layer.memory_bytes() for layer in layers)},
+        "kept_per_head": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths),
+                          "total": sum(lengths)},
+        "seconds": dict(meta.get("seconds") or {}),
+    }
+
+
+def _report(lm, doc, capture, layers, method, ratio, codecs, opts, seconds, echo=True):
     from .evaluation.harness import Evaluator, format_table
 
     ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
     C = min(256, ids.numel() - capture.length)
+    if opts.chat:
+        click.echo("report: not measured for a chat-wrapped document (the continuation follows the plain text)",
+                   err=not echo)
+        return None
     if C < 16:
         click.echo("report: the document has no text after the compressed prefix, so cKL cannot be measured; "
-                   "use --max-tokens to hold some back")
-        return
+                   "use --max-tokens to hold some back", err=not echo)
+        return None
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
     row = ev.score(layers, method, ratio, seconds, codecs, opts.stored_dtype, opts.seed)
-    click.echo(f"\nquality report ({doc.name}: T={capture.length}, continuation C={C}):")
-    click.echo(format_table([row]))
-    click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, compressed {row.ce:.3f}, no prefix {ev.ce_none:.3f}")
+    if echo:
+        click.echo(f"\nquality report ({doc.name}: T={capture.length}, continuation C={C}):")
+        click.echo(format_table([row]))
+        click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, compressed {row.ce:.3f}, no prefix "
+                   f"{ev.ce_none:.3f}")
+    return row
 
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--no-verify", is_flag=True, help="Skip the payload digest check.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata, sizes and integrity verdict as JSON "
+                                                      "(exit status 1 when the integrity check fails).")
 def inspect(artifact, no_verify, as_json):
     """Summarise an artifact and verify its integrity (per-chunk checksums and payload digest)."""
     from .storage.artifact import read_artifact
-    from .evaluation.metrics import full_cache_bytes
 
-    art = read_artifact(artifact, verify=not no_verify)
+    checked = "per-chunk checksums and payload digest" if not no_verify else "per-chunk checksums (digest not checked)"
+    try:
+        art = read_artifact(artifact, verify=not no_verify)
+        summary = _artifact_summary(art, artifact)
+    except CompactorError as e:
+        if not as_json:
+            raise
+        click.echo(json.dumps({"path": str(artifact), "integrity": {"ok": False, "checked": checked,
+                                                                     "error": str(e)}}, indent=2))
+        raise SystemExit(1) from None
     meta = art.meta
     if as_json:
-        click.echo(json.dumps({k: v for k, v in meta.items() if k != "model_weights_signature"}, indent=2,
-                              default=str))
+        click.echo(json.dumps({**summary, "integrity": {"ok": True, "checked": checked},
+                               "meta": {k: v for k, v in meta.items() if k != "model_weights_signature"}},
+                              indent=2, default=str))
         return
-    from .storage.kv_codec import byte_breakdown
-    from .serving.loader import decode_layers
-
-    layers = decode_layers(art)  # also checks that every layer decodes
-    lengths = [int(x) for layer in layers for x in layer.lengths]
-    memory = sum(layer.memory_bytes() for layer in layers)
-    full = full_cache_bytes(len(layers), int(meta["num_kv_heads"]), art.T, int(meta["head_dim"]))
-    size = Path(artifact).stat().st_size
-    payload = art.payload_bytes
+    size, payload, full, memory = (summary["bytes"][k] for k in ("file", "payload", "full_cache", "memory"))
+    kept = summary["kept_per_head"]
     click.echo(f"{artifact}: {meta['format']} v{meta['format_version']} (compactor {meta['compactor_version']}, "
                f"{meta['created']})")
     click.echo(f"  model      {meta['model_id']} ({meta.get('model_type', '?')}), config sha256 "
                f"{meta['model_config_sha256'][:12]}, tokenizer sha256 {meta['tokenizer_sha256'][:12]}")
     click.echo(f"  document   {meta.get('document_name', '?')} sha256 {meta['document_sha256'][:12]}, "
-               f"T={art.T} tokens")
+               f"T={art.T} tokens" + (", chat-wrapped (first user turn)" if summary["chat"] else ""))
     click.echo(f"  method     {meta['method']} at {meta['ratio']:g}x {json.dumps(meta['method_params'])}")
-    click.echo(f"  layout     {len(layers)} layers x {meta['num_kv_heads']} KV heads x d={meta['head_dim']}, "
-               f"K/V stored as {meta.get('kv_bits', '?')}; kept per head min {min(lengths)} / mean "
-               f"{sum(lengths) / len(lengths):.1f} / max {max(lengths)} ({sum(lengths)} entries)")
-    parts = ", ".join(f"{k} {v:,}" for k, v in byte_breakdown(art).items())
+    click.echo(f"  layout     {len(art.layers)} layers x {meta['num_kv_heads']} KV heads x d={meta['head_dim']}, "
+               f"K/V stored as {meta.get('kv_bits', '?')}; kept per head min {kept['min']} / mean "
+               f"{kept['mean']:.1f} / max {kept['max']} ({kept['total']} entries)")
+    parts = ", ".join(f"{k} {v:,}" for k, v in summary["bytes"]["payload_by_kind"].items())
     click.echo(f"  stored     {payload:,} bytes ({parts}); file {size:,} bytes")
     click.echo(f"  vs full    full 16-bit cache {full:,} bytes: {full / payload:.1f}x smaller stored, "
                f"{full / size:.1f}x on disk, {full / memory:.1f}x in memory when served "
@@ -233,23 +284,56 @@ def inspect(artifact, no_verify, as_json):
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--prompt", required=True, help="Text that follows the document.")
+@click.option("--prompt", "prompts", multiple=True, help="Raw text that continues the document (repeatable).")
+@click.option("--question", "questions", multiple=True,
+              help="A user question (repeatable): after a --chat artifact it continues the document's user turn, "
+                   "followed by the assistant header; after a raw-text artifact it opens a chat of its own.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 100), default=0.0, show_default=True,
+              help="Sampling temperature; 0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling (with --temperature > 0).")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--no-stream", is_flag=True, help="Print each answer when it is complete instead of token by token.")
 @click.option("--model", "model_name", default=None, help="Model (default: the artifact's model id).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def generate(artifact, prompt, max_new_tokens, model_name, device):
-    """Continue after the compacted document with PROMPT (greedy) and print the continuation."""
+def generate(artifact, prompts, questions, max_new_tokens, temperature, top_p, seed, no_stream, model_name, device):
+    """Continue after the compacted document with each --prompt / --question (one model load) and print the
+    answers as they are generated."""
     from .storage.artifact import read_artifact
     from .models import load_model
+    from .serving.answer import Sampling, generate as run_generate, is_chat, messages_ids, text_ids
     from .serving.loader import load_cache
 
+    if not prompts and not questions:
+        raise click.UsageError("give at least one --prompt or --question")
     art = read_artifact(artifact)
+    if questions and not is_chat(art.meta):
+        click.echo("note: this artifact holds raw text; a question opens a chat of its own after it. Compress with "
+                   "--chat to ask questions about the document in its own user turn.", err=True)
     lm = load_model(model_name or art.meta["model_id"], device=_device(device))
     cache = load_cache(art, lm.model, lm.tokenizer)
-    ids = lm.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(lm.device)
-    out = lm.model.generate(**cache.generation_inputs(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=lm.tokenizer.eos_token_id)
-    click.echo(lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed).check()
+    jobs = [(p, text_ids(lm.tokenizer, p)) for p in prompts]
+    jobs += [(q, messages_ids(art.meta, lm.tokenizer, [{"role": "user", "content": q}])) for q in questions]
+    for i, (text, ids) in enumerate(jobs):
+        if len(jobs) > 1:
+            click.echo(("\n" if i else "") + f"### {text.strip()}")
+        streamer = None if no_stream else echo_streamer(lm.tokenizer)
+        result = run_generate(lm.model, lm.tokenizer, cache, ids, sampling, streamer=streamer)
+        if no_stream:
+            click.echo(result.text)
+
+
+def echo_streamer(tokenizer):
+    """transformers' TextStreamer, printing through click (so it lands wherever click's output goes)."""
+    from transformers import TextStreamer
+
+    class EchoStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            click.echo(text, nl=stream_end)
+
+    return EchoStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 @cli.command(name="eval")
@@ -259,7 +343,8 @@ def generate(artifact, prompt, max_new_tokens, model_name, device):
 @click.option("-C", "C", type=click.IntRange(min=1), default=256, show_default=True, help="Continuation tokens.")
 @click.option("--ratios", default="2,5,10,20,50", show_default=True, help="Comma-separated ratios.")
 @click.option("--methods", default=",".join(METHOD_CHOICES), show_default=True, help="Comma-separated methods.")
-@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the rows as JSON here.")
+@click.option("--json", "json_out", type=click.Path(allow_dash=True), default=None,
+              help="Also write the rows as JSON to this file; '-' prints only the JSON on stdout (table on stderr).")
 @click.option("--kv-bits", "kv_bits", default="16", show_default=True,
               help="Comma-separated storages to evaluate, e.g. 16,K4V3,q4_0 (see compress --kv-bits).")
 @method_options
@@ -296,10 +381,15 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
     rows = ev.run([_method(n, seed, context, score, ridge) for n in names], _ratios(ratios), budget, budget_floor,
                   progress=not quiet, kv_bits=bits, seed=seed)
-    click.echo(format_table(rows))
-    click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, no prefix {ev.ce_none:.3f}")
+    to_stderr = json_out == "-"
+    click.echo(format_table(rows), err=to_stderr)
+    click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, no prefix {ev.ce_none:.3f}", err=to_stderr)
     if json_out:
-        Path(json_out).write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+        text = json.dumps([r.as_dict() for r in rows], indent=2)
+        if to_stderr:
+            click.echo(text)
+        else:
+            Path(json_out).write_text(text)
 
 
 @cli.command()

@@ -17,8 +17,6 @@ from conftest import CORPUS, FAMILIES, make_tiny_model
 
 TOL = 1e-4
 NEW = 8
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 PROMPTS = [" The quick brown", " To be, or not to be, that is"]
 SLIDING = {"mistral-window": ("mistral", dict(sliding_window=24)),
            "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=24, max_window_layers=1))}
@@ -29,7 +27,6 @@ class Setup:
         self.lm = load_model(str(folder))
         self.model, self.tok = self.lm.model, self.lm.tokenizer
         self.tok.padding_side = "left"
-        self.tok.chat_template = CHAT_TEMPLATE
         self.doc = CORPUS * 2
         self.doc_ids = self.tok(self.doc, return_tensors="pt").input_ids  # (1, T)
         self.cache = compactor.compress(self.doc, self.model, self.tok, ratio=1, stored_dtype="float32")
