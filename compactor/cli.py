@@ -393,6 +393,36 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
 
 
 @cli.command()
+@click.argument("folder", type=click.Path(), default="artifacts")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="The one model served; artifacts made for another are refused (409).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-documents", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Artifacts kept loaded in memory (least recently used evicted first).")
+@click.option("--max-memory-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Also evict while the loaded caches hold more than this (MiB of keys, values and beta).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Largest max_tokens a request may ask for.")
+def serve(folder, host, port, model_name, device, max_documents, max_memory_mb, max_new_tokens):
+    """Serve the artifacts of FOLDER over an OpenAI-compatible HTTP API (see README, Server)."""
+    import uvicorn
+
+    from .models import load_model
+    from .serving.loader import prepare_model
+    from .serving.server import DocumentStore, create_app
+
+    lm = load_model(model_name, device=_device(device))
+    prepare_model(lm.model)
+    max_bytes = None if max_memory_mb is None else int(max_memory_mb * 2**20)
+    store = DocumentStore(folder, lm.model, lm.tokenizer, max_documents, max_bytes)
+    click.echo(f"serving {len(store.names())} document(s) from {store.folder} with {model_name} on "
+               f"http://{host}:{port}", err=True)
+    uvicorn.run(create_app(store, model_name, max_new_tokens), host=host, port=port, log_level="warning")
+
+
+@cli.command()
 def plays():
     """List the bundled Shakespeare plays."""
     from .capture.documents import list_plays
