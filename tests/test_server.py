@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 import compactor
 from compactor.models import load_model
@@ -152,6 +151,10 @@ def test_completion_continues_raw_text(served):
         r = c.post(f"{server.url}/v1/completions", json={"document": "raw", "prompt": " To be, or", "max_tokens": 8})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == expected(lm, store, "raw", prompt=" To be, or").text
+    with httpx.Client(timeout=60) as c:  # min_tokens holds the end-of-sequence token back
+        r = c.post(f"{server.url}/v1/completions", json={"document": "raw", "prompt": ".", "max_tokens": 12,
+                                                         "min_tokens": 12})
+    assert r.json()["usage"]["completion_tokens"] == 12 and r.json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_concurrent_requests_each_on_their_own_fork(served):

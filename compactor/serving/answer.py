@@ -21,6 +21,7 @@ class Sampling:
     temperature: float = 0.0   # 0: greedy
     top_p: float = 1.0
     seed: int | None = None    # seeds torch's generator before sampling
+    min_new_tokens: int = 0    # end-of-sequence is suppressed before this many tokens
 
     def check(self) -> "Sampling":
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
@@ -29,13 +30,16 @@ class Sampling:
             raise CompactorError(f"temperature must be in [0, 100] (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             raise CompactorError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise CompactorError(f"min_new_tokens must be between 0 and max_new_tokens (got {self.min_new_tokens})")
         return self
 
     def generate_kwargs(self) -> dict:
+        lengths = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens}
         if self.temperature == 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+            return {"do_sample": False, **lengths}
         return {"do_sample": True, "temperature": float(self.temperature), "top_p": float(self.top_p), "top_k": 0,
-                "max_new_tokens": self.max_new_tokens}
+                **lengths}
 
 
 def is_chat(meta: dict) -> bool:

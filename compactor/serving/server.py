@@ -143,7 +143,7 @@ def sampling_from(data: dict, default_max: int, max_new_tokens: int) -> Sampling
     if data.get("stop") is not None:
         raise ServeError(400, "'stop' sequences are not supported")
     sampling = Sampling(n, _field(data, "temperature", float, 0.0), _field(data, "top_p", float, 1.0),
-                        _field(data, "seed", int))
+                        _field(data, "seed", int), _field(data, "min_tokens", int, 0))
     try:
         return sampling.check()
     except CompactorError as e:
