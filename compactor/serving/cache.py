@@ -154,7 +154,7 @@ class CompactedCache(Cache):
         """Keyword arguments for `model.generate` continuing after this cache with `inputs`: token ids (n,) or
         (b, n), a list of ids, or a tokenizer's output (a BatchEncoding / dict with `input_ids` and optionally
         `attention_mask` over the new tokens, e.g. from `apply_chat_template(..., return_dict=True)`)."""
-        input_ids, mask = _ids_and_mask(inputs)
+        input_ids, mask = ids_and_mask(inputs)
         return {"input_ids": input_ids, "attention_mask": self.full_attention_mask(mask), "past_key_values": self}
 
     def full_attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,7 @@ class CompactedCache(Cache):
         return write_artifact(path, self.artifact.meta, self.artifact.layers, self.artifact.codebooks)
 
 
-def _ids_and_mask(inputs) -> tuple[torch.Tensor, torch.Tensor]:
+def ids_and_mask(inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids (b, n) long, attention_mask (b, n)) from ids, a list, or a mapping with input_ids/attention_mask."""
     mask = None
     if hasattr(inputs, "keys") and "input_ids" in inputs.keys():  # BatchEncoding or dict

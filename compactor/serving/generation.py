@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from .cache import CompactedCache, _ids_and_mask
+from .cache import CompactedCache, ids_and_mask
 
 
 def generate_kwargs(cache: CompactedCache, inputs, kwargs: dict) -> tuple[torch.Tensor, dict]:
@@ -23,7 +23,7 @@ def generate_kwargs(cache: CompactedCache, inputs, kwargs: dict) -> tuple[torch.
     ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
     if ids is None:
         raise ValueError("generate with a CompactedCache needs input_ids: the tokens that follow the cached prefix")
-    ids, _ = _ids_and_mask(ids)
+    ids, _ = ids_and_mask(ids)
     seen, (b, n) = cache.get_seq_length(), ids.shape
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, device=ids.device).long()
