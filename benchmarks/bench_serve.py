@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct on the CPU, the first T tokens of Macbeth wrapped as a chat turn, compressed at ratios 1 and
 10 into artifacts; `compactor serve`'s app runs under uvicorn on localhost (in this process) and is asked over HTTP.
 - first request: load the artifact (read, verify, decode) + answer;
-- loaded: the same request again (the artifact is in memory), median of `--repeats`;
+- loaded: the same request again (the artifact is in memory), median of `--repeats`, interleaved with the others;
 - in-process: the same generation without HTTP (`model.generate` on the loaded cache), median;
 - re-prefill: what a server without the artifact does, `model.generate` on the whole token sequence (document +
   question), median.
@@ -68,7 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--ratios", default="1,10")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results_serve.md")
     args = ap.parse_args()
@@ -89,7 +89,16 @@ def main() -> None:
     server, url = serve(create_app(store, "smollm2-135m"))
     body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": NEW, "min_tokens": NEW}
 
-    rows = []
+    full_ids = torch.cat([chat.document_ids(tok, text, args.tokens), chat.chat_ids(tok, body["messages"])])[None]
+
+    def full():
+        with torch.no_grad():
+            return model.generate(full_ids, attention_mask=torch.ones_like(full_ids), max_new_tokens=NEW,
+                                  min_new_tokens=NEW, do_sample=False, pad_token_id=tok.eos_token_id,
+                                  return_dict_in_generate=True)
+
+    names = [f"macbeth-{r:g}x" for r in ratios]
+    times: dict = {(n, k): [] for n in names for k in ("http", "inproc")} | {("full", "inproc"): []}
     with httpx.Client(timeout=600) as client:
         def ask(name):
             r = client.post(f"{url}/v1/chat/completions", json={**body, "document": name})
@@ -97,29 +106,24 @@ def main() -> None:
             assert r.json()["usage"]["completion_tokens"] == NEW, r.json()
             return r.json()
 
-        for r in ratios:
-            name = f"macbeth-{r:g}x"
-            first, reply = timed(lambda: ask(name))
-            loaded = statistics.median(timed(lambda: ask(name))[0] for _ in range(args.repeats))
-            cache = store.get(name)
-            ids = chat.chat_ids(tok, body["messages"], cache.metadata["chat"]["template_sha256"])
-            with torch.no_grad():
-                inproc = statistics.median(timed(lambda: model.generate(
-                    ids[None], past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                    pad_token_id=tok.eos_token_id))[0] for _ in range(args.repeats))
-            rows.append((f"artifact {r:g}x", first, loaded, inproc, cache.memory_bytes(),
-                         reply["choices"][0]["message"]["content"]))
-            T = cache.logical_length
-
-    full_ids = torch.cat([chat.document_ids(tok, text, args.tokens),
-                          chat.chat_ids(tok, body["messages"])])[None]
-    with torch.no_grad():
-        def full():
-            return model.generate(full_ids, attention_mask=torch.ones_like(full_ids), max_new_tokens=NEW,
-                                  min_new_tokens=NEW, do_sample=False, pad_token_id=tok.eos_token_id,
-                                  return_dict_in_generate=True)
-        reprefill = statistics.median(timed(full)[0] for _ in range(args.repeats))
-        out = full()
+        first = {n: timed(lambda: ask(n)) for n in names}
+        caches = {n: store.get(n) for n in names}
+        ids = chat.chat_ids(tok, body["messages"], caches[names[0]].metadata["chat"]["template_sha256"])
+        # interleaved, so that the load of a shared machine weighs on every variant alike
+        for _ in range(args.repeats):
+            for n in names:
+                times[n, "http"].append(timed(lambda: ask(n))[0])
+                with torch.no_grad():
+                    times[n, "inproc"].append(timed(lambda: model.generate(
+                        ids[None], past_key_values=caches[n], max_new_tokens=NEW, min_new_tokens=NEW,
+                        do_sample=False, pad_token_id=tok.eos_token_id))[0])
+            times["full", "inproc"].append(timed(full)[0])
+    rows = [(f"artifact {r:g}x", first[n][0], statistics.median(times[n, "http"]),
+             statistics.median(times[n, "inproc"]), caches[n].memory_bytes(),
+             first[n][1]["choices"][0]["message"]["content"]) for r, n in zip(ratios, names)]
+    T = caches[names[0]].logical_length
+    reprefill = statistics.median(times["full", "inproc"])
+    out = full()
     full_bytes = tensor_bytes([t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
     # the full cache right after the document, before the question and answer were appended
     full_doc_bytes = full_bytes * T // out.past_key_values.get_seq_length()
