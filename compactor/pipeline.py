@@ -11,8 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .storage.artifact import StoredLayer, write_artifact
+from .storage.artifact import Artifact, StoredLayer, write_artifact
 from .fitting.budgets import MODES, global_budgets, layer_budgets, per_head_budget, uniform_budgets
+from .capture import chat
 from .capture.documents import Document
 from .errors import CompactorError
 from .fitting.key_selection import score_of
@@ -39,6 +40,7 @@ class CompressOptions:
     hi_layers: tuple = ()          # layer indices (negative from the end) stored at hi_bits instead
     hi_bits: str = "K8V8"
     layer_bits: dict | None = None  # per-layer overrides {layer index: "K4V3"} (e.g. from a calibration file)
+    chat: bool = False             # wrap the document as the opening of the first user turn (capture/chat.py)
 
 
 def codec_plan(n_layers: int, opts: CompressOptions) -> list[KVCodec]:
@@ -109,27 +111,35 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     return layers, budgets
 
 
-def tokenize_document(lm: LoadedModel, doc: Document, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids (T,) of the document (special tokens as the tokenizer adds them at a sequence start)."""
-    ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+def tokenize_document(lm: LoadedModel, doc: Document, max_tokens: int | None = None, chat_turn: bool = False
+                      ) -> torch.Tensor:
+    """Token ids (T,) of the document: as the tokenizer encodes a sequence start (special tokens included), or, with
+    `chat_turn`, the chat template's head followed by the document (max_tokens then cuts the document alone)."""
+    if chat_turn:
+        ids = chat.document_ids(lm.tokenizer, doc.text, max_tokens)
+    else:
+        ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
     check_length(lm.model, ids.numel(), f"document {doc.name!r}")
     return ids
 
 
-def artifact_meta(lm: LoadedModel, doc: Document, ids: torch.Tensor, method: Method, opts: CompressOptions,
+def artifact_meta(lm: LoadedModel, doc: Document | None, ids: torch.Tensor, method: Method, opts: CompressOptions,
                   budgets: torch.Tensor, seconds: dict) -> dict:
+    """Root attributes of the artifact. Without a document (compressed from token ids), the document digest is
+    that of the tokens."""
     cfg = lm.config
-    return {
+    tokens_sha256 = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+    meta = {
         "compactor_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_id": lm.model_id, "model_type": cfg.model_type,
         "model_config_sha256": config_fingerprint(cfg),
         "model_weights": weights_identity(lm.model),
         "tokenizer_sha256": tokenizer_fingerprint(lm.tokenizer),
-        "document_name": doc.name, "document_sha256": doc.sha256,
-        "tokens_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
+        "document_name": doc.name if doc else "tokens", "document_sha256": doc.sha256 if doc else tokens_sha256,
+        "tokens_sha256": tokens_sha256,
         "T": int(ids.numel()), "ratio": float(opts.ratio), "method": method.name,
         "method_params": {**method.params(), "budget": opts.budget, "budget_floor": opts.budget_floor,
                           "max_queries": opts.max_queries, "repeat_fraction": opts.repeat_fraction,
@@ -140,23 +150,31 @@ def artifact_meta(lm: LoadedModel, doc: Document, ids: torch.Tensor, method: Met
         "head_dim": int(lm.model.model.layers[0].self_attn.head_dim),
         "seconds": seconds,
     }
+    if opts.chat:
+        meta["chat"] = {"template_sha256": chat.template_digest(lm.tokenizer), "separator": chat.SEPARATOR}
+    return meta
 
 
 def prepare(lm: LoadedModel, doc: Document, opts: CompressOptions) -> torch.Tensor:
     """Token ids of a document, checked against the model's context and the ratio (fails before any work)."""
+    ids = tokenize_document(lm, doc, opts.max_tokens, opts.chat)
+    check_options(lm, ids, opts, f"document {doc.name!r}")
+    return ids
+
+
+def check_options(lm: LoadedModel, ids: torch.Tensor, opts: CompressOptions, what: str) -> None:
+    """Seed range, ratio against the document length, and every layer's codec against the head size."""
     if not 0 <= opts.seed < 2**32:
         raise CompactorError(f"seed must be in 0..2^32-1 (got {opts.seed})")
-    ids = tokenize_document(lm, doc, opts.max_tokens)
     try:
         per_head_budget(ids.numel(), opts.ratio)
     except ValueError as e:
-        raise CompactorError(f"document {doc.name!r}: {e}") from None
+        raise CompactorError(f"{what}: {e}") from None
     try:
         for codec in codec_plan(lm.config.num_hidden_layers, opts):
             check_codec(codec, lm.model.model.layers[0].self_attn.head_dim)
     except ValueError as e:
         raise CompactorError(str(e)) from None
-    return ids
 
 
 def estimate_artifact_bytes(lm: LoadedModel, n_tokens: int, opts: CompressOptions) -> int:
@@ -170,10 +188,19 @@ def estimate_artifact_bytes(lm: LoadedModel, n_tokens: int, opts: CompressOption
     return int(total) + (64 << 10)
 
 
-def compress(lm: LoadedModel, doc: Document, method: Method, out_path: str | Path, opts: CompressOptions,
-             progress: bool = True, ids: torch.Tensor | None = None
-             ) -> tuple[Path, list[LayerKV], Capture, torch.Tensor]:
-    """Prefill, capture, compact and write one document. Returns (path, layers, capture, token ids)."""
+@dataclass
+class Compressed:
+    """One document compressed in memory: the encoded artifact (not yet written), and what made it."""
+
+    artifact: Artifact             # meta, stored layers, codebooks; path None until written
+    layers: list[LayerKV]          # the compacted layers before storage encoding
+    capture: Capture
+    ids: torch.Tensor              # (T,) the compressed token ids
+
+
+def build_artifact(lm: LoadedModel, doc: Document | None, method: Method, opts: CompressOptions,
+                   progress: bool = True, ids: torch.Tensor | None = None) -> Compressed:
+    """Prefill, capture, compact and encode one document (or token ids, when `ids` is given)."""
     ids = prepare(lm, doc, opts) if ids is None else ids
     t0 = time.perf_counter()
     capture = prefill_and_capture(lm.model, lm.tokenizer, ids, chunk_size=opts.chunk_size,
@@ -190,5 +217,63 @@ def compress(lm: LoadedModel, doc: Document, method: Method, out_path: str | Pat
     stored = [StoredLayer(*encode_layer(layer, codec, opts.stored_dtype, opts.seed, books))
               for layer, codec in zip(layers, codecs)]
     meta["kv_bits"] = ",".join(sorted({c.label for c in codecs}))
-    path = write_artifact(out_path, meta, stored, books)
-    return path, layers, capture, ids
+    return Compressed(Artifact(meta, stored, books), layers, capture, ids)
+
+
+def compress(lm: LoadedModel, doc: Document, method: Method, out_path: str | Path, opts: CompressOptions,
+             progress: bool = True, ids: torch.Tensor | None = None
+             ) -> tuple[Path, list[LayerKV], Capture, torch.Tensor]:
+    """Prefill, capture, compact and write one document. Returns (path, layers, capture, token ids)."""
+    done = build_artifact(lm, doc, method, opts, progress, ids)
+    art = done.artifact
+    path = write_artifact(out_path, art.meta, art.layers, art.codebooks)
+    return path, done.layers, done.capture, done.ids
+
+
+_METHOD_OPTIONS = ("context", "score", "ridge")
+
+
+def compress_to_cache(document, model, tokenizer, ratio: float = 10.0, *, method: str = "am",
+                      name: str = "document", model_id: str | None = None, progress: bool = False, **options):
+    """`compactor.compress`: a document (text, or token ids (T,)) compressed in memory into a CompactedCache for
+    `model`, by the same steps as `compactor compress` (so `cache.save(path)` writes the artifact the CLI writes).
+    `options` are CompressOptions fields (chat, budget, max_queries, kv_bits, stored_dtype, seed, ...) and the
+    method's (context, score, ridge)."""
+    from dataclasses import fields
+
+    from .methods import method_from_options
+    from .serving.loader import cache_from_artifact
+
+    known = {f.name for f in fields(CompressOptions)} - {"ratio"}
+    unknown = set(options) - known - set(_METHOD_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; expected some of "
+                        f"{', '.join(sorted(known | set(_METHOD_OPTIONS)))}")
+    if ratio < 1:
+        raise CompactorError(f"ratio must be >= 1 (got {ratio})")
+    opts = CompressOptions(ratio=float(ratio), **{k: v for k, v in options.items() if k in known})
+    try:
+        m = method_from_options(method, opts.seed, **{k: v for k, v in options.items() if k in _METHOD_OPTIONS})
+    except ValueError as e:
+        raise CompactorError(str(e)) from None
+    lm = LoadedModel(model, tokenizer, model_id or str(getattr(model.config, "_name_or_path", "") or
+                                                        model.config.model_type))
+    if isinstance(document, str):
+        doc = Document(name, document)
+        if not document.strip():
+            raise CompactorError("the document is empty")
+        ids = prepare(lm, doc, opts)
+    else:
+        if opts.chat:
+            raise CompactorError("chat wrapping needs the document as text, not token ids")
+        doc, ids = None, torch.as_tensor(document, dtype=torch.long).reshape(-1).cpu()
+        if opts.max_tokens is not None:
+            ids = ids[:opts.max_tokens]
+        if ids.numel() == 0:
+            raise CompactorError("the document has no tokens")
+        check_length(model, ids.numel(), "the document")
+        check_options(lm, ids, opts, "the document")
+    done = build_artifact(lm, doc, m, opts, progress, ids)
+    cache = cache_from_artifact(done.artifact, model)
+    cache.artifact = done.artifact
+    return cache

@@ -126,7 +126,9 @@ def prefill_and_capture(model, tokenizer, doc_ids: torch.Tensor, *, chunk_size: 
     rep_pos = _sample_positions(repeat_len, n_rep_pos, gen)
 
     recorder = QueryRecorder(n_layers, n_kv)
-    cache = DynamicCache(config=cfg)
+    # no config: every layer keeps all T keys (with one, sliding-window layers would keep only the last window;
+    # the model's masks still apply its window to the attention itself)
+    cache = DynamicCache()
     total = T + (prompt.numel() + repeat_len if repeat_len else 0)
     with using_compactor_attention(model), tqdm(total=total, desc="prefill", unit="tok", disable=not progress) as bar:
         keep = torch.zeros(T, dtype=torch.bool)

@@ -60,7 +60,8 @@ V2_FIELDS = {
     "lloyd_mean_dtype": _s(choices=tuple(MEAN_NP)), "beta": _s(choices=BETA), "positions": _s(choices=POSITIONS),
     "seconds": OBJECT,
 }
-V2_OPTIONAL = {"extra": OBJECT}  # caller metadata the schema does not interpret (still digested)
+V2_OPTIONAL = {"extra": OBJECT,  # caller metadata the schema does not interpret (still digested)
+               "chat": OBJECT}  # the document was wrapped as the first user turn of this chat template
 
 
 def _no_constants(name):
@@ -149,6 +150,8 @@ def validate_v2(meta: dict, where: str) -> dict:
         raise ArtifactError(f"{where} lacks required meta fields: {', '.join(missing)}")
     meta = {k: check_value(k, v, {**V2_FIELDS, **V2_OPTIONAL}[k], where) for k, v in meta.items()}
     check_identity(meta["model_weights"], where)
+    if "chat" in meta:
+        check_chat(meta["chat"], where)
     if not all(type(v) in (int, float) for v in meta["seconds"].values()):
         raise ArtifactError(f"{where}: seconds must map names to numbers")
     T, L = meta["T"], meta["num_layers"]
@@ -171,6 +174,14 @@ def validate_v2(meta: dict, where: str) -> dict:
     if meta["budget_total"] > L * meta["num_kv_heads"] * math.ceil(T / meta["ratio"]):
         raise ArtifactError(f"{where}: budget_total {meta['budget_total']} exceeds ceil(T/ratio) per head")
     return meta
+
+
+def check_chat(chat: dict, where: str) -> None:
+    """The optional chat object: {template_sha256: hex digest of the chat template, separator: str}."""
+    if set(chat) != {"template_sha256", "separator"}:
+        raise ArtifactError(f"{where}: chat must hold exactly template_sha256 and separator")
+    check_value("chat.template_sha256", chat["template_sha256"], HEX, where)
+    check_value("chat.separator", chat["separator"], _s(64), where)
 
 
 def root_attrs(meta: dict) -> dict:
