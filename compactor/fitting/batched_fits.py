@@ -1,0 +1,216 @@
+"""beta and value fits of Attention Matching for B heads at once: fixed shapes, masks, no loop over heads.
+
+Every head b has n reference queries and a padded set of t kept keys (key_mask (B, t) marks the real ones). The
+fits only touch the mass shares A (B, n, t) of `compactor.kernels.mass_shares` (float16 on the GPU, read through
+`shares_matmul` / `shares_t_matmul`), optional per-query weights c (B, n) or (n,) (default 1) and targets y
+(default 1: each query's full mass):
+
+- beta: min_{w >= 0} sum_i c_i (A_i w - y_i)^2 (the NNLS of beta_fit.py), by accelerated projected gradient
+  (FISTA with adaptive restart, O'Donoghue & Candes 2015) in Jacobi-scaled variables u_j = w_j ||sqrt(c) A_j||,
+  warm-started from the best single scale w = s 1, with the step 1/L from a Collatz-Wielandt upper bound on the
+  largest eigenvalue of the scaled Gram (entrywise non-negative, unit diagonal). A step is one product with A and
+  one with A^T (2 reads of A), or, when t is small next to n, one product with the scaled t x t Gram built once
+  (`use_gram`: whichever moves fewer bytes);
+- values: min_X sum_i c_i ||P_i X - O_i||^2 + lam ||X - V0||^2 with P = diag(1/m) A diag(w), m = A w (rows with
+  m = 0 left out) and lam = ridge * trace(P^T C P) / (number of keys with w > 0), as value_fit.py; by
+  Jacobi-preconditioned conjugate gradients from X = V0, one product with A and one with A^T (d columns) per step.
+
+Why a fixed number of iterations instead of the exact solvers: their cost is cubic in t per head (an active-set
+Cholesky per iteration; 668 ms per head at T=131k on an H100), these are linear in n*t per step. Measured on
+SmolLM2 heads (benchmarks/notes_gpu_fits.md, benchmarks/results_fit_quality.md), 40 beta steps and 20 value steps
+give the same held-out attention error as the exact float64 solution when t < n, and a better one when t > n,
+where the exact NNLS has many minimisers and picks a sparse vertex that overfits the reference queries; the early
+stopped iterate stays near the warm start.
+
+Guards (measured per head, in float32 after the batched solve): a head whose beta objective is not finite or
+ended above its warm start, or whose value residual is not finite or grew, is refitted by the exact float64
+per-head solvers (fit_mass_weights / fit_values on sqrt(c)-weighted rows). `BatchedFitInfo` counts them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import shares_matmul, shares_t_matmul
+from .beta_fit import fit_mass_weights
+from .value_fit import fit_values
+
+BETA_ITERS = 40
+VALUE_ITERS = 20
+POWER_ITERS = 3
+_TINY = 1e-30
+
+
+@dataclass
+class BatchedFitInfo:
+    """What the batched fits did (for benchmarks and tests)."""
+
+    beta_fallback: int = 0     # heads refitted by the exact float64 NNLS
+    value_fallback: int = 0    # heads refitted by the exact float64 ridge solve
+    used_gram: bool = False    # beta steps on the scaled t x t Gram instead of A
+
+
+def _vec(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(-1)
+
+
+def _per_query(x: torch.Tensor | None, B: int, n: int, device, default: float = 1.0) -> torch.Tensor:
+    if x is None:
+        return torch.full((B, n), default, dtype=torch.float32, device=device)
+    x = x.to(device=device, dtype=torch.float32)
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.shape[-1] != n or x.shape[0] not in (1, B):
+        raise ValueError(f"per-query tensor must be (n,) or (B, n) = ({B}, {n}), got {tuple(x.shape)}")
+    return x.expand(B, n)
+
+
+def use_gram(n: int, t: int, iters: int = BETA_ITERS) -> bool:
+    """True when iterating on the scaled t x t Gram moves fewer bytes than iterating on A (n x t): the Gram costs
+    2 n t^2 flops once (~t^2 n / 125 byte-equivalents at a 250 flop/byte machine balance) plus t^2 * 2 bytes a step;
+    A costs 2 reads of n * t * 2 bytes a step. Margin 0.7 for the extra copy of A the Gram needs."""
+    gram = n * t * t / 125 + iters * 2 * t * t
+    free = iters * 4 * n * t
+    return gram < 0.7 * free
+
+
+def _lipschitz(apply, live: torch.Tensor, iters: int = POWER_ITERS) -> torch.Tensor:
+    """(B,) upper bound on the largest eigenvalue of a symmetric entrywise non-negative operator with unit diagonal
+    on the live coordinates: Collatz-Wielandt, max_j (G x)_j / x_j for x > 0, after a few power steps."""
+    x = live.float()
+    bound = torch.ones(live.shape[0], device=live.device)
+    for _ in range(iters):
+        gx = apply(x)
+        ratio = torch.where(live, gx / x.clamp_min(_TINY), torch.zeros((), device=x.device))
+        bound = ratio.amax(1).clamp_min(1.0)  # >= the unit diagonal
+        x = torch.where(live, gx / gx.amax(1, keepdim=True).clamp_min(_TINY), torch.zeros((), device=x.device))
+        x = torch.where(live, x.clamp_min(1e-12), x)
+    return bound
+
+
+def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor | None = None,
+                 query_weights: torch.Tensor | None = None, iters: int = BETA_ITERS, gram: bool | None = None,
+                 info: BatchedFitInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (B, t) float32 >= 0 (0 off key_mask) approximately minimising sum_i c_i (A_i w - y_i)^2 per head, and the
+    row masses m = A w (B, n) float32 of the result. A (B, n, t), key_mask (B, t) bool, target / query_weights
+    (n,) or (B, n). gram=None chooses by `use_gram`."""
+    B, n, t = A.shape
+    dev = A.device
+    info = info if info is not None else BatchedFitInfo()
+    y = _per_query(target, B, n, dev)
+    c = _per_query(query_weights, B, n, dev)
+    mask = key_mask.to(dev)
+    diag = shares_t_matmul(A, _vec(c), square=True)[..., 0]  # sum_i c_i A_ij^2
+    live = mask & (diag > 0)
+    s = torch.where(live, diag.clamp_min(_TINY).rsqrt(), torch.zeros((), device=dev))
+    m0 = shares_matmul(A, _vec(live.float()))[..., 0]  # row masses of the kept keys at w = 1
+    scale0 = (c * m0 * y).sum(1) / (c * m0 * m0).sum(1).clamp_min(_TINY)
+    f0 = (c * (scale0[:, None] * m0 - y) ** 2).sum(1)
+    u = torch.where(live, scale0[:, None] / s.clamp_min(_TINY), torch.zeros((), device=dev))
+
+    gram = use_gram(n, t, iters) if gram is None else gram
+    info.used_gram = gram
+    if gram:
+        scaled = A.float() * (c.sqrt()[..., None] * s[:, None, :])  # columns of unit weighted norm
+        scaled = scaled.to(A.dtype if A.dtype != torch.float64 else torch.float32)
+        G = torch.bmm(scaled.transpose(1, 2), scaled)  # (B, t, t), entries in [0, 1], unit diagonal
+        del scaled
+        b_hat = s * shares_t_matmul(A, _vec(c * y))[..., 0]
+
+        def apply(v):
+            return shares_matmul(G, _vec(v))[..., 0]
+
+        def grad(v):
+            return apply(v) - b_hat
+    else:
+        def apply(v):
+            return s * shares_t_matmul(A, _vec(c * shares_matmul(A, _vec(s * v))[..., 0]))[..., 0]
+
+        def grad(v):
+            r = shares_matmul(A, _vec(s * v))[..., 0] - y
+            return s * shares_t_matmul(A, _vec(c * r))[..., 0]
+
+    step = 1.0 / _lipschitz(apply, live)[:, None]
+    prev, z = u, u
+    tk = torch.ones(B, device=dev)
+    zero = torch.zeros((), device=dev)
+    for _ in range(iters):
+        new = torch.where(live, (z - step * grad(z)).clamp_min(0), zero)
+        restart = ((z - new) * (new - prev)).sum(1) > 0  # momentum points uphill: drop it (adaptive restart)
+        tk_next = (1 + torch.sqrt(1 + 4 * tk * tk)) / 2
+        mom = torch.where(restart, zero, (tk - 1) / tk_next)
+        tk = torch.where(restart, torch.ones((), device=dev), tk_next)
+        z = new + mom[:, None] * (new - prev)
+        prev = new
+    w = s * prev
+    m = shares_matmul(A, _vec(w))[..., 0]
+    f = (c * (m - y) ** 2).sum(1)
+    bad = ~(torch.isfinite(w).all(1) & torch.isfinite(f) & (f <= f0 * (1 + 1e-5) + 1e-12))
+    if bool(bad.any()):
+        for b in bad.nonzero().flatten().tolist():
+            cols = mask[b].nonzero().flatten()
+            rc = c[b].double().sqrt()[:, None]
+            wb = fit_mass_weights(rc * A[b][:, cols].double(), rc[:, 0] * y[b].double())
+            w[b] = 0
+            w[b, cols] = wb.to(w.dtype)
+            m[b] = shares_matmul(A[b:b + 1], _vec(w[b:b + 1]))[0, :, 0]
+            info.beta_fallback += 1
+    return w, m
+
+
+def ridge_values_batched(A: torch.Tensor, w: torch.Tensor, outputs: torch.Tensor, V0: torch.Tensor,
+                         ridge: float = 1e-3, query_weights: torch.Tensor | None = None,
+                         masses: torch.Tensor | None = None, iters: int = VALUE_ITERS,
+                         info: BatchedFitInfo | None = None) -> torch.Tensor:
+    """X (B, t, d) float32 approximately minimising sum_i c_i ||P_i X - O_i||^2 + lam ||X - V0||^2 per head (see
+    the module docstring). A (B, n, t), w (B, t) >= 0, outputs O (B, n, d), V0 (B, t, d); masses = A w if known.
+    Keys with w = 0 keep X = V0 (they carry no weight; callers drop them)."""
+    B, n, t = A.shape
+    dev = A.device
+    info = info if info is not None else BatchedFitInfo()
+    w = w.float()
+    c = _per_query(query_weights, B, n, dev)
+    m = shares_matmul(A, _vec(w))[..., 0] if masses is None else masses.float()
+    rows = m > _TINY
+    zero = torch.zeros((), device=dev)
+    inv_m = torch.where(rows, 1.0 / m.clamp_min(_TINY), zero)
+    c = torch.where(rows, c, zero)
+    cm2 = c * inv_m * inv_m
+    diag = w * w * shares_t_matmul(A, _vec(cm2), square=True)[..., 0]  # Jacobi of P^T C P
+    kept = (w > 0).sum(1).clamp_min(1)
+    lam = (ridge * diag.sum(1) / kept + 1e-12)[:, None, None]
+    wv = _vec(w)
+    X = V0.float().clone()
+    O = outputs.float()
+
+    def op(Z):  # (P^T C P + lam) Z
+        return wv * shares_t_matmul(A, _vec(cm2) * shares_matmul(A, wv * Z)) + lam * Z
+
+    PV0 = shares_matmul(A, wv * X) * _vec(inv_m)
+    R = wv * shares_t_matmul(A, _vec(c * inv_m) * (O - PV0))  # right-hand side minus op(V0)
+    Minv = 1.0 / (_vec(diag) + lam)
+    Z = Minv * R
+    D = Z
+    rz = (R * Z).sum(1)  # (B, d): one CG per value column, sharing the operator
+    rz0 = rz
+    for _ in range(iters):
+        Q = op(D)
+        alpha = rz / (D * Q).sum(1).clamp_min(_TINY)
+        X = X + alpha[:, None, :] * D
+        R = R - alpha[:, None, :] * Q
+        Z = Minv * R
+        rz_next = (R * Z).sum(1)
+        D = Z + (rz_next / rz.clamp_min(_TINY))[:, None, :] * D
+        rz = rz_next
+    bad = ~(torch.isfinite(X).flatten(1).all(1) & (rz.sum(1) <= rz0.sum(1) * (1 + 1e-5) + 1e-30))
+    if bool(bad.any()):
+        for b in bad.nonzero().flatten().tolist():
+            cols = (w[b] > 0).nonzero().flatten()
+            r = rows[b].nonzero().flatten()
+            rc = c[b, r].double().sqrt()[:, None]
+            P = A[b][r][:, cols].double() * w[b, cols].double() * inv_m[b, r].double()[:, None]
+            X[b] = V0[b].float()
+            X[b, cols] = fit_values(rc * P, rc * O[b, r].double(), V0[b, cols].double(), ridge).float()
+            info.value_fallback += 1
+    return X
