@@ -41,6 +41,7 @@ __all__ = ["mass_shares", "mass_shares_torch", "mass_shares_triton", "shares_mat
 
 _LOG2E = 1.4426950408889634
 _TORCH_CHUNK = 2048  # query rows per chunk in the torch reference of mass_shares
+_TORCH_WHOLE = 1 << 20  # the torch products convert all of A at once up to this many entries, else head by head
 SHARE_DTYPES = (torch.float16, torch.float32, torch.float64)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -119,6 +120,8 @@ def shares_matmul_torch(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """A @ X in float32 (float64 if either is float64)."""
     _check_matmul_inputs(A, X, rows=True)
     work = torch.float64 if torch.float64 in (A.dtype, X.dtype) else torch.float32
+    if A.numel() <= _TORCH_WHOLE:
+        return torch.bmm(A.to(work), X.to(work))
     out = torch.empty(A.shape[0], A.shape[1], X.shape[2], dtype=work, device=A.device)
     for b in range(A.shape[0]):  # one head at a time: a float32 copy of one head's A, not of all
         out[b] = A[b].to(work) @ X[b].to(work)
@@ -132,6 +135,9 @@ def shares_t_matmul_torch(A: torch.Tensor, R: torch.Tensor, square: bool = False
     if square and R.shape[2] != 1:
         raise ValueError("square=True takes one vector R (B, n, 1)")
     work = torch.float64 if torch.float64 in (A.dtype, R.dtype) else torch.float32
+    if A.numel() <= _TORCH_WHOLE:
+        a = A.to(work)
+        return torch.bmm((a * a if square else a).transpose(1, 2), R.to(work))
     out = torch.empty(A.shape[0], A.shape[2], R.shape[2], dtype=work, device=A.device)
     for b in range(A.shape[0]):  # one head at a time: a float32 copy of A (and its square) per head, not all
         a = A[b].to(work)
