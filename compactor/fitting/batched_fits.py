@@ -91,10 +91,12 @@ def _lipschitz(apply, live: torch.Tensor, iters: int = POWER_ITERS) -> torch.Ten
 
 def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor | None = None,
                  query_weights: torch.Tensor | None = None, iters: int = BETA_ITERS, gram: bool | None = None,
-                 info: BatchedFitInfo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 info: BatchedFitInfo | None = None, init: torch.Tensor | None = None,
+                 power_iters: int = POWER_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
     """w (B, t) float32 >= 0 (0 off key_mask) approximately minimising sum_i c_i (A_i w - y_i)^2 per head, and the
     row masses m = A w (B, n) float32 of the result. A (B, n, t), key_mask (B, t) bool, target / query_weights
-    (n,) or (B, n). gram=None chooses by `use_gram`."""
+    (n,) or (B, n). gram=None chooses by `use_gram`. init (B, t): start there instead of the best single scale
+    (OMP's refits); power_iters: power steps of the step-size bound (1 = the Gershgorin bound, 2 passes)."""
     B, n, t = A.shape
     dev = A.device
     info = info if info is not None else BatchedFitInfo()
@@ -104,10 +106,15 @@ def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor |
     diag = shares_t_matmul(A, _vec(c), square=True)[..., 0]  # sum_i c_i A_ij^2
     live = mask & (diag > 0)
     s = torch.where(live, diag.clamp_min(_TINY).rsqrt(), torch.zeros((), device=dev))
-    m0 = shares_matmul(A, _vec(live.float()))[..., 0]  # row masses of the kept keys at w = 1
-    scale0 = (c * m0 * y).sum(1) / (c * m0 * m0).sum(1).clamp_min(_TINY)
-    f0 = (c * (scale0[:, None] * m0 - y) ** 2).sum(1)
-    u = torch.where(live, scale0[:, None] / s.clamp_min(_TINY), torch.zeros((), device=dev))
+    if init is None:
+        m0 = shares_matmul(A, _vec(live.float()))[..., 0]  # row masses of the kept keys at w = 1
+        scale0 = (c * m0 * y).sum(1) / (c * m0 * m0).sum(1).clamp_min(_TINY)
+        f0 = (c * (scale0[:, None] * m0 - y) ** 2).sum(1)
+        u = torch.where(live, scale0[:, None] / s.clamp_min(_TINY), torch.zeros((), device=dev))
+    else:
+        w0 = torch.where(live, init.float().clamp_min(0), torch.zeros((), device=dev))
+        f0 = (c * (shares_matmul(A, _vec(w0))[..., 0] - y) ** 2).sum(1)
+        u = torch.where(live, w0 / s.clamp_min(_TINY), torch.zeros((), device=dev))
 
     gram = use_gram(n, t, iters) if gram is None else gram
     info.used_gram = gram
@@ -131,7 +138,7 @@ def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor |
             r = shares_matmul(A, _vec(s * v))[..., 0] - y
             return s * shares_t_matmul(A, _vec(c * r))[..., 0]
 
-    step = 1.0 / _lipschitz(apply, live)[:, None]
+    step = 1.0 / _lipschitz(apply, live, power_iters)[:, None]
     prev, z = u, u
     tk = torch.ones(B, device=dev)
     zero = torch.zeros((), device=dev)

@@ -140,3 +140,43 @@ def am_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, bu
         importance = torch.where(f[:, None], stats.p_rms.to(dev), importance)
         lengths = torch.where(f, torch.full_like(lengths, T), lengths)
     return _layer(k_sel, X.to(values.dtype), beta, positions, lengths, importance)
+
+
+def omp_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, budgets: torch.Tensor,
+              stats: AttentionStats, scale: float, query_pos: torch.Tensor | None = None, ridge: float = 1e-3,
+              query_weights: torch.Tensor | None = None, keys_per_step: int = 4, refit_every: int = 2,
+              value_iters: int = VALUE_ITERS, share_dtype: torch.dtype | None = None,
+              info: BatchedFitInfo | None = None) -> LayerKV:
+    """Attention Matching with OMP-fast key selection (fitting/omp_batched.py) for the B KV heads of a layer:
+    keys chosen greedily for the mass fit (beta from the same NNLS), then values by the batched ridge fit.
+    Arguments as am_layer (the keys are used as given: no store-and-load transform)."""
+    from ..fitting.omp_batched import omp_select
+
+    B, T, d = keys.shape
+    n = queries.shape[1]
+    dev = keys.device
+    budgets = budgets.to(dev).clamp(max=T)
+    if share_dtype is None:
+        share_dtype = SHARE_DTYPE.get(dev.type, torch.float32)
+    qpos = kpos = None
+    if query_pos is not None:
+        qpos = (query_pos if query_pos.dim() == 2 else query_pos[None].expand(B, n)).to(dev)
+        kpos = torch.arange(T, device=dev)[None].expand(B, T)
+    A_all = mass_shares(queries, keys, stats.lse.to(dev), scale, torch.full((B,), T, device=dev), qpos, kpos,
+                        out_dtype=share_dtype)
+    idx, counts, w, m, A = omp_select(A_all, budgets, query_weights=query_weights, keys_per_step=keys_per_step,
+                                      refit_every=refit_every, info=info)
+    del A_all
+    v_sel = _gather(values, idx)
+    X = ridge_values_batched(A, w, stats.out.to(dev), v_sel, ridge, query_weights=query_weights, masses=m,
+                             iters=value_iters, info=info)
+    key_mask = torch.arange(idx.shape[1], device=dev)[None, :] < counts[:, None]
+    keep = (w > 0) & key_mask
+    beta = torch.log(torch.where(keep, w, torch.ones((), device=dev)))
+    ok = keep.any(1) & torch.isfinite(X).flatten(1).all(1) & torch.isfinite(beta).all(1)
+    keep = torch.where(ok[:, None], keep, key_mask)
+    beta = torch.where(ok[:, None], beta, torch.zeros((), device=dev))
+    X = torch.where(ok[:, None, None], X, v_sel.float())
+    positions = torch.where(keep, idx, torch.full_like(idx, -1))
+    importance = torch.gather(stats.p_rms.to(dev), 1, idx)
+    return _layer(_gather(keys, idx), X.to(values.dtype), beta, positions, keep.sum(1), importance)
