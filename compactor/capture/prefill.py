@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..serving.attention import using_compactor_attention
+from ..serving.attention import using_capture_attention
 from ..errors import DocumentError
 from ..fitting.key_selection import key_stats
 
@@ -83,7 +83,7 @@ def _run_chunks(model, ids: torch.Tensor, start: int, cache, recorder: QueryReco
     device = next(model.parameters()).device
     for lo in range(0, ids.numel(), chunk_size):
         hi = min(lo + chunk_size, ids.numel())
-        recorder.rows = keep[lo:hi].nonzero().flatten()
+        recorder.rows = keep[lo:hi].nonzero().flatten().to(device)  # once per chunk, not once per layer
         pos = torch.arange(start + lo, start + hi, device=device)[None]
         model(input_ids=ids[None, lo:hi].to(device), position_ids=pos, past_key_values=cache, use_cache=True,
               logits_to_keep=1, compactor_recorder=recorder)
@@ -128,7 +128,7 @@ def prefill_and_capture(model, tokenizer, doc_ids: torch.Tensor, *, chunk_size: 
     recorder = QueryRecorder(n_layers, n_kv)
     cache = DynamicCache(config=cfg)
     total = T + (prompt.numel() + repeat_len if repeat_len else 0)
-    with using_compactor_attention(model), tqdm(total=total, desc="prefill", unit="tok", disable=not progress) as bar:
+    with using_capture_attention(model), tqdm(total=total, desc="prefill", unit="tok", disable=not progress) as bar:
         keep = torch.zeros(T, dtype=torch.bool)
         keep[ctx_pos] = True
         _run_chunks(model, doc_ids, 0, cache, recorder, keep, chunk_size, bar)

@@ -6,7 +6,7 @@ It computes ordinary scaled-dot-product attention with two additions:
 - its own causal mask, aligned bottom-right (the last query row sees every key), because transformers builds no
   mask for a custom implementation and sdpa's `is_causal` aligns top-left, which is wrong whenever a cache exists.
 A `compactor_recorder` keyword passed to the model forward reaches this function and is handed the post-RoPE queries
-of every layer (used to capture reference queries during prefill).
+of every layer. Prefill capture uses `capture_attention` instead: the recorder, then transformers' own sdpa path.
 """
 from __future__ import annotations
 
@@ -74,6 +74,37 @@ def use_compactor_attention(model) -> None:
     register()
     if model.config._attn_implementation != NAME:
         model.set_attn_implementation(NAME)
+
+
+CAPTURE_NAME = "compactor_capture"
+
+
+def capture_attention(module, query, key, value, attention_mask, **kwargs):
+    """Prefill capture: hand the post-RoPE queries to the `compactor_recorder`, then run transformers' own sdpa
+    attention with the mask transformers built for it (one boolean mask per forward, flash/efficient kernels), so
+    recording costs only the copy of the sampled query rows."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    recorder = kwargs.get("compactor_recorder")
+    if recorder is not None:
+        recorder(module.layer_idx, query)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@contextlib.contextmanager
+def using_capture_attention(model):
+    """Temporarily switch `model` to the capture attention (registered with transformers' sdpa mask function)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CAPTURE_NAME, capture_attention)
+    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(CAPTURE_NAME)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
 
 
 @contextlib.contextmanager
