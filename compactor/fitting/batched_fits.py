@@ -28,6 +28,8 @@ per-head solvers (fit_mass_weights / fit_values on sqrt(c)-weighted rows). `Batc
 """
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -44,11 +46,27 @@ _TINY = 1e-30
 
 @dataclass
 class BatchedFitInfo:
-    """What the batched fits did (for benchmarks and tests)."""
+    """What the batched fits did (for benchmarks and tests). With `timings` a dict, the batched layer methods
+    synchronise the device after each step and add its seconds there (benchmarks only: the syncs cost time)."""
 
     beta_fallback: int = 0     # heads refitted by the exact float64 NNLS
     value_fallback: int = 0    # heads refitted by the exact float64 ridge solve
-    used_gram: bool = False    # beta steps on the scaled t x t Gram instead of A
+    used_gram: bool = False    # beta steps on the scaled t x t Gram instead of A (last call)
+    gram_calls: int = 0        # calls that used the Gram
+    timings: dict | None = None
+
+    @contextlib.contextmanager
+    def step(self, name: str, device: torch.device):
+        if self.timings is None:
+            yield
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _vec(x: torch.Tensor) -> torch.Tensor:
@@ -118,6 +136,7 @@ def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor |
 
     gram = use_gram(n, t, iters) if gram is None else gram
     info.used_gram = gram
+    info.gram_calls += int(gram)
     if gram:
         scaled = A.float() * (c.sqrt()[..., None] * s[:, None, :])  # columns of unit weighted norm
         scaled = scaled.to(A.dtype if A.dtype != torch.float64 else torch.float32)

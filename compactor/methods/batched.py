@@ -99,12 +99,14 @@ def am_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, bu
         pos = _identity_rows(T, B, dev)
         return _layer(keys, values, torch.zeros(B, T, device=dev), pos, torch.full((B,), T),
                       stats.p_rms.to(dev))
-    idx, counts = select_top_keys(scores.to(dev), budgets)
-    t = idx.shape[1]
-    key_mask = torch.arange(t, device=dev)[None, :] < counts[:, None]
-    k_sel, v_sel = _gather(keys, idx), _gather(values, idx)
-    importance = torch.gather(stats.p_rms.to(dev), 1, idx)
-    k_fit = k_sel if key_transform is None else key_transform(k_sel, importance, counts)
+    info = info if info is not None else BatchedFitInfo()
+    with info.step("select", dev):
+        idx, counts = select_top_keys(scores.to(dev), budgets)
+        t = idx.shape[1]
+        key_mask = torch.arange(t, device=dev)[None, :] < counts[:, None]
+        k_sel, v_sel = _gather(keys, idx), _gather(values, idx)
+        importance = torch.gather(stats.p_rms.to(dev), 1, idx)
+        k_fit = k_sel if key_transform is None else key_transform(k_sel, importance, counts)
     q = queries if queries.dtype == k_fit.dtype else queries.to(k_fit.dtype)
     qpos = kpos = None
     if query_pos is not None:
@@ -112,10 +114,13 @@ def am_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, bu
         kpos = idx
     if share_dtype is None:
         share_dtype = SHARE_DTYPE.get(dev.type, torch.float32)
-    A = mass_shares(q, k_fit, stats.lse.to(dev), scale, counts, qpos, kpos, out_dtype=share_dtype)
-    w, m = nnls_batched(A, key_mask, query_weights=query_weights, iters=beta_iters, info=info)
-    X = ridge_values_batched(A, w, stats.out.to(dev), v_sel, ridge, query_weights=query_weights, masses=m,
-                             iters=value_iters, info=info)
+    with info.step("shares", dev):
+        A = mass_shares(q, k_fit, stats.lse.to(dev), scale, counts, qpos, kpos, out_dtype=share_dtype)
+    with info.step("beta", dev):
+        w, m = nnls_batched(A, key_mask, query_weights=query_weights, iters=beta_iters, info=info)
+    with info.step("values", dev):
+        X = ridge_values_batched(A, w, stats.out.to(dev), v_sel, ridge, query_weights=query_weights, masses=m,
+                                 iters=value_iters, info=info)
     del A
     keep = (w > 0) & key_mask
     beta = torch.log(torch.where(keep, w, torch.ones((), device=dev)))
@@ -139,7 +144,8 @@ def am_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, bu
         positions = torch.where(f[:, None], _identity_rows(T, B, dev), positions)
         importance = torch.where(f[:, None], stats.p_rms.to(dev), importance)
         lengths = torch.where(f, torch.full_like(lengths, T), lengths)
-    return _layer(k_sel, X.to(values.dtype), beta, positions, lengths, importance)
+    with info.step("pack", dev):
+        return _layer(k_sel, X.to(values.dtype), beta, positions, lengths, importance)
 
 
 def omp_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, budgets: torch.Tensor,
