@@ -305,7 +305,7 @@ def run_config(name: str, model, tok, args, ceil: dict, device: str, log) -> lis
         r["steps"] = timed.timings
         floors = fit_floors(n, round(t_mean), d, L * H, ceil, BETA_ITERS, VALUE_ITERS, use_gram(n, round(t_mean)))
         r["step_floors"] = floors
-        if T <= args.per_head_max_T:
+        if T <= args.per_head_max_T and not late(args):
             (old, _), r["am_per_head_s"] = sync_time(lambda: compact_capture(
                 cap, make_method("am"), args.ratio, "layer", progress=False, batched=False))
             # in-sample agreement on layer 0 (random weights: only a check that both paths fit the same thing)
@@ -322,7 +322,7 @@ def run_config(name: str, model, tok, args, ceil: dict, device: str, log) -> lis
             del old
         del layers
         free()
-        if T <= args.omp_max_T:
+        if T <= args.omp_max_T and not late(args):
             stats = cap._stats["full"]
             t_head = math.ceil(T / args.ratio)
 
@@ -362,7 +362,21 @@ def synthetic_layer(T: int, args, ceil: dict, device: str, tiny: bool, L: int = 
     info = BatchedFitInfo(timings={})
     am_layer(k, v, q, budgets, stats, stats.p_rms, d ** -0.5, info=info)
     t = int(budgets[0])
+    # both beta paths on this layer's shares (use_gram picks one; this measures the other too)
+    from compactor.fitting.batched_fits import nnls_batched
+    from compactor.kernels import mass_shares
+    from compactor.methods.batched import select_top_keys
+    idx, counts = select_top_keys(stats.p_rms, budgets)
+    ksel = torch.gather(k, 1, idx[..., None].expand(-1, -1, d))
+    A = mass_shares(q, ksel, stats.lse, d ** -0.5, counts.to(device))
+    mask = torch.ones(H, t, dtype=torch.bool, device=device)
+    paths = {}
+    for gram in (False, True):
+        nnls_batched(A, mask, gram=gram)
+        _, paths["gram" if gram else "A"] = sync_time(lambda: nnls_batched(A, mask, gram=gram))
+    del A
     return {"T": T, "n": n, "t": t, "layers": L, "scoring_s": L * t_score, "fits_s": L * t_fit,
+            "beta_paths_s": {key: L * x for key, x in paths.items()},
             "steps": {s: L * x for s, x in info.timings.items()},
             "step_floors": fit_floors(n, t, d, L * H, ceil, BETA_ITERS, VALUE_ITERS, use_gram(n, t)),
             "scoring_floor_s": L * H * 6 * n * T * d / ceil["matmul_flops"], "layer_extra_peak_gib": extra,
@@ -435,15 +449,20 @@ def report(args, ceil, kernels, rows, synth, device_name: str, elapsed: float) -
     if synth:
         out += ["\n## Synthetic 8B-shaped cache (random queries/keys; one layer timed, x 32 layers)\n",
                 "| T | n | t | scoring s (floor) | fits s | select | shares (floor) | beta (floor) | values (floor) | "
-                "beta path | extra peak GiB per layer |",
-                "|---:|---:|---:|---|---:|---:|---|---|---|---|---:|"]
+                "beta path | beta on A / on Gram | extra peak GiB per layer |",
+                "|---:|---:|---:|---|---:|---:|---|---|---|---|---|---:|"]
         for r in synth:
             s, f = r["steps"], r["step_floors"]
             out.append(f"| {r['T']} | {r['n']} | {r['t']} | {r['scoring_s']:.3f} ({r['scoring_floor_s']:.3f}) | "
                        f"{r['fits_s']:.3f} | {s.get('select', 0):.3f} | {s.get('shares', 0):.3f} ({f['shares']:.3f}) "
                        f"| {s.get('beta', 0):.3f} ({f['beta']:.3f}) | {s.get('values', 0):.3f} ({f['values']:.3f}) | "
-                       f"{'Gram' if r['gram'] else 'A'} | {r['layer_extra_peak_gib']:.2f} |")
+                       f"{'Gram' if r['gram'] else 'A'} | {r['beta_paths_s']['A']:.3f} / "
+                       f"{r['beta_paths_s']['gram']:.3f} | {r['layer_extra_peak_gib']:.2f} |")
     return "\n".join(out) + "\n"
+
+
+def late(args) -> bool:
+    return args.deadline is not None and time.perf_counter() - args.t_start > args.deadline
 
 
 def _has_triton() -> bool:
@@ -466,6 +485,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--synthetic", nargs="*", type=int, default=[], help="T of synthetic 8B layers to time")
     ap.add_argument("--quick", action="store_true", help="8B shape, T=8k/32k, per-head at 8k, synthetic 128k layer")
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks that the script runs")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds: skip the optional sections (per-head, OMP, synthetic) once past this")
     ap.add_argument("--out", default="benchmarks/results_gpu.md")
     ap.add_argument("--json", default=None, help="also write every number as JSON here")
     args = ap.parse_args(argv)
@@ -476,14 +497,14 @@ def main(argv: list[str] | None = None) -> str:
                  "PYTHONPATH (compactor/ with kernels/ inside it)")
     if args.quick:
         args.configs, args.T, args.per_head_max_T = ["llama-3.1-8b"], [8192, 32768], 8192
-        args.synthetic = args.synthetic or [131072]
+        args.synthetic = args.synthetic or [32768, 131072]
     if args.dry_run:
         args.configs, args.T, args.max_queries, args.chunk_size = ["llama-3.1-8b"], [256], 128, 128
         args.synthetic = [512]
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("Error: bench_compaction_gpu.py needs a CUDA device (or --dry-run on the CPU)")
-    t_start = time.perf_counter()
+    t_start = args.t_start = time.perf_counter()
 
     def log(msg):
         print(msg, flush=True)
@@ -502,6 +523,9 @@ def main(argv: list[str] | None = None) -> str:
         free()
     synth = []
     for T in args.synthetic:
+        if late(args):
+            log(f"synthetic T={T}: skipped (past the deadline)")
+            continue
         synth.append(synthetic_layer(T, args, ceil, device, args.dry_run))
         log(json.dumps(synth[-1]))
         free()
