@@ -21,6 +21,7 @@ from .storage.kv_codec import (RAW, STORED_DTYPES, KVCodec, TensorCodec, check_c
                                roundtrip_tensor)
 from .layer_kv import LayerKV
 from .methods import Method
+from .methods.batched import split_heads
 from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_signature
 from .capture.prefill import Capture, check_length, prefill_and_capture
 
@@ -89,6 +90,32 @@ def layer_key_transform(codec: TensorCodec, stored_dtype: str, seed: int):
     return quantized
 
 
+#: the batched path compacts several layers together while their float16 mass shares (n x t per head, t padded to
+#: the group's longest head) stay under this many bytes: fewer, larger launches (at T=8k one layer's work is a few
+#: microseconds per kernel, far below the launch cost)
+BATCH_SHARE_BYTES = 4 << 30
+
+
+def layer_groups(budgets: torch.Tensor, n: int, codecs: list[KVCodec] | None = None,
+                 limit: int = BATCH_SHARE_BYTES) -> list[list[int]]:
+    """Layers to compact together: same key codec, similar budgets (sorted by their longest head, so that little
+    is padded), at most `limit` bytes of float16 shares per group."""
+    L, H = budgets.shape
+    longest = budgets.max(1).values.tolist()
+    label = [(codecs[l].keys.label if codecs else "16") for l in range(L)]
+    order = sorted(range(L), key=lambda l: (label[l], longest[l]))
+    groups: list[list[int]] = []
+    for l in order:
+        if groups:
+            g = groups[-1]
+            t = -(-max(longest[l], max(longest[i] for i in g)) // 64) * 64
+            if label[g[0]] == label[l] and (len(g) + 1) * H * n * t * 2 <= limit:
+                g.append(l)
+                continue
+        groups.append([l])
+    return groups
+
+
 def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "layer",
                     budget_floor: float = 0.75, progress: bool = True, codecs: list[KVCodec] | None = None,
                     stored_dtype: str = "bfloat16", seed: int = 0, batched: bool | None = None,
@@ -120,12 +147,21 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
         batched = use_batched(capture.keys[0].device)
     if batched and hasattr(method, "compact_layer") and stats is not None:
         qpos = capture.query_pos.to(capture.keys[0].device)
-        for l in tqdm(range(L), desc=f"compact {method.name}", unit="layer", disable=not progress):
-            transform = layer_key_transform((codecs[l] if codecs else RAW).keys, stored_dtype, seed)
-            layers.append(method.compact_layer(capture.keys[l], capture.values[l], capture.queries[l], budgets[l],
-                                               stats=stats[l], scale=capture.scale, query_pos=qpos,
-                                               layer_key_transform=transform, fit_info=fit_info))
-        return layers, budgets
+        out: list = [None] * L
+        groups = layer_groups(budgets, capture.queries[0].shape[1], codecs)
+        for group in tqdm(groups, desc=f"compact {method.name}", unit="layer group", disable=not progress):
+            cat = (lambda xs: xs[0]) if len(group) == 1 else torch.cat
+            transform = layer_key_transform((codecs[group[0]] if codecs else RAW).keys, stored_dtype, seed)
+            group_stats = type(stats[group[0]])(*(cat([getattr(stats[l], f) for l in group])
+                                                  for f in stats[group[0]]._fields))
+            layer = method.compact_layer(cat([capture.keys[l] for l in group]),
+                                         cat([capture.values[l] for l in group]),
+                                         cat([capture.queries[l] for l in group]), budgets[group].flatten(),
+                                         stats=group_stats, scale=capture.scale, query_pos=qpos,
+                                         layer_key_transform=transform, fit_info=fit_info)
+            for l, part in zip(group, split_heads(layer, H)):
+                out[l] = part
+        return out, budgets
     for l in tqdm(range(L), desc=f"compact {method.name}", unit="layer", disable=not progress):
         heads = []
         key_codec = (codecs[l] if codecs else RAW).keys

@@ -18,8 +18,10 @@ far below what the fits resolve. The fits then only need products with A:
   (A*A)^T @ R for one vector R (the Jacobi diagonal of a weighted Gram, sum_i c_i A_ij^2, without forming it).
 
 k = 1 (the NNLS gradient) runs as a streaming reduction (memory-bound: one read of A); k > 1 (the value fit, k = d)
-through tl.dot with A upcast to float32 in registers (TF32 on the GPU: 2^-11 relative, like A itself). Both read A
-once, so their floor is A's bytes over the copy bandwidth. `shares_t_matmul` splits the query axis across programs
+through tl.dot: with float16 A on the GPU, the other operand's columns are divided by their largest magnitude and
+rounded to float16 (2^-11 relative, like A itself) for a float16 tensor-core dot with float32 accumulation (a TF32
+dot on upcast tiles ran at 13% of the copy floor on an H100); otherwise a float32 dot (TF32 on the GPU, exact in
+the interpreter). Both read A once, so their floor is A's bytes over the copy bandwidth. `shares_t_matmul` splits the query axis across programs
 when t is small (too few column strips to fill the GPU) and sums the partial results in a fixed order (deterministic).
 
 Dispatch as in `attention_stats`: CUDA tensors -> Triton, CPU -> torch; COMPACTOR_TRITON=0 forces torch,
@@ -197,18 +199,22 @@ def _shares_kernel(
 
 
 def _rows_kernel(
-    A, X, Y,
+    A, X, Y, XSCALE,
     n, t, k,
     stride_ab, stride_an, stride_at,
     stride_xb, stride_xt, stride_xk,
     stride_yb, stride_yn, stride_yk,
+    stride_sb,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     VEC: tl.constexpr,
+    HALF: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Y[b, rows, :] = A[b, rows, :] @ X[b]: one query block (x one output-column block), streaming the keys."""
+    """Y[b, rows, :] = A[b, rows, :] @ X[b]: one query block (x one output-column block), streaming the keys.
+    k > 1: X's columns are divided by XSCALE[b, col] (their largest magnitude) and, with HALF, rounded to float16
+    for a float16 tensor-core dot with float32 accumulation; the result is multiplied back."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -229,6 +235,8 @@ def _rows_kernel(
     else:
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k
+        xs = tl.load(XSCALE + pid_b * stride_sb + offs_k, mask=mask_k, other=1.0)
+        inv = 1.0 / xs
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for start in range(0, t, BLOCK_N):
             cols = start + offs_n
@@ -236,22 +244,29 @@ def _rows_kernel(
             a = tl.load(a_base + cols[None, :] * stride_at, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             x = tl.load(x_base + cols[:, None] * stride_xt + offs_k[None, :] * stride_xk,
                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc += tl.dot(a.to(tl.float32), x.to(tl.float32), input_precision=DOT_PRECISION)
+            x = x.to(tl.float32) * inv[None, :]
+            if HALF:
+                acc += tl.dot(a, x.to(tl.float16))
+            else:
+                acc += tl.dot(a.to(tl.float32), x, input_precision=DOT_PRECISION)
+        acc = acc * xs[None, :]
         tl.store(Y + pid_b * stride_yb + rows[:, None] * stride_yn + offs_k[None, :] * stride_yk, acc,
                  mask=mask_m[:, None] & mask_k[None, :])
 
 
 def _cols_kernel(
-    A, R, Z,
+    A, R, Z, RSCALE,
     n, t, k, rows_per_split,
     stride_ab, stride_an, stride_at,
     stride_rb, stride_rn, stride_rk,
     stride_zs, stride_zb, stride_zt, stride_zk,
+    stride_sb,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     VEC: tl.constexpr,
     SQUARE: tl.constexpr,
+    HALF: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Z[split, b, cols, :] = A[b, rows of the split, cols]^T @ R[b, rows of the split] (A squared elementwise if
@@ -285,6 +300,8 @@ def _cols_kernel(
     else:
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k
+        rs = tl.load(RSCALE + pid_b * stride_sb + offs_k, mask=mask_k, other=1.0)
+        inv = 1.0 / rs
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for start in range(row_lo, row_hi, BLOCK_M):
             rows = start + offs_m
@@ -292,7 +309,12 @@ def _cols_kernel(
             a = tl.load(a_base + rows[:, None] * stride_an, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             r = tl.load(r_base + rows[:, None] * stride_rn + offs_k[None, :] * stride_rk,
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            acc += tl.dot(tl.trans(a.to(tl.float32)), r.to(tl.float32), input_precision=DOT_PRECISION)
+            r = r.to(tl.float32) * inv[None, :]
+            if HALF:
+                acc += tl.dot(tl.trans(a), r.to(tl.float16))
+            else:
+                acc += tl.dot(tl.trans(a.to(tl.float32)), r, input_precision=DOT_PRECISION)
+        acc = acc * rs[None, :]
         tl.store(z_base + cols[:, None] * stride_zt + offs_k[None, :] * stride_zk, acc,
                  mask=mask_n[:, None] & mask_k[None, :])
 
@@ -303,8 +325,8 @@ _CONFIGS = {
     "shares": [(128, 64, 0, 8, 3), (64, 128, 0, 8, 3), (128, 128, 0, 8, 3), (64, 64, 0, 4, 3)],
     "rows_vec": [(64, 128, 0, 4, 4), (32, 256, 0, 4, 4), (128, 64, 0, 8, 4)],
     "cols_vec": [(128, 64, 0, 4, 4), (256, 32, 0, 8, 4), (64, 128, 0, 4, 4)],
-    "rows_mat": [(128, 32, 128, 8, 3), (64, 32, 128, 4, 3), (128, 64, 64, 8, 3)],
-    "cols_mat": [(32, 128, 128, 8, 3), (32, 64, 128, 4, 3), (64, 128, 64, 8, 3)],
+    "rows_mat": [(128, 64, 128, 8, 3), (64, 64, 128, 4, 4), (128, 32, 128, 8, 4), (128, 64, 64, 4, 4)],
+    "cols_mat": [(64, 128, 128, 8, 3), (32, 128, 128, 8, 4), (64, 64, 128, 4, 3)],
 }
 _KERNELS: dict = {}
 
@@ -387,6 +409,15 @@ def mass_shares_triton(queries, keys, lse, scale: float, lengths, query_pos=None
     return A
 
 
+def _column_scales(X: torch.Tensor, vec: bool) -> torch.Tensor:
+    """(B, k) float32: the largest magnitude of each column of X (B, rows, k) (1 where a column is all zero), so
+    that the scaled operand fits float16 for the tensor-core dot. Unused (ones) for k = 1."""
+    if vec:
+        return torch.ones(X.shape[0], 1, dtype=torch.float32, device=X.device)
+    m = X.abs().amax(1).float()
+    return torch.where(m > 0, m, torch.ones((), dtype=m.dtype, device=m.device)).contiguous()
+
+
 def _dot_precision(interpret: bool) -> str:
     return "ieee" if interpret else "tf32"
 
@@ -404,9 +435,11 @@ def shares_matmul_triton(A: torch.Tensor, X: torch.Tensor, *, blocks: Optional[d
     Y = torch.empty(B, n, k, dtype=torch.float32, device=A.device)
     vec = k == 1
     name = "rows_vec" if vec else "rows_mat"
-    args = (A, X, Y, n, t, k, *A.stride(), *X.stride(), *Y.stride())
-    consts = dict(VEC=vec, DOT_PRECISION=_dot_precision(interpret))
-    kern = _kernel(name, _rows_kernel, interpret, autotune, ["VEC"])
+    xs = _column_scales(X, vec)
+    half = bool(A.dtype == torch.float16 and not interpret and not vec)
+    args = (A, X, Y, xs, n, t, k, *A.stride(), *X.stride(), *Y.stride(), xs.stride(0))
+    consts = dict(VEC=vec, HALF=half, DOT_PRECISION=_dot_precision(interpret))
+    kern = _kernel(name, _rows_kernel, interpret, autotune, ["VEC", "HALF"])
     with _device_ctx(A.device):
         if autotune:
             kern[lambda m: (triton.cdiv(n, m["BLOCK_M"]), 1 if vec else triton.cdiv(k, m["BLOCK_K"]), B)](
@@ -452,10 +485,13 @@ def shares_t_matmul_triton(A: torch.Tensor, R: torch.Tensor, square: bool = Fals
     rows_per_split = triton.cdiv(triton.cdiv(n, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
     splits = triton.cdiv(n, rows_per_split)
     Z = torch.empty(splits, B, t, k, dtype=torch.float32, device=A.device)
+    rs = _column_scales(R, vec)
+    half = bool(A.dtype == torch.float16 and not interpret and not vec)
     kern = _kernel(name, _cols_kernel, interpret, False, [])
     with _device_ctx(A.device):
-        kern[(col_blocks, splits * n_k, B)](A, R, Z, n, t, k, rows_per_split, *A.stride(), *R.stride(),
-                                           *Z.stride(), VEC=vec, SQUARE=square, DOT_PRECISION=_dot_precision(interpret), **cfg)
+        kern[(col_blocks, splits * n_k, B)](A, R, Z, rs, n, t, k, rows_per_split, *A.stride(), *R.stride(),
+                                           *Z.stride(), rs.stride(0), VEC=vec, SQUARE=square, HALF=half,
+                                           DOT_PRECISION=_dot_precision(interpret), **cfg)
     return Z[0] if splits == 1 else Z.sum(0)
 
 

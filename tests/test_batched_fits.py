@@ -59,18 +59,19 @@ def test_nnls_default_iterations_close_and_never_worse_than_the_warm_start():
         assert f <= f0 and (f - f_ref) <= 0.1 * (f0 - f_ref)  # most of the way from the warm start
 
 
-def test_nnls_padding_and_query_weights():
+@pytest.mark.parametrize("gram", [False, True])
+def test_nnls_padding_and_query_weights(gram):
     """Padded keys get w = 0 and change nothing; integer query weights equal duplicated rows."""
     n, t = 200, 10
     A = shares(1, n, t, 2).float()
     c = torch.randint(1, 4, (n,))
     dup = A[0].repeat_interleave(c, 0)[None]
-    w_dup, _ = nnls_batched(dup, torch.ones(1, t, dtype=torch.bool), iters=2000)
-    w_c, _ = nnls_batched(A, torch.ones(1, t, dtype=torch.bool), query_weights=c.float(), iters=2000)
+    w_dup, _ = nnls_batched(dup, torch.ones(1, t, dtype=torch.bool), iters=2000, gram=gram)
+    w_c, _ = nnls_batched(A, torch.ones(1, t, dtype=torch.bool), query_weights=c.float(), iters=2000, gram=gram)
     torch.testing.assert_close(w_c, w_dup, rtol=1e-3, atol=1e-4)
     padded = torch.cat([A, torch.rand(1, n, 5)], 2)  # 5 junk columns beyond the head's keys
     mask = torch.arange(t + 5)[None] < t
-    w_p, _ = nnls_batched(padded, mask, query_weights=c.float(), iters=2000)
+    w_p, _ = nnls_batched(padded, mask, query_weights=c.float(), iters=2000, gram=gram)
     assert (w_p[0, t:] == 0).all()
     torch.testing.assert_close(w_p[:, :t], w_c, rtol=1e-3, atol=1e-4)
 
@@ -87,7 +88,8 @@ def test_nnls_guard_falls_back_to_the_exact_solver(monkeypatch):
         np.testing.assert_allclose(w[b].numpy(), ref, rtol=1e-4, atol=1e-6)
 
 
-def test_ridge_values_match_the_exact_ridge_fit():
+@pytest.mark.parametrize("gram", [False, True])
+def test_ridge_values_match_the_exact_ridge_fit(gram):
     B, n, t, d = 2, 300, 20, 16
     g = torch.Generator().manual_seed(4)
     A = shares(B, n, t, 4)
@@ -98,7 +100,7 @@ def test_ridge_values_match_the_exact_ridge_fit():
     c = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
     info = BatchedFitInfo()
     X = ridge_values_batched(A.float(), w.float(), O.float(), V0.float(), 1e-3, query_weights=c.float(),
-                             iters=400, info=info)
+                             iters=400, info=info, gram=gram)
     assert info.value_fallback == 0
     for b in range(B):
         keep = w[b] > 0
@@ -109,7 +111,8 @@ def test_ridge_values_match_the_exact_ridge_fit():
     assert torch.equal(X[0, 3], V0[0, 3].float())
 
 
-def test_ridge_values_guard(monkeypatch):
+@pytest.mark.parametrize("gram", [False, True])
+def test_ridge_values_guard(monkeypatch, gram):
     """A value solve that blows up (non-finite) is redone by the exact float64 fit."""
     B, n, t, d = 1, 200, 8, 4
     A = shares(B, n, t, 5)
@@ -120,7 +123,7 @@ def test_ridge_values_guard(monkeypatch):
     monkeypatch.setattr(bf, "shares_t_matmul", lambda A, R, square=False: real(A, R, square) * float("nan")
                         if R.shape[-1] == d and not square else real(A, R, square))
     info = BatchedFitInfo()
-    X = ridge_values_batched(A.float(), w.float(), O.float(), V0.float(), 1e-3, info=info)
+    X = ridge_values_batched(A.float(), w.float(), O.float(), V0.float(), 1e-3, info=info, gram=gram)
     assert info.value_fallback == 1
     m = A[0] @ w[0]
     ref = fit_values(A[0] * w[0] / m[:, None], O[0], V0[0], 1e-3)

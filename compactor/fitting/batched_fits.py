@@ -84,13 +84,54 @@ def _per_query(x: torch.Tensor | None, B: int, n: int, device, default: float = 
     return x.expand(B, n)
 
 
-def use_gram(n: int, t: int, iters: int = BETA_ITERS) -> bool:
-    """True when iterating on the scaled t x t Gram moves fewer bytes than iterating on A (n x t): the Gram costs
-    2 n t^2 flops once (~t^2 n / 125 byte-equivalents at a 250 flop/byte machine balance) plus t^2 * 2 bytes a step;
-    A costs 2 reads of n * t * 2 bytes a step. Margin 0.7 for the extra copy of A the Gram needs."""
-    gram = n * t * t / 125 + iters * 2 * t * t
-    free = iters * 4 * n * t
-    return gram < 0.7 * free
+# nominal H100 rates for the path choice below (measured: 780 TFLOP/s bf16 matmul, 2.96 TB/s copy)
+_FLOPS, _BYTES = 7e14, 2.8e12
+_CHUNK_BYTES = 512 << 20  # float32 temporaries of _row_scaled, per chunk of heads
+
+
+def use_gram(n: int, t: int, iters: int = BETA_ITERS, k: int = 1) -> bool:
+    """True when `iters` steps on the scaled t x t Gram (built once: 2 n t^2 flops; a step: one read of its float16
+    t x t, 2 t^2 k flops) cost less time than on the n x t shares (a step: a product with A and one with A^T, each
+    one read of float16 A and 2 n t k flops). k: columns of the unknown (1 for beta, d for the values)."""
+    gram = 2 * n * t * t / _FLOPS + 4 * n * t / _BYTES + iters * max(2 * t * t / _BYTES, 2 * t * t * k / _FLOPS)
+    free = iters * 2 * max(2 * n * t / _BYTES, 2 * n * t * k / _FLOPS)
+    return gram < free
+
+
+def _gram(M: torch.Tensor) -> torch.Tensor:
+    """M^T M (B, t, t) float32 for M (B, n, t): float16 tensor-core products with float32 output on CUDA."""
+    if M.is_cuda and M.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.bmm(M.transpose(1, 2), M, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without bmm(out_dtype=)
+            pass
+        G = torch.empty(M.shape[0], M.shape[2], M.shape[2], dtype=torch.float32, device=M.device)
+        for b in range(M.shape[0]):  # float32 accumulation and output, one head at a time
+            G[b] = torch.mm(M[b].T.float(), M[b].float())
+        return G
+    return torch.bmm(M.transpose(1, 2).to(torch.float32 if M.dtype != torch.float64 else M.dtype), M.to(
+        torch.float32 if M.dtype != torch.float64 else M.dtype))
+
+
+def _scaled_gram(M: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """diag(s) M^T M diag(s) (B, t, t) in dtype (entries in [0, 1] when s normalises M's columns)."""
+    G = _gram(M)
+    G.mul_(s[:, :, None]).mul_(s[:, None, :])
+    return G.to(dtype)
+
+
+def _row_scaled(A: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """A * rows[:, :, None] (* cols[:, None, :]) in A's dtype, computed in float32 one head at a time (the factors may
+    exceed float16's range where the products do not)."""
+    out = torch.empty_like(A)
+    step = max(1, _CHUNK_BYTES // max(1, A.shape[1] * A.shape[2] * 4))  # heads per float32 temporary
+    for b0 in range(0, A.shape[0], step):
+        b1 = min(A.shape[0], b0 + step)
+        x = A[b0:b1].float() * rows[b0:b1, :, None]
+        if cols is not None:
+            x = x * cols[b0:b1, None, :]
+        out[b0:b1] = x.to(A.dtype)
+    return out
 
 
 def _lipschitz(apply, live: torch.Tensor, iters: int = POWER_ITERS) -> torch.Tensor:
@@ -138,10 +179,9 @@ def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor |
     info.used_gram = gram
     info.gram_calls += int(gram)
     if gram:
-        scaled = A.float() * (c.sqrt()[..., None] * s[:, None, :])  # columns of unit weighted norm
-        scaled = scaled.to(A.dtype if A.dtype != torch.float64 else torch.float32)
-        G = torch.bmm(scaled.transpose(1, 2), scaled)  # (B, t, t), entries in [0, 1], unit diagonal
-        del scaled
+        gdtype = torch.float16 if A.dtype == torch.float16 else torch.float32
+        weighted = query_weights is not None
+        G = _scaled_gram(_row_scaled(A, c.sqrt()) if weighted else A, s, gdtype)  # unit diagonal, entries in [0, 1]
         b_hat = s * shares_t_matmul(A, _vec(c * y))[..., 0]
 
         def apply(v):
@@ -160,14 +200,16 @@ def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor |
     step = 1.0 / _lipschitz(apply, live, power_iters)[:, None]
     prev, z = u, u
     tk = torch.ones(B, device=dev)
-    zero = torch.zeros((), device=dev)
+    zero, one = torch.zeros((), device=dev), torch.ones((), device=dev)
+    livef = live.float()
     for _ in range(iters):
-        new = torch.where(live, (z - step * grad(z)).clamp_min(0), zero)
-        restart = ((z - new) * (new - prev)).sum(1) > 0  # momentum points uphill: drop it (adaptive restart)
+        new = (z - step * grad(z)).clamp_min_(0).mul_(livef)
+        diff = new - prev
+        restart = ((z - new) * diff).sum(1) > 0  # momentum points uphill: drop it (adaptive restart)
         tk_next = (1 + torch.sqrt(1 + 4 * tk * tk)) / 2
         mom = torch.where(restart, zero, (tk - 1) / tk_next)
-        tk = torch.where(restart, torch.ones((), device=dev), tk_next)
-        z = new + mom[:, None] * (new - prev)
+        tk = torch.where(restart, one, tk_next)
+        z = torch.addcmul(new, mom[:, None], diff)
         prev = new
     w = s * prev
     m = shares_matmul(A, _vec(w))[..., 0]
@@ -188,10 +230,11 @@ def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor |
 def ridge_values_batched(A: torch.Tensor, w: torch.Tensor, outputs: torch.Tensor, V0: torch.Tensor,
                          ridge: float = 1e-3, query_weights: torch.Tensor | None = None,
                          masses: torch.Tensor | None = None, iters: int = VALUE_ITERS,
-                         info: BatchedFitInfo | None = None) -> torch.Tensor:
+                         info: BatchedFitInfo | None = None, gram: bool | None = None) -> torch.Tensor:
     """X (B, t, d) float32 approximately minimising sum_i c_i ||P_i X - O_i||^2 + lam ||X - V0||^2 per head (see
     the module docstring). A (B, n, t), w (B, t) >= 0, outputs O (B, n, d), V0 (B, t, d); masses = A w if known.
-    Keys with w = 0 keep X = V0 (they carry no weight; callers drop them)."""
+    Keys with w = 0 keep X = V0 (they carry no weight; callers drop them). gram=None chooses the path by
+    `use_gram` (CG on the scaled t x t Gram of P, or matrix-free on A)."""
     B, n, t = A.shape
     dev = A.device
     info = info if info is not None else BatchedFitInfo()
@@ -209,6 +252,12 @@ def ridge_values_batched(A: torch.Tensor, w: torch.Tensor, outputs: torch.Tensor
     wv = _vec(w)
     X = V0.float().clone()
     O = outputs.float()
+    d = O.shape[-1]
+    gram = use_gram(n, t, iters, d) if gram is None else gram
+    info.gram_calls += int(gram)
+    if gram:
+        X, rz, rz0 = _values_on_gram(A, w, c, inv_m, O, X, diag, lam, iters)
+        return _values_guard(A, w, c, rows, inv_m, O, V0, X, ridge, rz, rz0, info)
 
     def op(Z):  # (P^T C P + lam) Z
         return wv * shares_t_matmul(A, _vec(cm2) * shares_matmul(A, wv * Z)) + lam * Z
@@ -229,7 +278,42 @@ def ridge_values_batched(A: torch.Tensor, w: torch.Tensor, outputs: torch.Tensor
         rz_next = (R * Z).sum(1)
         D = Z + (rz_next / rz.clamp_min(_TINY))[:, None, :] * D
         rz = rz_next
-    bad = ~(torch.isfinite(X).flatten(1).all(1) & (rz.sum(1) <= rz0.sum(1) * (1 + 1e-5) + 1e-30))
+    return _values_guard(A, w, c, rows, inv_m, O, V0, X, ridge, rz, rz0, info)
+
+
+def _values_on_gram(A, w, c, inv_m, O, X, diag, lam, iters):
+    """The value CG on the scaled Gram of P: with S = diag(P^T C P)^-1/2 (0 for dropped keys), solve
+    (S P^T C P S + lam S^2) Y = S (P^T C O + lam V0), X = S Y, from X = V0; Jacobi is then 1 + lam S^2."""
+    dev = A.device
+    s = torch.where(diag > 0, diag.clamp_min(_TINY).rsqrt(), torch.zeros((), device=dev))
+    P = _row_scaled(A, c.sqrt() * inv_m, w)  # sqrt(c) P, entries in [0, 1]
+    G = _scaled_gram(P, s, torch.float16 if A.dtype == torch.float16 else torch.float32)
+    rhs = shares_t_matmul(P, c.sqrt()[..., None] * O)  # P^T C O
+    del P
+    sv, lam_s2 = _vec(s), lam * _vec(s * s)
+    V0 = X
+    Y = torch.where(sv > 0, V0 / sv.clamp_min(_TINY), torch.zeros((), device=dev))
+    R = sv * (rhs + lam * V0) - shares_matmul(G, Y) - lam_s2 * Y
+    Minv = 1.0 / (1.0 + lam_s2)
+    Z = Minv * R
+    D = Z
+    rz = rz0 = (R * Z).sum(1)
+    for _ in range(iters):
+        Q = shares_matmul(G, D) + lam_s2 * D
+        alpha = rz / (D * Q).sum(1).clamp_min(_TINY)
+        Y = Y + alpha[:, None, :] * D
+        R = R - alpha[:, None, :] * Q
+        Z = Minv * R
+        rz_next = (R * Z).sum(1)
+        D = Z + (rz_next / rz.clamp_min(_TINY))[:, None, :] * D
+        rz = rz_next
+    return torch.where(sv > 0, sv * Y, V0), rz, rz0
+
+
+def _values_guard(A, w, c, rows, inv_m, O, V0, X, ridge, rz, rz0, info):
+    """Heads whose values are not finite (or whose CG residual grew) are refitted exactly in float64."""
+    ok = torch.isfinite(X).flatten(1).all(1) & (rz.sum(1) <= rz0.sum(1) * (1 + 1e-5) + 1e-30)
+    bad = ~ok
     if bool(bad.any()):
         for b in bad.nonzero().flatten().tolist():
             cols = (w[b] > 0).nonzero().flatten()

@@ -42,7 +42,8 @@ def omp_select(A: torch.Tensor, budgets: torch.Tensor, target: torch.Tensor | No
     t = max(int(budgets.max()), 1)
     y = _per_query(target, B, n, dev)
     c = _per_query(query_weights, B, n, dev)
-    A_sel = torch.zeros(B, n, t, dtype=A.dtype, device=dev)
+    t_alloc = -(-t // 64) * 64 if dev.type == "cuda" else t  # 128-byte aligned rows (see methods/batched.py)
+    A_sel = torch.zeros(B, n, t_alloc, dtype=A.dtype, device=dev)[:, :, :t]
     idx = torch.zeros(B, t, dtype=torch.int64, device=dev)
     w = torch.zeros(B, t, device=dev)
     count = torch.zeros(B, dtype=torch.int64, device=dev)

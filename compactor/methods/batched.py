@@ -24,16 +24,26 @@ LayerKeyTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 SHARE_DTYPE = {"cuda": torch.float16, "cpu": torch.float32}
 
 
-def select_top_keys(scores: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions (B, t_max) of the budgets[b] highest scores (B, T) of each head, sorted, padding (index 0) at the
-    end of each row, and the counts (B,) on the scores' device. The same keys as `key_selection.top_keys` per head."""
+#: kept-key slots are padded to a multiple of this, so that rows of the shares (and Gram matrices) start 128-byte
+#: aligned: unaligned rows (t = 3277) cost the kernels half their bandwidth and cuBLAS its fast paths on an H100
+PAD_KEYS = 64
+
+
+def select_top_keys(scores: torch.Tensor, budgets: torch.Tensor, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, t) of the budgets[b] highest scores (B, T) of each head, sorted, padding (index 0) at the end
+    of each row, t = the largest budget rounded up to a multiple of pad_to; and the counts (B,) on the scores'
+    device. The same keys as `key_selection.top_keys` per head."""
     B, T = scores.shape
     budgets = budgets.to(scores.device).clamp(0, T)
     t_max = max(int(budgets.max()), 1)
     top = torch.topk(scores.float(), t_max, dim=1).indices
     valid = torch.arange(t_max, device=scores.device)[None, :] < budgets[:, None]
     pos = torch.where(valid, top, torch.full_like(top, T)).sort(dim=1).values
-    return torch.where(pos == T, torch.zeros_like(pos), pos), budgets
+    pos = torch.where(pos == T, torch.zeros_like(pos), pos)
+    t_pad = -(-t_max // pad_to) * pad_to
+    if t_pad > t_max:
+        pos = torch.cat([pos, pos.new_zeros(B, t_pad - t_max)], 1)
+    return pos, budgets
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -61,6 +71,20 @@ def _layer(keys, values, beta, positions, lengths, importance) -> LayerKV:
         lengths=lengths.to("cpu", torch.int64),
         importance=None if importance is None else
         torch.where(valid, torch.gather(importance, 1, order), torch.zeros((), device=importance.device)).cpu())
+
+
+def split_heads(layer: LayerKV, heads: int) -> list[LayerKV]:
+    """A LayerKV of G * heads rows (several layers compacted together) -> G LayerKVs, each trimmed to its longest
+    head."""
+    out = []
+    for lo in range(0, layer.keys.shape[0], heads):
+        hi = lo + heads
+        lengths = layer.lengths[lo:hi]
+        t = int(lengths.max()) if lengths.numel() else 0
+        out.append(LayerKV(keys=layer.keys[lo:hi, :t], values=layer.values[lo:hi, :t], beta=layer.beta[lo:hi, :t],
+                           positions=layer.positions[lo:hi, :t], lengths=lengths,
+                           importance=None if layer.importance is None else layer.importance[lo:hi, :t]))
+    return out
 
 
 def _identity_rows(T: int, B: int, device) -> torch.Tensor:
@@ -101,7 +125,7 @@ def am_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, bu
                       stats.p_rms.to(dev))
     info = info if info is not None else BatchedFitInfo()
     with info.step("select", dev):
-        idx, counts = select_top_keys(scores.to(dev), budgets)
+        idx, counts = select_top_keys(scores.to(dev), budgets, PAD_KEYS if dev.type == "cuda" else 1)
         t = idx.shape[1]
         key_mask = torch.arange(t, device=dev)[None, :] < counts[:, None]
         k_sel, v_sel = _gather(keys, idx), _gather(values, idx)
@@ -132,6 +156,9 @@ def am_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, bu
     positions = torch.where(keep, idx, torch.full_like(idx, -1))
     lengths = keep.sum(1)
     if bool(full.any()):  # heads with budget >= T: the identity, exactly (their rows are padded to T)
+        if t > T:  # alignment padding beyond T holds no key of any head
+            k_sel, X, beta, positions, importance = (x[:, :T] for x in (k_sel, X, beta, positions, importance))
+            t = T
         pad = T - t
         grow = (lambda x, fill: torch.cat([x, x.new_full((B, pad, *x.shape[2:]), fill)], 1)) if pad > 0 else \
             (lambda x, fill: x)
