@@ -206,17 +206,25 @@ def prefill_flops(cfg, T: int, extra: int = 0) -> float:
     return dense + 4 * d * hq * L * pairs
 
 
-def fit_floors(n: int, t: int, d: int, heads: int, ceil: dict, beta_iters: int, value_iters: int,
-               gram: bool) -> dict:
-    """Seconds of the floor of each batched fit step for `heads` heads (the larger of bytes/copy and flops/matmul)."""
+def fit_floors(n: int, t: int, d: int, heads: int, ceil: dict, beta_iters: int, value_iters: int) -> dict:
+    """Seconds of the floor of each batched fit step for `heads` heads, on the path `use_gram` picks: each term the
+    larger of its bytes over the copy rate and its flops over the matmul rate."""
+    from compactor.fitting.batched_fits import use_gram
+
     F, Bw = ceil["matmul_flops"], ceil["copy_bytes"]
     a = n * t * 2  # bytes of one head's float16 shares
+    pas = lambda k: max(a / Bw, 2 * n * t * k / F)  # noqa: E731  one product of A with k columns
+    g_step = lambda k: max(t * t * 2 / Bw, 2 * t * t * k / F)  # noqa: E731  one product of the float16 Gram
+    gram_build = max(2 * n * t * t / F, (a + t * t * 4) / Bw)
     shares = max(2 * n * t * d / F, a / Bw)
-    if gram:
-        beta = 2 * a / Bw + 2 * n * t * t / F + beta_iters * t * t * 2 / Bw
+    if use_gram(n, t, beta_iters):
+        beta = 3 * pas(1) + gram_build + (beta_iters + 3) * g_step(1)
     else:
-        beta = (2 * beta_iters + 9) * a / Bw
-    values = (2 * value_iters + 3) * max(a / Bw, 2 * n * t * d / F)
+        beta = (2 * beta_iters + 9) * pas(1)
+    if use_gram(n, t, value_iters, d):
+        values = 2 * pas(1) + 2 * a / Bw + gram_build + pas(d) + (value_iters + 1) * g_step(d)
+    else:
+        values = 2 * pas(1) + (2 * value_iters + 3) * pas(d)
     return {"shares": heads * shares, "beta": heads * beta, "values": heads * values}
 
 
@@ -298,12 +306,12 @@ def run_config(name: str, model, tok, args, ceil: dict, device: str, log) -> lis
             cap, make_method("am"), args.ratio, "layer", progress=False, batched=True, fit_info=info))
         r["compact_extra_peak_gib"] = peak_gib() - base
         r["beta_fallback"], r["value_fallback"] = info.beta_fallback, info.value_fallback
-        r["gram"] = info.gram_calls > 0
+        r["gram"] = f"{'Gram' if info.gram_calls else 'A'}/{'Gram' if info.value_gram_calls else 'A'}"
         r["kept"] = sum(int(x.lengths.sum()) for x in layers)
         timed = BatchedFitInfo(timings={})
         compact_capture(cap, make_method("am"), args.ratio, "layer", progress=False, batched=True, fit_info=timed)
         r["steps"] = timed.timings
-        floors = fit_floors(n, round(t_mean), d, L * H, ceil, BETA_ITERS, VALUE_ITERS, use_gram(n, round(t_mean)))
+        floors = fit_floors(n, round(t_mean), d, L * H, ceil, BETA_ITERS, VALUE_ITERS)
         r["step_floors"] = floors
         if T <= args.per_head_max_T and not late(args):
             (old, _), r["am_per_head_s"] = sync_time(lambda: compact_capture(
@@ -326,10 +334,16 @@ def run_config(name: str, model, tok, args, ceil: dict, device: str, log) -> lis
             stats = cap._stats["full"]
             t_head = math.ceil(T / args.ratio)
 
+            per_group = max(1, args.omp_group_bytes // (H * n * T * 2))  # layers whose shares of all T keys fit
+
             def omp_all():
                 oinfo = BatchedFitInfo()
-                for l in range(L):
-                    omp_layer(cap.keys[l], cap.values[l], cap.queries[l], torch.full((H,), t_head), stats[l],
+                for lo in range(0, L, per_group):
+                    group = list(range(lo, min(L, lo + per_group)))
+                    cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]  # noqa: E731
+                    gstats = type(stats[lo])(*(cat([getattr(stats[l], f) for l in group]) for f in stats[lo]._fields))
+                    omp_layer(cat([cap.keys[l] for l in group]), cat([cap.values[l] for l in group]),
+                              cat([cap.queries[l] for l in group]), torch.full((H * len(group),), t_head), gstats,
                               cap.scale, info=oinfo)
             peak_reset()
             _, r["omp_s"] = sync_time(omp_all)
@@ -378,9 +392,9 @@ def synthetic_layer(T: int, args, ceil: dict, device: str, tiny: bool, L: int = 
     return {"T": T, "n": n, "t": t, "layers": L, "scoring_s": L * t_score, "fits_s": L * t_fit,
             "beta_paths_s": {key: L * x for key, x in paths.items()},
             "steps": {s: L * x for s, x in info.timings.items()},
-            "step_floors": fit_floors(n, t, d, L * H, ceil, BETA_ITERS, VALUE_ITERS, use_gram(n, t)),
+            "step_floors": fit_floors(n, t, d, L * H, ceil, BETA_ITERS, VALUE_ITERS),
             "scoring_floor_s": L * H * 6 * n * T * d / ceil["matmul_flops"], "layer_extra_peak_gib": extra,
-            "gram": info.gram_calls > 0}
+            "gram": f"{'Gram' if info.gram_calls else 'A'}/{'Gram' if info.value_gram_calls else 'A'}"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,7 +443,7 @@ def report(args, ceil, kernels, rows, synth, device_name: str, elapsed: float) -
                 "(fits only, exact float64).\n",
                 "### Steps and their floors (seconds, whole cache; steps timed with a device sync after each)\n",
                 "| model | T | prefill (floor) | capture (floor) | scoring (floor) | select | shares (floor) | "
-                "beta (floor) | values (floor) | pack | beta path | fallbacks beta/values |",
+                "beta (floor) | values (floor) | pack | beta/values path | fallbacks beta/values |",
                 "|---|---:|---|---|---|---:|---|---|---|---:|---|---|"]
         for r in rows:
             s, f = r["steps"], r["step_floors"]
@@ -437,7 +451,7 @@ def report(args, ceil, kernels, rows, synth, device_name: str, elapsed: float) -
                        f"{r['capture_s']:.2f} ({r['capture_floor_s']:.2f}) | {r['scoring_s']:.3f} "
                        f"({r['scoring_floor_s']:.3f}) | {s.get('select', 0):.3f} | {s.get('shares', 0):.3f} "
                        f"({f['shares']:.3f}) | {s.get('beta', 0):.3f} ({f['beta']:.3f}) | {s.get('values', 0):.3f} "
-                       f"({f['values']:.3f}) | {s.get('pack', 0):.3f} | {'Gram' if r['gram'] else 'A'} | "
+                       f"({f['values']:.3f}) | {s.get('pack', 0):.3f} | {r['gram']} | "
                        f"{r['beta_fallback']}/{r['value_fallback']} |")
         agree = [r for r in rows if "layer0_out_err_batched" in r]
         if agree:
@@ -449,14 +463,14 @@ def report(args, ceil, kernels, rows, synth, device_name: str, elapsed: float) -
     if synth:
         out += ["\n## Synthetic 8B-shaped cache (random queries/keys; one layer timed, x 32 layers)\n",
                 "| T | n | t | scoring s (floor) | fits s | select | shares (floor) | beta (floor) | values (floor) | "
-                "beta path | beta on A / on Gram | extra peak GiB per layer |",
+                "beta/values path | beta on A / on Gram | extra peak GiB per layer |",
                 "|---:|---:|---:|---|---:|---:|---|---|---|---|---|---:|"]
         for r in synth:
             s, f = r["steps"], r["step_floors"]
             out.append(f"| {r['T']} | {r['n']} | {r['t']} | {r['scoring_s']:.3f} ({r['scoring_floor_s']:.3f}) | "
                        f"{r['fits_s']:.3f} | {s.get('select', 0):.3f} | {s.get('shares', 0):.3f} ({f['shares']:.3f}) "
                        f"| {s.get('beta', 0):.3f} ({f['beta']:.3f}) | {s.get('values', 0):.3f} ({f['values']:.3f}) | "
-                       f"{'Gram' if r['gram'] else 'A'} | {r['beta_paths_s']['A']:.3f} / "
+                       f"{r['gram']} | {r['beta_paths_s']['A']:.3f} / "
                        f"{r['beta_paths_s']['gram']:.3f} | {r['layer_extra_peak_gib']:.2f} |")
     return "\n".join(out) + "\n"
 
@@ -482,6 +496,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--chunk-size", type=int, default=4096)
     ap.add_argument("--per-head-max-T", type=int, default=32768, help="run the old per-head path up to this T")
     ap.add_argument("--omp-max-T", type=int, default=8192, help="run the batched OMP-fast up to this T")
+    ap.add_argument("--omp-group-bytes", type=int, default=8 << 30,
+                    help="OMP-fast takes as many layers at once as fit this many bytes of float16 shares of all keys")
     ap.add_argument("--synthetic", nargs="*", type=int, default=[], help="T of synthetic 8B layers to time")
     ap.add_argument("--quick", action="store_true", help="8B shape, T=8k/32k, per-head at 8k, synthetic 128k layer")
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks that the script runs")

@@ -52,7 +52,8 @@ class BatchedFitInfo:
     beta_fallback: int = 0     # heads refitted by the exact float64 NNLS
     value_fallback: int = 0    # heads refitted by the exact float64 ridge solve
     used_gram: bool = False    # beta steps on the scaled t x t Gram instead of A (last call)
-    gram_calls: int = 0        # calls that used the Gram
+    gram_calls: int = 0        # beta fits that used the Gram
+    value_gram_calls: int = 0  # value fits that used the Gram of P
     timings: dict | None = None
 
     @contextlib.contextmanager
@@ -98,24 +99,24 @@ def use_gram(n: int, t: int, iters: int = BETA_ITERS, k: int = 1) -> bool:
     return gram < free
 
 
-def _gram(M: torch.Tensor) -> torch.Tensor:
-    """M^T M (B, t, t) float32 for M (B, n, t): float16 tensor-core products with float32 output on CUDA."""
-    if M.is_cuda and M.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return torch.bmm(M.transpose(1, 2), M, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # torch without bmm(out_dtype=)
-            pass
-        G = torch.empty(M.shape[0], M.shape[2], M.shape[2], dtype=torch.float32, device=M.device)
-        for b in range(M.shape[0]):  # float32 accumulation and output, one head at a time
-            G[b] = torch.mm(M[b].T.float(), M[b].float())
-        return G
-    return torch.bmm(M.transpose(1, 2).to(torch.float32 if M.dtype != torch.float64 else M.dtype), M.to(
-        torch.float32 if M.dtype != torch.float64 else M.dtype))
-
-
 def _scaled_gram(M: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """diag(s) M^T M diag(s) (B, t, t) in dtype (entries in [0, 1] when s normalises M's columns)."""
-    G = _gram(M)
+    """diag(s) M^T M diag(s) (B, t, t) in dtype (entries in [0, 1] when s normalises M's columns). On CUDA: float16
+    tensor-core products with float32 output (torch.bmm out_dtype, torch >= 2.8), or, where torch lacks that, a
+    float16 product of the column-normalised M with float32 reductions."""
+    if M.is_cuda and M.dtype == torch.float16:
+        try:
+            G = torch.bmm(M.transpose(1, 2), M, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            Ms = _row_scaled(M, torch.ones(M.shape[:2], device=M.device), s)
+            flag = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+            try:
+                return torch.bmm(Ms.transpose(1, 2), Ms).to(dtype)
+            finally:
+                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = flag
+    else:
+        work = torch.float64 if M.dtype == torch.float64 else torch.float32
+        G = torch.bmm(M.transpose(1, 2).to(work), M.to(work))
     G.mul_(s[:, :, None]).mul_(s[:, None, :])
     return G.to(dtype)
 
@@ -254,7 +255,7 @@ def ridge_values_batched(A: torch.Tensor, w: torch.Tensor, outputs: torch.Tensor
     O = outputs.float()
     d = O.shape[-1]
     gram = use_gram(n, t, iters, d) if gram is None else gram
-    info.gram_calls += int(gram)
+    info.value_gram_calls += int(gram)
     if gram:
         X, rz, rz0 = _values_on_gram(A, w, c, inv_m, O, X, diag, lam, iters)
         return _values_guard(A, w, c, rows, inv_m, O, V0, X, ridge, rz, rz0, info)
