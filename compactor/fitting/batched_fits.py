@@ -106,7 +106,7 @@ def _scaled_gram(M: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.
     if M.is_cuda and M.dtype == torch.float16:
         try:
             G = torch.bmm(M.transpose(1, 2), M, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
+        except (TypeError, RuntimeError):  # torch without the out_dtype overload
             Ms = _row_scaled(M, torch.ones(M.shape[:2], device=M.device), s)
             flag = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
