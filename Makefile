@@ -7,7 +7,12 @@ RATIO ?= 10
 PLAY ?= macbeth
 TOKENS ?= 2048
 
-.PHONY: install demo test bench clean
+# the GPU benchmark runs with the venv's python where there is one, else $(PY) (e.g. on a machine without pip, with
+# the package layout on PYTHONPATH); BENCH_ARGS=--quick for the short version
+BENCH_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+BENCH_ARGS ?=
+
+.PHONY: install demo test bench bench-gpu clean
 
 # torch==2.13.0 first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -31,6 +36,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_quant.py
 	$(BIN)/python benchmarks/bench_artifact.py
+
+bench-gpu:
+	$(BENCH_PY) benchmarks/bench_compaction_gpu.py --out benchmarks/results_gpu.md --json benchmarks/results_gpu.json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

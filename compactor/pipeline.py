@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,11 @@ from .capture import chat
 from .capture.documents import Document
 from .errors import CompactorError
 from .fitting.key_selection import score_of
-from .storage.kv_codec import (RAW, KVCodec, check_codec, encode_layer, estimate_entry_bytes, parse_kv_bits,
-                               roundtrip_tensor)
+from .storage.kv_codec import (RAW, STORED_DTYPES, KVCodec, TensorCodec, check_codec, encode_layer,
+                               estimate_entry_bytes, parse_kv_bits, roundtrip_tensor)
 from .layer_kv import LayerKV
 from .methods import Method
+from .methods.batched import split_heads
 from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_identity
 from .capture.prefill import Capture, check_length, prefill_and_capture
 
@@ -67,12 +69,65 @@ def _pad(items: list[torch.Tensor], length: int, fill) -> torch.Tensor:
     return torch.stack(out)
 
 
+def use_batched(device: torch.device) -> bool:
+    """Whether compact_capture takes the batched per-layer path: COMPACTOR_BATCHED=1/0 forces it, otherwise on CUDA."""
+    flag = os.environ.get("COMPACTOR_BATCHED", "").strip().lower()
+    if flag:
+        return flag not in ("0", "false", "no", "off")
+    return device.type == "cuda"
+
+
+def layer_key_transform(codec: TensorCodec, stored_dtype: str, seed: int):
+    """The keys of a layer's heads (H, t, d) as stored and loaded (for the batched fits): a dtype round trip for
+    raw storage (no copy when the dtype is the keys' own), the codec's round trip head by head otherwise."""
+    dt = STORED_DTYPES[stored_dtype]
+    if codec.name == "raw":
+        return lambda k, imp, counts: k.to(dt).to(torch.promote_types(dt, k.dtype))
+
+    def quantized(k, imp, counts):
+        out = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        for h, c in enumerate(counts.tolist()):
+            out[h, :c] = roundtrip_tensor(k[h, :c], codec, stored_dtype, seed, imp[h, :c])
+        return out
+    return quantized
+
+
+#: the batched path compacts several layers together while their float16 mass shares (n x t per head, t padded to
+#: the group's longest head) stay under this many bytes: fewer, larger launches (at T=8k one layer's work is a few
+#: microseconds per kernel, far below the launch cost)
+BATCH_SHARE_BYTES = 4 << 30
+
+
+def layer_groups(budgets: torch.Tensor, n: int, codecs: list[KVCodec] | None = None,
+                 limit: int = BATCH_SHARE_BYTES) -> list[list[int]]:
+    """Layers to compact together: same key codec, similar budgets (sorted by their longest head, so that little
+    is padded), at most `limit` bytes of float16 shares per group."""
+    L, H = budgets.shape
+    longest = budgets.max(1).values.tolist()
+    label = [(codecs[l].keys.label if codecs else "16") for l in range(L)]
+    order = sorted(range(L), key=lambda l: (label[l], longest[l]))
+    groups: list[list[int]] = []
+    for l in order:
+        if groups:
+            g = groups[-1]
+            t = -(-max(longest[l], max(longest[i] for i in g)) // 64) * 64
+            if label[g[0]] == label[l] and (len(g) + 1) * H * n * t * 2 <= limit:
+                g.append(l)
+                continue
+        groups.append([l])
+    return groups
+
+
 def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "layer",
                     budget_floor: float = 0.75, progress: bool = True, codecs: list[KVCodec] | None = None,
-                    stored_dtype: str = "bfloat16", seed: int = 0) -> tuple[list[LayerKV], torch.Tensor]:
+                    stored_dtype: str = "bfloat16", seed: int = 0, batched: bool | None = None,
+                    fit_info=None) -> tuple[list[LayerKV], torch.Tensor]:
     """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used.
     Methods that do not score keys (StreamingLLM, random) are defined per head and always get uniform budgets.
-    With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded."""
+    With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded.
+    Methods with a `compact_layer` (AM, eviction) take all heads of a layer at once when `batched` (default:
+    `use_batched`, i.e. on CUDA); the per-head path stays the reference (exact float64 fits). `fit_info` (a
+    BatchedFitInfo) collects what the batched fits did."""
     if budget not in MODES:
         raise ValueError(f"budget must be one of {', '.join(MODES)}")
     if not method.uses_scores:
@@ -90,6 +145,25 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     else:
         budgets = uniform_budgets(L, H, T, ratio)
     layers = []
+    if batched is None:
+        batched = use_batched(capture.keys[0].device)
+    if batched and hasattr(method, "compact_layer") and stats is not None:
+        qpos = capture.query_pos.to(capture.keys[0].device)
+        out: list = [None] * L
+        groups = layer_groups(budgets, capture.queries[0].shape[1], codecs)
+        for group in tqdm(groups, desc=f"compact {method.name}", unit="layer group", disable=not progress):
+            cat = (lambda xs: xs[0]) if len(group) == 1 else torch.cat
+            transform = layer_key_transform((codecs[group[0]] if codecs else RAW).keys, stored_dtype, seed)
+            group_stats = type(stats[group[0]])(*(cat([getattr(stats[l], f) for l in group])
+                                                  for f in stats[group[0]]._fields))
+            layer = method.compact_layer(cat([capture.keys[l] for l in group]),
+                                         cat([capture.values[l] for l in group]),
+                                         cat([capture.queries[l] for l in group]), budgets[group].flatten(),
+                                         stats=group_stats, scale=capture.scale, query_pos=qpos,
+                                         layer_key_transform=transform, fit_info=fit_info)
+            for l, part in zip(group, split_heads(layer, H)):
+                out[l] = part
+        return out, budgets
     for l in tqdm(range(L), desc=f"compact {method.name}", unit="layer", disable=not progress):
         heads = []
         key_codec = (codecs[l] if codecs else RAW).keys

@@ -83,7 +83,7 @@ def _run_chunks(model, ids: torch.Tensor, start: int, cache, recorder: QueryReco
     device = next(model.parameters()).device
     for lo in range(0, ids.numel(), chunk_size):
         hi = min(lo + chunk_size, ids.numel())
-        recorder.rows = keep[lo:hi].nonzero().flatten()
+        recorder.rows = keep[lo:hi].nonzero().flatten().to(device)  # once per chunk, not once per layer
         pos = torch.arange(start + lo, start + hi, device=device)[None]
         model(input_ids=ids[None, lo:hi].to(device), position_ids=pos, past_key_values=cache, use_cache=True,
               logits_to_keep=1, compactor_recorder=recorder)

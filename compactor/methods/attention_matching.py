@@ -19,6 +19,7 @@ from ..fitting.beta_fit import fit_mass_weights
 from ..fitting.key_selection import SCORES, key_stats, score_of, top_keys
 from ..fitting.value_fit import fit_values
 from .base import Compacted, Method, keep_all, take
+from .batched import am_layer, evict_layer
 
 
 class ScoredMethod(Method):
@@ -59,6 +60,12 @@ class Eviction(ScoredMethod):
             return keep_all(keys, values)
         stats = self._stats(keys, values, queries, context)
         return take(keys, values, top_keys(score_of(stats, self.score), budget))
+
+    def compact_layer(self, keys, values, queries, budgets, **context):
+        """All KV heads of a layer at once (methods/batched.py): keys/values (H, T, d), budgets (H,), context
+        `stats` (the layer's batched AttentionStats). Returns a LayerKV."""
+        stats = context["stats"]
+        return evict_layer(keys, values, score_of(stats, self.score), budgets, stats.p_rms)
 
 
 class AttentionMatching(ScoredMethod):
@@ -104,3 +111,12 @@ class AttentionMatching(ScoredMethod):
         if not (torch.isfinite(X).all() and torch.isfinite(beta).all()):
             return take(keys, values, idx)
         return Compacted(keys[idx], beta, X.to(values.dtype), idx)
+
+    def compact_layer(self, keys, values, queries, budgets, **context):
+        """All KV heads of a layer at once with the batched fits (methods/batched.py): keys/values (H, T, d),
+        queries (H, n, d), budgets (H,); context as compact() with `stats` the layer's batched AttentionStats and
+        `layer_key_transform(keys (H, t, d), importance (H, t), counts (H,))`. Returns a LayerKV."""
+        stats = context["stats"]
+        return am_layer(keys, values, queries, budgets, stats, score_of(stats, self.score), context["scale"],
+                        self.visible_pos(context.get("query_pos")), self.ridge, context.get("layer_key_transform"),
+                        info=context.get("fit_info"))

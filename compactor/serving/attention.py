@@ -12,7 +12,8 @@ slots stand at the latest prefix positions, see cache.py). A model switched to "
 logits, bit for bit, whenever no compacted prefix is present.
 
 A `compactor_recorder` keyword passed to the model forward reaches this function and is handed the post-RoPE queries
-of every layer (used to capture reference queries during prefill).
+of every layer (prefill capture: then transformers' own sdpa path runs, so recording costs only the copy of the
+sampled query rows).
 """
 from __future__ import annotations
 
