@@ -172,6 +172,8 @@ def ragged_attention_torch(queries: torch.Tensor, prefix: Optional[RaggedPrefix]
             s_parts.append(q @ ka[:, None].transpose(-1, -2) * scale + app_bias)
             v_parts.append(va[:, None].expand(B, G, L_app, d))
         s = torch.cat(s_parts, dim=-1)  # (B, G, Lq, n_keys)
+        if s.shape[-1] == 0:  # an empty head and nothing appended: out stays 0
+            continue
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
