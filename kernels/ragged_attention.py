@@ -31,7 +31,7 @@ Triton, one online-softmax pass per split, then a combine (flash-decoding style 
    Each writes (running max, sum, accumulator) per row. Codes are read as stored and dequantized in registers
    to the queries' dtype for tl.dot (float32 accumulation), as the loader would have dequantized them:
    * lloyd keys: the query is rotated instead of the keys, exact since R is orthogonal:
-     q.(mean + g R^T c) = q.mean + g (R q).c; R q is one float32 matmul before the launch;
+     q.(mean + g R^T c) = q.mean + g (R q).c; R q comes from `_rotate_kernel` (float32) just before;
    * lloyd values: sum_j p_j g_j c_j is accumulated in rotated space (g folded into p) and un-rotated once in
      the combine step, plus mean * sum_j p_j;
    * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them.
@@ -47,6 +47,7 @@ exact float32 under the interpreter); beta added in float32.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -315,11 +316,11 @@ def _partial_kernel(
     EK, EV, EBETA,
     AK, AV, AMASK,
     PM, PL, PACC,
-    B, Lq, L_app, D, E, n_pre, n_shared, n_app, chunk, n_buf, M_all, qk_scale2,
+    B, Lq, L_app, E, n_pre, n_shared, n_app, chunk, n_buf, M_all, qk_scale2,
     s_qb, s_qh, s_qi, s_rb, s_rh, s_ri,
     k_stride, v_stride, s_km,
     s_akb, s_akh, s_akl, s_avb, s_avh, s_avl, s_mb,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -394,11 +395,30 @@ def _partial_kernel(
 
 
 @_jit
+def _rotate_kernel(Q, ROT, QROT, n_rows, Hq, Lq, s_qb, s_qh, s_qi,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """QROT[row] = R @ Q[row] in float32 for the rows (b, hq, i) of queries (B, Hq, Lq, d); QROT contiguous."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < n_rows
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    b = r // (Hq * Lq)
+    hq = (r // Lq) % Hq
+    i = r % Lq
+    q_off = b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh + i.to(tl.int64) * s_qi
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # row form: (R q)^T = q^T R^T, R^T[k, c] = R[c, k]
+    rt = tl.load(ROT + offs_d[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    qr = tl.dot(q.to(tl.float32), rt, input_precision="ieee")
+    tl.store(QROT + r.to(tl.int64)[:, None] * D + offs_d[None, :], qr, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@_jit
 def _combine_kernel(
     PM, PL, PACC, VMEAN, ROT, OUT,
-    Lq, D, n_rot, n_buf, M_all,
+    Lq, n_rot, n_buf, M_all,
     s_vm, s_ob, s_oi, s_oh,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, V_LLOYD: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, V_LLOYD: tl.constexpr,
 ):
     """Merge the slots of a row tile of KV head h, un-rotate lloyd values, normalise, write (B, Lq, Hq, d)."""
     pid_m = tl.program_id(0)
@@ -469,10 +489,17 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """A 1-element buffer passed for pointers a launch does not use (one per device, no kernel per call)."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
 
 
 def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch.device,
@@ -487,7 +514,9 @@ def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch
         want = -(-n_entries * n_tiles // target)  # entries per program for ~target programs
         chunk = max(bn, -(-want // bn) * bn)
     chunk = max(bn, -(-int(chunk) // bn) * bn)
-    warps = 4 if bm <= 32 else 8 if d > 64 else 4
+    # 8 warps from d = 128: with 4, the 64 x 128 dequantized tiles and their addresses spill registers (ptxas for
+    # sm_90: 110-210 registers per thread at 8 warps, no spills, for every codec, decode and prefill tiles)
+    warps = 8 if d > 64 else 4
     return bm, bn, chunk, warps, 2
 
 
@@ -524,7 +553,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     if queries.stride(-1) != 1:
         queries = queries.contiguous()
 
-    placeholder = torch.zeros(1, dtype=torch.float32, device=dev)
+    placeholder = _placeholder(dev)
     K_CODEC = V_CODEC = 0
     K_BITS = V_BITS = 8
     n_pre, E = 0, 0
@@ -542,7 +571,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
         if pk.codec == "lloyd":
             K_BITS, kg, km, kc = pk.bits, pk.gains, pk.mean, pk.centroids
             s_km = km.stride(0)
-            q_rot = torch.matmul(queries.float(), pk.rotation.T)  # R q, float32 (B, Hq, Lq, d)
+            q_rot = _alloc((B, Hq, Lq, d), torch.float32, dev)  # R q, filled by _rotate_kernel below
         if pv.codec == "lloyd":
             V_BITS, vg, vmean, vc, rot = pv.bits, pv.gains, pv.mean, pv.centroids, pv.rotation
             s_vm = vmean.stride(0)
@@ -557,7 +586,12 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
             ak = ak.contiguous()
         if av.stride(-1) != 1:
             av = av.contiguous()
-        mask = placeholder if app_mask is None else app_mask.to(torch.int8).contiguous()
+        if app_mask is None:
+            mask = placeholder
+        else:  # a bool mask is read in place (same bytes as int8)
+            mask = app_mask.view(torch.int8) if app_mask.dtype == torch.bool else (app_mask != 0).view(torch.int8)
+            if mask.stride(-1) != 1:
+                mask = mask.contiguous()
     else:
         ak = av = mask = placeholder
     n_buf = n_shared + n_app
@@ -583,6 +617,12 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with ctx:
         n_tiles = -(-M_all // bm)
+        if K_CODEC == 1:
+            n_q = B * Hq * Lq
+            # 16 rows x 8 warps: the float32 (exact-FMA) d x d product fits the registers without spilling
+            _rotate_kernel[(-(-n_q // 16),)](queries, prefix.keys.rotation, q_rot, n_q, Hq, Lq,
+                                             queries.stride(0), queries.stride(1), queries.stride(2),
+                                             D=d, BLOCK_M=16, BLOCK_D=BD, num_warps=8)
         if n_slots:
             _partial_kernel[(n_tiles, Hkv, n_slots)](
                 queries, q_rot, offs, beta,
@@ -590,22 +630,24 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 ek, ev, eb,
                 ak, av, mask,
                 pm, pl, pacc,
-                B, Lq, L_app, d, E, n_pre, n_shared, max(n_app, 1), chunk, n_buf, M_all, scale * _LOG2E,
+                B, Lq, L_app, E, n_pre, n_shared, max(n_app, 1), chunk, n_buf, M_all, scale * _LOG2E,
                 queries.stride(0), queries.stride(1), queries.stride(2),
                 q_rot.stride(0), q_rot.stride(1), q_rot.stride(2),
                 k_stride, v_stride, s_km,
                 ak.stride(0) if L_app else 0, ak.stride(1) if L_app else 0, ak.stride(2) if L_app else 0,
                 av.stride(0) if L_app else 0, av.stride(1) if L_app else 0, av.stride(2) if L_app else 0,
                 mask.stride(0) if app_mask is not None else 0,
-                G=G, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, K_CODEC=K_CODEC, K_BITS=K_BITS, V_CODEC=V_CODEC,
+                G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, K_CODEC=K_CODEC, K_BITS=K_BITS, V_CODEC=V_CODEC,
                 V_BITS=V_BITS, HAS_MASK=app_mask is not None, UPCAST=upcast, DOT_PRECISION=dot_precision,
                 num_warps=warps, num_stages=stages,
             )
-        _combine_kernel[(n_tiles, Hkv)](
+        # combine tiles of <= 32 rows x 8 warps: lloyd's float32 un-rotation (rows x d) @ (d x d) does not spill
+        cm = 16 if M_all <= 16 else 32
+        _combine_kernel[(-(-M_all // cm), Hkv)](
             pm, pl, pacc, vmean, rot, out,
-            Lq, d, n_pre, n_buf, M_all,
+            Lq, n_pre, n_buf, M_all,
             s_vm, out.stride(0), out.stride(1), out.stride(2),
-            G=G, BLOCK_M=bm, BLOCK_D=BD, V_LLOYD=V_LLOYD, num_warps=4,
+            G=G, D=d, BLOCK_M=cm, BLOCK_D=BD, V_LLOYD=V_LLOYD, num_warps=8,
         )
     return out
 
