@@ -149,6 +149,7 @@ def ragged_attention_torch(queries: torch.Tensor, prefix: Optional[RaggedPrefix]
     out = torch.zeros(B, Lq, Hq, d, dtype=torch.float32, device=dev)
     if prefix is not None:
         keys, values = prefix.dequantize()
+        offsets = prefix.host_offsets()
     if L_app:
         i = torch.arange(Lq, device=dev)[:, None] + (L_app - Lq)
         visible = torch.arange(L_app, device=dev)[None, :] <= i  # (Lq, L_app)
@@ -160,7 +161,7 @@ def ragged_attention_torch(queries: torch.Tensor, prefix: Optional[RaggedPrefix]
         q = queries[:, h * G:(h + 1) * G].float()  # (B, G, Lq, d)
         s_parts, v_parts = [], []
         if prefix is not None:
-            lo, hi = int(prefix.offsets[h]), int(prefix.offsets[h + 1])
+            lo, hi = offsets[h], offsets[h + 1]
             k, v, beta = keys[lo:hi], values[lo:hi], prefix.beta[lo:hi]
             if prefix.num_exact:
                 k = torch.cat([k, prefix.exact_keys[h]])

@@ -112,7 +112,10 @@ class RaggedPrefix:
 
     @property
     def num_entries(self) -> int:
-        return int(self.offsets[-1]) if self.offsets.numel() else 0
+        return sum(self.lengths)  # host-side: no device sync (launches must be capturable in a CUDA graph)
+
+    def host_offsets(self) -> list[int]:
+        return [0, *np.cumsum(self.lengths).tolist()]
 
     @property
     def max_length(self) -> int:
@@ -153,7 +156,8 @@ class RaggedPrefix:
         """(N,) int64 KV head of each entry."""
         if self.row_head is None or self.row_head.device != self.device:
             self.row_head = torch.repeat_interleave(torch.arange(self.num_kv_heads, device=self.device),
-                                                    torch.tensor(self.lengths, device=self.device))
+                                                    torch.tensor(self.lengths, device=self.device),
+                                                    output_size=self.num_entries)
         return self.row_head
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
