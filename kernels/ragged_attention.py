@@ -63,6 +63,11 @@ try:  # triton is optional: CPU-only installs run the torch reference.
 
     _HAS_TRITON = True
     _jit = triton.jit
+
+    def _jit_sizes(*names):
+        """triton.jit that does not specialise on the sizes `names` (appended length, batch, splits change from
+        call to call: no recompilation when they do)."""
+        return triton.jit(do_not_specialize=list(names))
 except Exception:  # pragma: no cover - depends on the install
     triton = None
     _HAS_TRITON = False
@@ -72,6 +77,9 @@ except Exception:  # pragma: no cover - depends on the install
 
     def _jit(fn):
         return fn
+
+    def _jit_sizes(*names):
+        return _jit
 
 __all__ = ["ragged_attention", "ragged_attention_torch", "ragged_attention_triton"]
 
@@ -310,7 +318,7 @@ def _dense_chunk(q_dot, last_key, lo, hi, K, V, BETA, MASK, k_stride, v_stride, 
     return m_i, l_i, acc
 
 
-@_jit
+@_jit_sizes("B", "Lq", "L_app", "E", "n_pre", "n_shared", "n_app", "chunk", "n_buf", "M_all")
 def _partial_kernel(
     Q, QROT, OFFS, BETA,
     KX, KS, KGAIN, KMEAN, KCENT, VX, VS, VGAIN, VCENT,
@@ -414,7 +422,7 @@ def _rotate_kernel(Q, ROT, QROT, n_rows, Hq, Lq, s_qb, s_qh, s_qi,
     tl.store(QROT + r.to(tl.int64)[:, None] * D + offs_d[None, :], qr, mask=row_ok[:, None] & d_ok[None, :])
 
 
-@_jit
+@_jit_sizes("Lq", "n_rot", "n_buf", "M_all")
 def _combine_kernel(
     PM, PL, PACC, VMEAN, ROT, OUT,
     Lq, n_rot, n_buf, M_all,
