@@ -36,7 +36,7 @@ Triton, one online-softmax pass per split, then a combine (flash-decoding style 
      the combine step, plus mean * sum_j p_j;
    * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them.
 2. `_combine_kernel`, grid (row tiles, Hkv): merges a row's slots (log-sum-exp), un-rotates lloyd values with
-   one (rows x d) @ (d x d) float32 product, normalises and writes (B, Lq, Hq, d).
+   a float32 (rows x d) @ (d x d) product (`_rot_cols` output columns at a time), normalises and writes (B, Lq, Hq, d).
 Decode (Lq = 1) and prefill (Lq = hundreds) are the same kernels with different tiles: `chunk` is chosen so
 the grid holds about two programs per SM (`_pick_config`).
 
@@ -405,8 +405,9 @@ def _partial_kernel(
 
 @_jit
 def _rotate_kernel(Q, ROT, QROT, n_rows, Hq, Lq, s_qb, s_qh, s_qi,
-                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """QROT[row] = R @ Q[row] in float32 for the rows (b, hq, i) of queries (B, Hq, Lq, d); QROT contiguous."""
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """QROT[row] = R @ Q[row] in float32 for the rows (b, hq, i) of queries (B, Hq, Lq, d); QROT contiguous.
+    Output columns in chunks of BLOCK_C, so only a (d x BLOCK_C) slice of R is on chip at a time."""
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < n_rows
     offs_d = tl.arange(0, BLOCK_D)
@@ -415,11 +416,14 @@ def _rotate_kernel(Q, ROT, QROT, n_rows, Hq, Lq, s_qb, s_qh, s_qi,
     hq = (r // Lq) % Hq
     i = r % Lq
     q_off = b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh + i.to(tl.int64) * s_qi
-    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # row form: (R q)^T = q^T R^T, R^T[k, c] = R[c, k]
-    rt = tl.load(ROT + offs_d[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-    qr = tl.dot(q.to(tl.float32), rt, input_precision="ieee")
-    tl.store(QROT + r.to(tl.int64)[:, None] * D + offs_d[None, :], qr, mask=row_ok[:, None] & d_ok[None, :])
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < D
+        # row form: (R q)^T = q^T R^T with R^T[k, c] = R[c, k]
+        rt = tl.load(ROT + cols[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+        qr = tl.dot(q, rt, input_precision="ieee")
+        tl.store(QROT + r.to(tl.int64)[:, None] * D + cols[None, :], qr, mask=row_ok[:, None] & c_ok[None, :])
 
 
 @_jit_sizes("Lq", "n_rot", "n_buf", "M_all")
@@ -427,52 +431,65 @@ def _combine_kernel(
     PM, PL, PACC, VMEAN, ROT, OUT,
     Lq, n_rot, n_buf, M_all,
     s_vm, s_ob, s_oi, s_oh,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, V_LLOYD: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    V_LLOYD: tl.constexpr,
 ):
-    """Merge the slots of a row tile of KV head h, un-rotate lloyd values, normalise, write (B, Lq, Hq, d)."""
+    """Merge the slots of a row tile of KV head h, un-rotate lloyd values, normalise, write (B, Lq, Hq, d).
+
+    Pass 1 finds each row's max and normaliser over all slots; pass 2 (lloyd values) sums the coded slots in
+    rotated space; pass 3 writes BLOCK_C output columns at a time: the other slots' columns plus the
+    un-rotated (acc_rot @ R[:, cols]) part, so only a (d x BLOCK_C) slice of R is on chip at a time."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < M_all
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    base = h.to(tl.int64) * n_buf * M_all + r
     m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
     l_rot = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc_rot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    base = h.to(tl.int64) * n_buf * M_all + r
     for s in range(0, n_buf):
-        off = base + s * M_all
-        m = tl.load(PM + off, mask=row_ok, other=float("-inf"))
-        l = tl.load(PL + off, mask=row_ok, other=0.0)
-        a = tl.load(PACC + off[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        m = tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf"))
+        l = tl.load(PL + base + s * M_all, mask=row_ok, other=0.0)
         m_new = tl.maximum(m_run, m)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_run - m_safe)
         w = tl.exp2(m - m_safe)
         l_run = l_run * alpha + w * l
         if V_LLOYD:
-            rot = s < n_rot
-            w_rot = tl.where(rot, w, 0.0)
-            w_raw = tl.where(rot, 0.0, w)
-            l_rot = l_rot * alpha + w_rot * l
-            acc_rot = acc_rot * alpha[:, None] + w_rot[:, None] * a
-            acc = acc * alpha[:, None] + w_raw[:, None] * a
-        else:
-            acc = acc * alpha[:, None] + w[:, None] * a
+            l_rot = l_rot * alpha + tl.where(s < n_rot, w * l, 0.0)
         m_run = m_new
-    if V_LLOYD:  # x = mean + R^T y  ->  rows: acc_rot @ R + l_rot * mean
-        R = tl.load(ROT + offs_d[:, None] * D + offs_d[None, :], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
-        mean = tl.load(VMEAN + h * s_vm + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        acc += tl.dot(acc_rot, R, input_precision="ieee") + l_rot[:, None] * mean[None, :]
-    out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
+    m_fin = tl.where(m_run == float("-inf"), 0.0, m_run)
+    inv_l = 1.0 / tl.where(l_run > 0, l_run, 1.0)
+    acc_rot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    first_raw = 0
+    if V_LLOYD:
+        first_raw = n_rot
+        for s in range(0, n_rot):
+            w = tl.exp2(tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf")) - m_fin)
+            a = tl.load(PACC + (base + s * M_all)[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
+                        other=0.0)
+            acc_rot += w[:, None] * a
     b = r // (G * Lq)
     i = (r // G) % Lq
     hq = h * G + r % G
     o_off = b.to(tl.int64) * s_ob + i.to(tl.int64) * s_oi + hq.to(tl.int64) * s_oh
-    tl.store(OUT + o_off[:, None] + offs_d[None, :], out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < D
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for s in range(first_raw, n_buf):
+            w = tl.exp2(tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf")) - m_fin)
+            a = tl.load(PACC + (base + s * M_all)[:, None] * BLOCK_D + cols[None, :], mask=row_ok[:, None],
+                        other=0.0)
+            acc += w[:, None] * a
+        if V_LLOYD:  # x = mean + R^T y  ->  rows: acc_rot @ R + l_rot * mean
+            rc = tl.load(ROT + offs_d[:, None] * D + cols[None, :], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+            mean = tl.load(VMEAN + h * s_vm + cols, mask=c_ok, other=0.0).to(tl.float32)
+            acc += tl.dot(acc_rot, rc, input_precision="ieee") + l_rot[:, None] * mean[None, :]
+        tl.store(OUT + o_off[:, None] + cols[None, :], (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & c_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,6 +544,12 @@ def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch
     # sm_90: 110-210 registers per thread at 8 warps, no spills, for every codec, decode and prefill tiles)
     warps = 8 if d > 64 else 4
     return bm, bn, chunk, warps, 2
+
+
+def _rot_cols(block_d: int) -> int:
+    """Output columns per step of the float32 (rows x d) @ (d x d) rotation products: all of them up to d = 128
+    (no register spills for sm_90), 64 beyond (a whole 256 x 256 float32 slice of R exceeds shared memory)."""
+    return block_d if block_d <= 128 else 64
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -631,7 +654,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
             # 16 rows x 8 warps: the float32 (exact-FMA) d x d product fits the registers without spilling
             _rotate_kernel[(-(-n_q // 16),)](queries, prefix.keys.rotation, q_rot, n_q, Hq, Lq,
                                              queries.stride(0), queries.stride(1), queries.stride(2),
-                                             D=d, BLOCK_M=16, BLOCK_D=BD, num_warps=8)
+                                             D=d, BLOCK_M=16, BLOCK_D=BD, BLOCK_C=_rot_cols(BD), num_warps=8)
         if n_slots:
             _partial_kernel[(n_tiles, Hkv, n_slots)](
                 queries, q_rot, offs, beta,
@@ -650,13 +673,14 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 V_BITS=V_BITS, HAS_MASK=app_mask is not None, UPCAST=upcast, DOT_PRECISION=dot_precision,
                 num_warps=warps, num_stages=stages,
             )
-        # combine tiles of <= 32 rows x 8 warps: lloyd's float32 un-rotation (rows x d) @ (d x d) does not spill
-        cm = 16 if M_all <= 16 else 32
+        # combine tiles of 32 rows x 8 warps: lloyd's float32 un-rotation (rows x d) @ (d x d) does not spill
+        # registers for sm_90 up to d = 128 (16-row tiles do; benchmarks/check_ragged_compile.py)
+        cm = 32
         _combine_kernel[(-(-M_all // cm), Hkv)](
             pm, pl, pacc, vmean, rot, out,
             Lq, n_pre, n_buf, M_all,
             s_vm, out.stride(0), out.stride(1), out.stride(2),
-            G=G, D=d, BLOCK_M=cm, BLOCK_D=BD, V_LLOYD=V_LLOYD, num_warps=8,
+            G=G, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=_rot_cols(BD), V_LLOYD=V_LLOYD, num_warps=8,
         )
     return out
 

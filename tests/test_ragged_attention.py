@@ -343,6 +343,11 @@ KERNEL_CASES = [
     ("K4Vq4_0", [18, 26], 64, 2, 2, 1, 3, False, torch.float32, "bfloat16", False, 16),
     ("Kq8_0V3", [15, 2], 64, 1, 4, 2, 6, True, torch.float32, "float32", False, 16),
     ("Kq4_0V4", [40, 20], 64, 1, 2, 1, 2, False, torch.bfloat16, "bfloat16", False, 16),
+    # d = 96 and 128 (head-dim tile 128) and 256 (the rotation products in two and four column steps)
+    ("K4V3", [23, 9], 96, 1, 2, 2, 3, True, torch.float32, "bfloat16", False, 16),
+    ("K5V2", [17, 30], 128, 2, 1, 1, 2, False, torch.float32, "bfloat16", False, 16),
+    ("K2V6", [11, 5], 256, 1, 2, 1, 1, False, torch.float32, "bfloat16", False, 16),
+    ("q4_0", [26, 3], 96, 1, 3, 1, 2, False, torch.float32, "bfloat16", False, 16),
 ]
 
 
