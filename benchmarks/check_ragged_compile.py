@@ -4,7 +4,9 @@ Triton's NVIDIA backend compiles to a cubin on any machine; this reports registe
 per variant and fails (exit 1) when one needs more shared memory than an H100/H200 block may have (232448 bytes)
 or does not compile. Run it before spending GPU time:
 
-    python benchmarks/check_ragged_compile.py            # uses the installed triton (pin the GPU machine's version)
+    python benchmarks/check_ragged_compile.py            # with the installed triton
+    pip install --target /tmp/t36 --no-deps triton==3.6.0 && \
+        PYTHONPATH=/tmp/t36 python benchmarks/check_ragged_compile.py   # with the GPU machine's triton (~4 min)
     python benchmarks/check_ragged_compile.py combine    # only the variants whose name contains "combine"
 """
 from __future__ import annotations
