@@ -15,7 +15,8 @@ from .storage.artifact import StoredLayer, write_artifact
 from .fitting.budgets import MODES, global_budgets, layer_budgets, per_head_budget, uniform_budgets
 from .capture.documents import Document
 from .errors import CompactorError
-from .fitting.key_selection import score_of
+from .fitting.key_scores import all_scores
+from .fitting.key_selection import key_stats
 from .storage.kv_codec import RAW, KVCodec, check_codec, encode_layer, parse_kv_bits, roundtrip_tensor
 from .layer_kv import LayerKV
 from .methods import Method
@@ -66,10 +67,13 @@ def _pad(items: list[torch.Tensor], length: int, fill) -> torch.Tensor:
 
 def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "layer",
                     budget_floor: float = 0.75, progress: bool = True, codecs: list[KVCodec] | None = None,
-                    stored_dtype: str = "bfloat16", seed: int = 0) -> tuple[list[LayerKV], torch.Tensor]:
+                    stored_dtype: str = "bfloat16", seed: int = 0, on_policy=None
+                    ) -> tuple[list[LayerKV], torch.Tensor]:
     """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used.
     Methods that do not score keys (StreamingLLM, random) are defined per head and always get uniform budgets.
-    With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded."""
+    With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded.
+    With `on_policy` (capture/on_policy.OnPolicyQueries), each group of layers after the first is fitted on repeat
+    queries recaptured with the layers before it already compacted (budgets and key scores stay those of `capture`)."""
     if budget not in MODES:
         raise ValueError(f"budget must be one of {', '.join(MODES)}")
     if not method.uses_scores:
@@ -81,22 +85,38 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     # scores rank the keys (scored methods), share the budget, and tell the codecs which entries matter most
     stats = capture.attention_stats(context, progress) if method.uses_scores or budget != "uniform" or quantized \
         else None
+    scores = None
+    if method.uses_scores or budget != "uniform":
+        scores = all_scores(getattr(method, "score", "rms"), stats, capture.probe, H)
     if budget in ("global", "layer"):
-        scores = torch.stack([score_of(s, getattr(method, "score", "rms")) for s in stats]).cpu()
         budgets = (global_budgets if budget == "global" else layer_budgets)(scores, ratio, budget_floor)
     else:
         budgets = uniform_budgets(L, H, T, ratio)
+    copy = None if capture.probe is None else all_scores("kvzip", None, capture.probe, H)
+    device = capture.keys[0].device
     layers = []
+    fit_capture = capture
+    if on_policy is not None:
+        fit_capture = on_policy.capture
+        stats = fit_capture.attention_stats(context)
     for l in tqdm(range(L), desc=f"compact {method.name}", unit="layer", disable=not progress):
+        if on_policy is not None and l in on_policy.starts:
+            on_policy.refresh(layers, on_policy.group_of(l))
+        if stats is not None and stats[l] is None:
+            pos = fit_capture.query_pos if context == "causal" else None
+            stats[l] = key_stats(fit_capture.keys[l], fit_capture.values[l], fit_capture.queries[l],
+                                 fit_capture.scale, pos)
         heads = []
         key_codec = (codecs[l] if codecs else RAW).keys
         key_transform = lambda k, imp, c=key_codec: roundtrip_tensor(k, c, stored_dtype, seed, imp)  # noqa: E731
         for h in range(H):
             head_stats = None if stats is None else type(stats[l])(*(x[h] for x in stats[l]))
-            heads.append(method.compact(capture.keys[l][h], capture.values[l][h], capture.queries[l][h],
-                                        int(budgets[l, h]), query_pos=capture.query_pos.to(capture.keys[l].device),
-                                        scale=capture.scale, stats=head_stats, head_id=l * H + h,
-                                        key_transform=key_transform))
+            heads.append(method.compact(capture.keys[l][h], capture.values[l][h], fit_capture.queries[l][h],
+                                        int(budgets[l, h]), query_pos=capture.query_pos.to(device),
+                                        query_source=capture.query_source, scale=capture.scale, stats=head_stats,
+                                        head_id=l * H + h, key_transform=key_transform,
+                                        scores=None if scores is None else scores[l, h].to(device),
+                                        copy_scores=None if copy is None else copy[l, h].to(device)))
         t_max = max(c.keys.shape[0] for c in heads)
         layers.append(LayerKV(
             keys=_pad([c.keys for c in heads], t_max, 0), values=_pad([c.values for c in heads], t_max, 0),
