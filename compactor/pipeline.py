@@ -21,7 +21,8 @@ from .storage.kv_codec import RAW, KVCodec, check_codec, encode_layer, parse_kv_
 from .layer_kv import LayerKV
 from .methods import Method
 from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_signature
-from .capture.prefill import Capture, check_length, prefill_and_capture
+from .capture.on_policy import OnPolicyQueries
+from .capture.prefill import Capture, check_length, prefill_and_capture, source_shares
 
 
 @dataclass
@@ -39,6 +40,39 @@ class CompressOptions:
     hi_layers: tuple = ()          # layer indices (negative from the end) stored at hi_bits instead
     hi_bits: str = "K8V8"
     layer_bits: dict | None = None  # per-layer overrides {layer index: "K4V3"} (e.g. from a calibration file)
+    preset: str = "fast"           # the preset these options came from (recorded; see PRESETS)
+    sources: dict | None = None    # reference-query shares {context, repeat, self_study, random}; None: repeat_fraction
+    self_study: int = 4            # question/answer texts the model writes when sources has self_study
+    on_policy: int = 0             # > 1: refit layer groups on queries recaptured through compacted earlier layers
+    probe: str | None = None       # reconstruction probe: none | attention | gradient; None: what the score needs
+
+
+# Presets set defaults that explicit options override. "fast" is the spine's path; "quality" is the best
+# combination of benchmarks/results_quality.md (issue 9).
+PRESETS = {
+    "fast": {"options": {"budget": "layer", "budget_floor": 0.75}, "method": {"score": "rms"}},
+    "quality": {"options": {"budget": "global", "budget_floor": 0.0},
+                "method": {"score": "kvgrad"}},
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def probe_for(method: Method, requested: str | None = None) -> str:
+    """The reconstruction probe a capture needs for this method's key score (or the one requested)."""
+    if requested is not None:
+        return requested
+    from .fitting.key_scores import needs_probe
+
+    score = getattr(method, "score", None)
+    if score is None:
+        return "none"
+    recon, grad = needs_probe(score)
+    return "gradient" if grad else ("attention" if recon else "none")
 
 
 def codec_plan(n_layers: int, opts: CompressOptions) -> list[KVCodec]:
@@ -67,13 +101,15 @@ def _pad(items: list[torch.Tensor], length: int, fill) -> torch.Tensor:
 
 def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "layer",
                     budget_floor: float = 0.75, progress: bool = True, codecs: list[KVCodec] | None = None,
-                    stored_dtype: str = "bfloat16", seed: int = 0, on_policy=None
-                    ) -> tuple[list[LayerKV], torch.Tensor]:
+                    stored_dtype: str = "bfloat16", seed: int = 0, on_policy=None,
+                    score_weights: torch.Tensor | None = None) -> tuple[list[LayerKV], torch.Tensor]:
     """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used.
     Methods that do not score keys (StreamingLLM, random) are defined per head and always get uniform budgets.
     With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded.
     With `on_policy` (capture/on_policy.OnPolicyQueries), each group of layers after the first is fitted on repeat
-    queries recaptured with the layers before it already compacted (budgets and key scores stay those of `capture`)."""
+    queries recaptured with the layers before it already compacted (budgets and key scores stay those of `capture`).
+    `score_weights` (L, H) multiplies each head's key scores before the budgets are shared (e.g. from
+    evaluation/sensitivity.sensitivity_weights); it does not change which keys a head keeps for a given count."""
     if budget not in MODES:
         raise ValueError(f"budget must be one of {', '.join(MODES)}")
     if not method.uses_scores:
@@ -88,6 +124,8 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     scores = None
     if method.uses_scores or budget != "uniform":
         scores = all_scores(getattr(method, "score", "rms"), stats, capture.probe, H)
+        if score_weights is not None:
+            scores = scores * score_weights.to(scores)[..., None]
     if budget in ("global", "layer"):
         budgets = (global_budgets if budget == "global" else layer_budgets)(scores, ratio, budget_floor)
     else:
@@ -150,7 +188,11 @@ def artifact_meta(lm: LoadedModel, doc: Document, ids: torch.Tensor, method: Met
         "document_name": doc.name, "document_sha256": doc.sha256,
         "tokens_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest(),
         "T": int(ids.numel()), "ratio": float(opts.ratio), "method": method.name,
-        "method_params": {**method.params(), "budget": opts.budget, "budget_floor": opts.budget_floor,
+        "method_params": {**method.params(), "preset": opts.preset, "budget": opts.budget,
+                          "budget_floor": opts.budget_floor, "probe": probe_for(method, opts.probe),
+                          "query_sources": source_shares(opts.sources, opts.repeat_fraction),
+                          "self_study": opts.self_study if (opts.sources or {}).get("self_study") else 0,
+                          "on_policy_groups": opts.on_policy if opts.on_policy > 1 else 0,
                           "max_queries": opts.max_queries, "repeat_fraction": opts.repeat_fraction,
                           "chunk_size": opts.chunk_size, "seed": opts.seed, "stored_dtype": opts.stored_dtype,
                           "hi_layers": list(opts.hi_layers), "hi_bits": opts.hi_bits},
@@ -184,11 +226,14 @@ def compress(lm: LoadedModel, doc: Document, method: Method, out_path: str | Pat
     t0 = time.perf_counter()
     capture = prefill_and_capture(lm.model, lm.tokenizer, ids, chunk_size=opts.chunk_size,
                                   max_queries=opts.max_queries, repeat_fraction=opts.repeat_fraction,
-                                  seed=opts.seed, progress=progress)
+                                  seed=opts.seed, progress=progress, probe=probe_for(method, opts.probe),
+                                  sources=opts.sources, self_study=opts.self_study)
     t1 = time.perf_counter()
     codecs = codec_plan(len(capture.keys), opts)
+    on_policy = OnPolicyQueries(lm.model, capture, opts.on_policy, opts.chunk_size) \
+        if opts.on_policy > 1 and method.name == "am" else None
     layers, budgets = compact_capture(capture, method, opts.ratio, opts.budget, opts.budget_floor, progress,
-                                      codecs, opts.stored_dtype, opts.seed)
+                                      codecs, opts.stored_dtype, opts.seed, on_policy=on_policy)
     t2 = time.perf_counter()
     meta = artifact_meta(lm, doc, ids, method, opts, budgets,
                          {"prefill": round(t1 - t0, 3), "compact": round(t2 - t1, 3)})
