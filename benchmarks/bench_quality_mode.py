@@ -36,9 +36,9 @@ VARIANTS = {
 }
 
 
-def cfg(method="am", budget="global", floor=0.0, variant="base", on_policy=0, sens=False, **params):
+def cfg(method="am", budget="global", floor=0.0, variant="base", on_policy=0, sens=False, split=0.5, **params):
     return {"method": method, "params": params, "budget": budget, "floor": floor, "variant": variant,
-            "on_policy": on_policy, "sens": sens}
+            "on_policy": on_policy, "sens": sens, "split": split}
 
 
 KVG = dict(score="kvgrad")
@@ -59,6 +59,11 @@ CONFIGS = {
     "evict_kvzip_global0": cfg("eviction", score="kvzip"),
     "evict_kvgrad_global0": cfg("eviction", **KVG),
     "evict_kvgrad_rms_global0": cfg("eviction", score="kvgrad_rms"),
+    # lever 1b: split budgets: a share by RMS with layer budgets (continuation), the rest by kvgrad, one global budget
+    "am_kvgrad_split50": cfg(budget="split", floor=0.75, split=0.5, **KVG),
+    "am_kvgrad_split25": cfg(budget="split", floor=0.75, split=0.25, **KVG),
+    "am_kvgrad_split75": cfg(budget="split", floor=0.75, split=0.75, **KVG),
+    "evict_kvgrad_split50": cfg("eviction", budget="split", floor=0.75, split=0.5, **KVG),
     # lever 5: fits that respect recall (on am_kvgrad_global0)
     "am_kvgrad_w_rep3": cfg(source_weights={"repeat": 3.0}, **KVG),
     "am_kvgrad_w_ctx3": cfg(source_weights={"context": 3.0}, **KVG),
@@ -180,7 +185,8 @@ def run(args) -> None:
     from compactor.pipeline import compact_capture
 
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device,
+                    dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
     configs = args.configs.split(",")
     for c in configs:
         if c not in CONFIGS:
@@ -206,11 +212,11 @@ def run(args) -> None:
                 t0 = time.perf_counter()
                 op = OnPolicyQueries(lm.model, cap, c["on_policy"]) if c["on_policy"] > 1 else None
                 layers, budgets = compact_capture(cap, method, ratio, budget, floor, progress=False, on_policy=op,
-                                                  score_weights=weights)
+                                                  score_weights=weights, split_share=c["split"])
                 secs = time.perf_counter() - t0
                 row = ev.score(layers, method.name, ratio, secs).as_dict()
                 row.update(text=text, T=args.T, config=cname, budget=budget, floor=floor, variant=variant,
-                           params=method.params(), on_policy=c["on_policy"], sens=c["sens"], ce_full=ev.ce_full, ce_none=ev.ce_none,
+                           params=method.params(), on_policy=c["on_policy"], sens=c["sens"], split=c["split"], ce_full=ev.ce_full, ce_none=ev.ce_none,
                            capture_s=info["capture_s"], score_s=round(t_score, 2),
                            max_head=int(budgets.max()), min_head=int(budgets.min()))
                 rows.append(row)
@@ -327,6 +333,9 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--max-queries", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the whole grid: see results_quality.md)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="model dtype (float32 keeps GPU numbers comparable with the CPU ones)")
     ap.add_argument("--report", action="store_true", help="write results_quality.md/.png from the stored rows")
     ap.add_argument("--out", default="benchmarks/results_quality.md")
     args = ap.parse_args()

@@ -85,13 +85,13 @@ def _method(name: str, seed: int, context: str, score: str | None, ridge: float,
     return make_method(name)
 
 
-def _capture_opts(preset_name, budget, budget_floor, query_sources, self_study, on_policy) -> dict:
+def _capture_opts(preset_name, budget, budget_floor, query_sources, self_study, on_policy, split_share) -> dict:
     """CompressOptions fields from the preset, overridden by the options given explicitly (not None)."""
     from .pipeline import preset
 
     opts = {"preset": preset_name, **preset(preset_name)["options"]}
     given = {"budget": budget, "budget_floor": budget_floor, "sources": _shares(query_sources, "--query-sources"),
-             "self_study": self_study, "on_policy": on_policy}
+             "self_study": self_study, "on_policy": on_policy, "split_share": split_share}
     opts.update({k: v for k, v in given.items() if v is not None})
     opts.setdefault("budget", "layer")
     opts.setdefault("budget_floor", 0.75)
@@ -153,9 +153,12 @@ def method_options(f):
 def capture_options(f):
     f = click.option("--model", "model_name", default="smollm2-135m", show_default=True,
                      help="Bundled name, local Hugging Face folder, or hub id.")(f)
-    f = click.option("--budget", type=click.Choice(["uniform", "global", "layer"]), default=None,
+    f = click.option("--budget", type=click.Choice(["uniform", "global", "layer", "split"]), default=None,
                      help="Per-head budgets (default: the preset's): equal; one budget shared by all heads and "
-                          "layers; or that shared budget split equally within each layer.")(f)
+                          "layers; that shared budget split equally within each layer; or split: --split-share "
+                          "by RMS attention with layer budgets, the rest by the key score with one global budget.")(f)
+    f = click.option("--split-share", type=click.FloatRange(0, 1), default=None,
+                     help="--budget split: share of the entries chosen by RMS attention (default 0.5).")(f)
     f = click.option("--budget-floor", type=click.FloatRange(0, 1), default=None,
                      help="global/layer budgets: share of the uniform budget every head keeps at least "
                           "(default: the preset's).")(f)
@@ -218,8 +221,8 @@ def cli():
 @capture_options
 def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_bits, hi_layers, hi_bits,
              calibration, method, context, score, ridge, preset, source_weights, beta_floor, value_anchor, value_fit,
-             selection, omp_keys, omp_refit, model_name, budget, budget_floor, query_sources, self_study, on_policy,
-             chunk_size, max_queries, repeat_fraction, seed, device, quiet):
+             selection, omp_keys, omp_refit, model_name, budget, split_share, budget_floor, query_sources, self_study,
+             on_policy, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
     from .storage.artifact import read_meta
     from .capture.documents import bundled_play, read_document
@@ -242,7 +245,8 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
                            stored_dtype=stored_dtype, kv_bits=kv_bits,
                            hi_layers=_int_list(hi_layers, "--hi-layers"), hi_bits=hi_bits,
                            layer_bits=_calibration_bits(calibration, model_name),
-                           **_capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy))
+                           **_capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy,
+                                          split_share))
     m = _method(method, seed, context, score, ridge, preset,
                 **_am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit))
     lm = load_model(model_name, device=_device(device))
@@ -354,8 +358,8 @@ def generate(artifact, prompt, max_new_tokens, model_name, device):
 @capture_options
 def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, context, score, ridge, preset,
              source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit, model_name,
-             budget, budget_floor, query_sources, self_study, on_policy, chunk_size, max_queries, repeat_fraction,
-             seed, device, quiet):
+             budget, split_share, budget_floor, query_sources, self_study, on_policy, chunk_size, max_queries,
+             repeat_fraction, seed, device, quiet):
     """Compare AM and the baselines on one document: cKL, recall retention, attention fidelity, bytes."""
     from .capture.documents import bundled_play, read_document
     from .evaluation.harness import Evaluator, format_table
@@ -378,7 +382,7 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
             raise CompactorError(str(e)) from None
     from .pipeline import probe_for
 
-    opts = _capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy)
+    opts = _capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy, split_share)
     am_opts = _am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit)
     ms = [_method(n, seed, context, score, ridge, preset, **am_opts) for n in names]
     probes = {probe_for(m) for m in ms}
@@ -393,7 +397,7 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
                                   sources=opts.get("sources"), self_study=opts.get("self_study", 4))
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
     rows = ev.run(ms, _ratios(ratios), opts["budget"], opts["budget_floor"], progress=not quiet, kv_bits=bits,
-                  seed=seed, on_policy=opts.get("on_policy", 0))
+                  seed=seed, on_policy=opts.get("on_policy", 0), split_share=opts.get("split_share", 0.5))
     click.echo(format_table(rows))
     click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, no prefix {ev.ce_none:.3f}")
     if json_out:

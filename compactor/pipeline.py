@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .storage.artifact import StoredLayer, write_artifact
-from .fitting.budgets import MODES, global_budgets, layer_budgets, per_head_budget, uniform_budgets
+from .fitting.budgets import MODES, global_budgets, layer_budgets, per_head_budget, split_budgets, uniform_budgets
 from .capture.documents import Document
 from .errors import CompactorError
 from .fitting.key_scores import all_scores
@@ -45,6 +45,7 @@ class CompressOptions:
     self_study: int = 4            # question/answer texts the model writes when sources has self_study
     on_policy: int = 0             # > 1: refit layer groups on queries recaptured through compacted earlier layers
     probe: str | None = None       # reconstruction probe: none | attention | gradient; None: what the score needs
+    split_share: float = 0.5       # budget "split": share of the total allocated by RMS with layer budgets
 
 
 # Presets set defaults that explicit options override. "fast" is the spine's path; "quality" is the best
@@ -102,14 +103,17 @@ def _pad(items: list[torch.Tensor], length: int, fill) -> torch.Tensor:
 def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "layer",
                     budget_floor: float = 0.75, progress: bool = True, codecs: list[KVCodec] | None = None,
                     stored_dtype: str = "bfloat16", seed: int = 0, on_policy=None,
-                    score_weights: torch.Tensor | None = None) -> tuple[list[LayerKV], torch.Tensor]:
+                    score_weights: torch.Tensor | None = None, split_share: float = 0.5
+                    ) -> tuple[list[LayerKV], torch.Tensor]:
     """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used.
     Methods that do not score keys (StreamingLLM, random) are defined per head and always get uniform budgets.
     With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded.
     With `on_policy` (capture/on_policy.OnPolicyQueries), each group of layers after the first is fitted on repeat
     queries recaptured with the layers before it already compacted (budgets and key scores stay those of `capture`).
     `score_weights` (L, H) multiplies each head's key scores before the budgets are shared (e.g. from
-    evaluation/sensitivity.sensitivity_weights); it does not change which keys a head keeps for a given count."""
+    evaluation/sensitivity.sensitivity_weights); it does not change which keys a head keeps for a given count.
+    budget "split": `split_share` of the total by RMS attention with layer budgets, the rest by the method's score
+    with one global budget; each head keeps the union (fitting/budgets.split_budgets)."""
     if budget not in MODES:
         raise ValueError(f"budget must be one of {', '.join(MODES)}")
     if not method.uses_scores:
@@ -126,7 +130,10 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
         scores = all_scores(getattr(method, "score", "rms"), stats, capture.probe, H)
         if score_weights is not None:
             scores = scores * score_weights.to(scores)[..., None]
-    if budget in ("global", "layer"):
+    if budget == "split":
+        rms_scores = torch.stack([s.p_rms for s in stats]).float().cpu()
+        budgets, scores = split_budgets(rms_scores, scores, ratio, split_share, budget_floor)
+    elif budget in ("global", "layer"):
         budgets = (global_budgets if budget == "global" else layer_budgets)(scores, ratio, budget_floor)
     else:
         budgets = uniform_budgets(L, H, T, ratio)
@@ -193,6 +200,7 @@ def artifact_meta(lm: LoadedModel, doc: Document, ids: torch.Tensor, method: Met
                           "query_sources": source_shares(opts.sources, opts.repeat_fraction),
                           "self_study": opts.self_study if (opts.sources or {}).get("self_study") else 0,
                           "on_policy_groups": opts.on_policy if opts.on_policy > 1 else 0,
+                          "split_share": opts.split_share if opts.budget == "split" else None,
                           "max_queries": opts.max_queries, "repeat_fraction": opts.repeat_fraction,
                           "chunk_size": opts.chunk_size, "seed": opts.seed, "stored_dtype": opts.stored_dtype,
                           "hi_layers": list(opts.hi_layers), "hi_bits": opts.hi_bits},
@@ -233,7 +241,8 @@ def compress(lm: LoadedModel, doc: Document, method: Method, out_path: str | Pat
     on_policy = OnPolicyQueries(lm.model, capture, opts.on_policy, opts.chunk_size) \
         if opts.on_policy > 1 and method.name == "am" else None
     layers, budgets = compact_capture(capture, method, opts.ratio, opts.budget, opts.budget_floor, progress,
-                                      codecs, opts.stored_dtype, opts.seed, on_policy=on_policy)
+                                      codecs, opts.stored_dtype, opts.seed, on_policy=on_policy,
+                                      split_share=opts.split_share)
     t2 = time.perf_counter()
     meta = artifact_meta(lm, doc, ids, method, opts, budgets,
                          {"prefill": round(t1 - t0, 3), "compact": round(t2 - t1, 3)})

@@ -250,3 +250,37 @@ def test_on_policy_queries_change_only_repeat_rows_of_later_groups(tiny_llama, d
     q1 = op.capture.queries[1]
     assert torch.equal(q1[:, ~rep], before[1][:, ~rep]) and not torch.allclose(q1[:, rep], before[1][:, rep])
     assert torch.equal(op.capture.queries[0], before[0]) and torch.equal(cap.queries[1], before[1])
+
+
+def test_split_budgets_keep_the_total_and_rank_first_choices_on_top():
+    from compactor.fitting.budgets import layer_budgets, split_budgets
+
+    g = torch.Generator().manual_seed(6)
+    first, second = torch.rand(5, 3, 120, generator=g), torch.rand(5, 3, 120, generator=g) ** 6
+    budgets, ranked = split_budgets(first, second, 10, share=0.5, floor_fraction=0.75)
+    assert int(budgets.sum()) == 5 * 3 * 12
+    b_first = layer_budgets(first, 20, 0.75)  # half the total by the first score, layer budgets
+    for l in range(5):
+        for h in range(3):
+            top = torch.topk(first[l, h], int(b_first[l, h])).indices
+            assert torch.isinf(ranked[l, h, top]).all() and int(torch.isinf(ranked[l, h]).sum()) == top.numel()
+    full, _ = split_budgets(first, second, 10, share=1.0)
+    assert torch.equal(full, layer_budgets(first, 10, 0.75))
+
+
+def test_sensitivity_units_and_weights(tiny_llama, doc_text):
+    from compactor.evaluation.harness import Evaluator
+    from compactor.evaluation.sensitivity import measure_sensitivity, sensitivity_weights
+
+    lm = load_model(str(tiny_llama))
+    ids = _ids(lm, doc_text, 200)
+    cap = prefill_and_capture(lm.model, lm.tokenizer, ids[:150], max_queries=64, progress=False)
+    ev = Evaluator(lm.model, lm.tokenizer, cap, ids, C=40, span_len=16)
+    sens = measure_sensitivity(ev, make_method("eviction"), 4.0, "global", 0.0, unit="layer", progress=False)
+    assert sens.d_ckl.shape == (2, 2) and torch.isfinite(sens.d_ckl).all()
+    assert torch.equal(sens.d_ckl[:, 0], sens.d_ckl[:, 1])  # a layer unit: its heads share the numbers
+    w = sensitivity_weights(sens)
+    assert w.shape == (2, 2) and (w > 0).all()
+    one = measure_sensitivity(ev, make_method("eviction"), 4.0, "global", 0.0, unit="head", shrink=0.0,
+                              progress=False)
+    assert one.d_ckl.shape == (2, 2) and torch.isfinite(one.d_ret).all()
