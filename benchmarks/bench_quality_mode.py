@@ -64,6 +64,22 @@ CONFIGS = {
     "am_kvgrad_split25": cfg(budget="split", floor=0.75, split=0.25, **KVG),
     "am_kvgrad_split75": cfg(budget="split", floor=0.75, split=0.75, **KVG),
     "evict_kvgrad_split50": cfg("eviction", budget="split", floor=0.75, split=0.5, **KVG),
+    # combinations on the split budget
+    "am_split50_check": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", **KVG),
+    "am_split50_bfloor": cfg(budget="split", floor=0.75, split=0.5, beta_floor=-5.0, **KVG),
+    "am_split50_check_bfloor": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", beta_floor=-5.0, **KVG),
+    "am_split25_check": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", **KVG),
+    "am_split50_check_rep3": cfg(budget="split", floor=0.75, split=0.5, value_fit="check",
+                                 source_weights={"repeat": 3.0}, **KVG),
+    "am_split50_check_anchor1": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", value_anchor=1.0,
+                                    **KVG),
+    "am_split50_check_bridge01": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", beta_ridge=0.01,
+                                     **KVG),
+    "am_split50_check_ss": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", variant="ss", **KVG),
+    "am_split50_check_onpolicy3": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", on_policy=3, **KVG),
+    "am_split50_check_omp": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", selection="omp",
+                                omp_keys=4, omp_refit=2, **KVG),
+    "am_split50_check_sens": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", sens=True, **KVG),
     # lever 5: fits that respect recall (on am_kvgrad_global0)
     "am_kvgrad_w_rep3": cfg(source_weights={"repeat": 3.0}, **KVG),
     "am_kvgrad_w_ctx3": cfg(source_weights={"context": 3.0}, **KVG),
@@ -73,6 +89,8 @@ CONFIGS = {
     "am_kvgrad_check": cfg(value_fit="check", **KVG),
     "am_kvgrad_betaonly": cfg(value_fit="none", **KVG),
     "am_kvgrad_ridge1e-2": cfg(ridge=1e-2, **KVG),
+    "am_kvgrad_bridge01": cfg(beta_ridge=0.01, **KVG),
+    "am_kvgrad_bridge1": cfg(beta_ridge=1.0, **KVG),
     # lever 4: query sources
     "am_kvgrad_rep75": cfg(variant="rep75", **KVG),
     "am_kvgrad_ss": cfg(variant="ss", **KVG),
@@ -149,17 +167,18 @@ def get_capture(lm, name: str, ids: torch.Tensor, T: int, variant: str, args):
 SENS_TEXT, SENS_RATIO = "macbeth", 10.0
 
 
-def sensitivity(lm, args, method) -> torch.Tensor:
+def sensitivity(lm, args, method, c: dict) -> torch.Tensor:
     """(L, H) score multipliers from layer sensitivities measured once on SENS_TEXT (cached in benchmarks/out)."""
     from compactor.evaluation.harness import Evaluator
     from compactor.evaluation.sensitivity import Sensitivity, measure_sensitivity, sensitivity_weights
 
-    path = OUT / f"sensitivity_{SENS_TEXT}_T{args.T}_{method.score}_r{SENS_RATIO:g}.json"
+    path = OUT / f"sensitivity_{SENS_TEXT}_T{args.T}_{method.score}_{c['budget']}_r{SENS_RATIO:g}.json"
     if not path.exists():
         ids = text_ids(lm, SENS_TEXT, args.T + args.C)
         cap, _ = get_capture(lm, SENS_TEXT, ids, args.T, "base", args)
         t0 = time.perf_counter()
-        sens = measure_sensitivity(Evaluator(lm.model, lm.tokenizer, cap, ids, C=args.C), method, SENS_RATIO)
+        sens = measure_sensitivity(Evaluator(lm.model, lm.tokenizer, cap, ids, C=args.C), method, SENS_RATIO,
+                                   c["budget"], c["floor"], split_share=c["split"])
         path.write_text(json.dumps({**sens.as_dict(), "seconds": round(time.perf_counter() - t0, 1)}))
     d = json.loads(path.read_text())
     sens = Sensitivity(torch.tensor(d["d_ckl"]), torch.tensor(d["d_ret"]), d["unit"], d["shrink"], d["ratio"])
@@ -203,7 +222,7 @@ def run(args) -> None:
                 evaluators["ev"] = Evaluator(lm.model, lm.tokenizer, cap, ids, C=args.C)
             ev = evaluators["ev"]  # references depend on the document only; fidelity uses the same keys
             method = make_method(c["method"], **c["params"])
-            weights = sensitivity(lm, args, method) if c["sens"] else None
+            weights = sensitivity(lm, args, method, c) if c["sens"] else None
             rows = []
             for ratio in ratios:
                 t0 = time.perf_counter()

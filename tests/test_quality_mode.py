@@ -284,3 +284,13 @@ def test_sensitivity_units_and_weights(tiny_llama, doc_text):
     one = measure_sensitivity(ev, make_method("eviction"), 4.0, "global", 0.0, unit="head", shrink=0.0,
                               progress=False)
     assert one.d_ckl.shape == (2, 2) and torch.isfinite(one.d_ret).all()
+
+
+def test_beta_ridge_matches_augmented_nnls():
+    g = torch.Generator().manual_seed(7)
+    A = torch.rand(50, 10, generator=g, dtype=torch.float64) ** 3
+    mu = 0.1 * float(torch.trace(A.T @ A)) / 10
+    aug = np.vstack([A.numpy(), np.sqrt(mu) * np.eye(10)])
+    y = np.concatenate([np.ones(50), np.sqrt(mu) * np.ones(10)])
+    ref, _ = nnls(aug, y)
+    assert np.allclose(fit_mass_weights(A, ridge=0.1).numpy(), ref, atol=1e-10)

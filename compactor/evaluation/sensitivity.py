@@ -50,7 +50,8 @@ def _replace_heads(layer: LayerKV, heads: dict[int, LayerKV]) -> LayerKV:
 
 
 def measure_sensitivity(evaluator, method, ratio: float, budget: str = "global", budget_floor: float = 0.0,
-                        unit: str = "layer", shrink: float = 0.5, progress: bool = True) -> Sensitivity:
+                        unit: str = "layer", shrink: float = 0.5, progress: bool = True,
+                        split_share: float = 0.5) -> Sensitivity:
     """Per-unit sensitivity of cKL and retention on the evaluator's document (module docstring)."""
     from ..pipeline import compact_capture
 
@@ -59,7 +60,9 @@ def measure_sensitivity(evaluator, method, ratio: float, budget: str = "global",
     if not 0 <= shrink < 1:
         raise ValueError("shrink must be in [0, 1)")
     cap = evaluator.capture
-    layers, budgets = compact_capture(cap, method, ratio, budget, budget_floor, progress=False)
+    layers, budgets = compact_capture(cap, method, ratio, budget, budget_floor, progress=False,
+                                      split_share=split_share)
+    ranking = _ranking(cap, method, ratio, budget, budget_floor, split_share)
     ref = evaluator.score(layers, method.name, ratio, 0.0)
     L, H = budgets.shape
     d_ckl = torch.zeros(L, H, dtype=torch.float64)
@@ -72,7 +75,7 @@ def measure_sensitivity(evaluator, method, ratio: float, budget: str = "global",
             small[l, hh] = max(1, int(budgets[l, hh] * shrink))
         new_heads = {}
         for hh in heads:
-            one, _ = _compact_one(cap, method, l, hh, int(small[l, hh]))
+            one, _ = _compact_one(cap, method, l, hh, int(small[l, hh]), ranking)
             new_heads[hh] = one
         trial = list(layers)
         trial[l] = _replace_heads(layers[l], new_heads)
@@ -83,19 +86,31 @@ def measure_sensitivity(evaluator, method, ratio: float, budget: str = "global",
     return Sensitivity(d_ckl, d_ret, unit, shrink, ratio)
 
 
-def _compact_one(cap, method, l: int, h: int, budget: int) -> tuple[LayerKV, int]:
+def _ranking(cap, method, ratio, budget, budget_floor, split_share) -> torch.Tensor:
+    """(L, H, T) key ranking scores the pipeline uses for these options."""
+    from ..fitting.budgets import split_budgets
+    from ..fitting.key_scores import all_scores
+
+    stats = cap.attention_stats("full")
+    scores = all_scores(getattr(method, "score", "rms"), stats, cap.probe, cap.keys[0].shape[0])
+    if budget == "split":
+        rms = torch.stack([s.p_rms for s in stats]).float().cpu()
+        _, scores = split_budgets(rms, scores, ratio, split_share, budget_floor)
+    return scores
+
+
+def _compact_one(cap, method, l: int, h: int, budget: int, ranking: torch.Tensor) -> tuple[LayerKV, int]:
     """One (layer, head) compacted to `budget` with the capture's statistics, as a one-head LayerKV."""
     from ..fitting.key_scores import all_scores
 
     stats = cap.attention_stats("full")
     H = cap.keys[0].shape[0]
-    scores = all_scores(getattr(method, "score", "rms"), stats, cap.probe, H)
     copy = None if cap.probe is None else all_scores("kvzip", None, cap.probe, H)
     device = cap.keys[l].device
     head_stats = type(stats[l])(*(x[h] for x in stats[l]))
     c = method.compact(cap.keys[l][h], cap.values[l][h], cap.queries[l][h], budget, query_pos=cap.query_pos,
                        query_source=cap.query_source, scale=cap.scale, stats=head_stats, head_id=l * H + h,
-                       scores=scores[l, h].to(device), copy_scores=None if copy is None else copy[l, h].to(device))
+                       scores=ranking[l, h].to(device), copy_scores=None if copy is None else copy[l, h].to(device))
     n = c.keys.shape[0]
     return LayerKV(c.keys[None], c.values[None], c.beta.float()[None], c.positions.long()[None],
                    torch.tensor([n])), n

@@ -85,6 +85,9 @@ class AttentionMatching(ScoredMethod):
       beta >= beta_floor (a key no reference query needed can still serve a recall query that matches it);
     - value_anchor: extra ridge toward the original value for copy-like keys, anchor * copy_j with copy_j the key's
       reconstruction score (max softmax weight a replay query gave it, in [0, 1]; needs the probe);
+    - beta_ridge: pulls the NNLS weights toward 1 (beta toward 0, the plain key), relative to the Gram's mean
+      diagonal like `ridge`; without it a head that keeps most of its keys can fit its reference queries with
+      weights far from 1 that generalise badly;
     - value_fit: "all" refits every head's values; "check" refits only where it lowers the attention-output error
       on held-out reference queries (every 5th row); "none" keeps the original values (beta only).
     - selection: "top" (highest score) or "omp" (greedy matching pursuit on the mass matrix, fitting/omp.py) with
@@ -95,7 +98,8 @@ class AttentionMatching(ScoredMethod):
 
     def __init__(self, score: str = "rms", context: str = "full", ridge: float = 1e-3,
                  source_weights: dict | None = None, beta_floor: float | None = None, value_anchor: float = 0.0,
-                 value_fit: str = "all", selection: str = "top", omp_keys: int = 1, omp_refit: int = 1):
+                 value_fit: str = "all", selection: str = "top", omp_keys: int = 1, omp_refit: int = 1,
+                 beta_ridge: float = 0.0):
         super().__init__(score, context)
         for name in source_weights or {}:
             if name not in SOURCE_NAMES:
@@ -107,11 +111,12 @@ class AttentionMatching(ScoredMethod):
         self.ridge, self.source_weights = ridge, dict(source_weights or {})
         self.beta_floor, self.value_anchor, self.value_fit = beta_floor, float(value_anchor), value_fit
         self.selection, self.omp_keys, self.omp_refit = selection, int(omp_keys), int(omp_refit)
+        self.beta_ridge = float(beta_ridge)
 
     def params(self) -> dict:
         p = {**super().params(), "ridge": self.ridge, "source_weights": self.source_weights,
              "beta_floor": self.beta_floor, "value_anchor": self.value_anchor, "value_fit": self.value_fit,
-             "selection": self.selection}
+             "selection": self.selection, "beta_ridge": self.beta_ridge}
         if self.selection == "omp":
             p.update(omp_keys=self.omp_keys, omp_refit=self.omp_refit)
         return p
@@ -152,7 +157,7 @@ class AttentionMatching(ScoredMethod):
         else:
             idx = top_keys(self._scores(stats, context), budget).to(keys.device)
         A = mass_shares(idx)
-        w = fit_mass_weights(A, weights=u).to(A.device)
+        w = fit_mass_weights(A, weights=u, ridge=self.beta_ridge).to(A.device)
         if self.beta_floor is None:
             keep = w > 0
             if not bool(keep.any()):
