@@ -75,6 +75,13 @@ CONFIGS = {
                                     **KVG),
     "am_split50_check_bridge01": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", beta_ridge=0.01,
                                      **KVG),
+    "am_split50_check_bridge1": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", beta_ridge=1.0,
+                                    **KVG),
+    "am_split50_check_bridge1e-1": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", beta_ridge=0.1,
+                                       **KVG),
+    "am_split50_bridge01": cfg(budget="split", floor=0.75, split=0.5, beta_ridge=0.01, **KVG),
+    "am_split25_check_bridge01": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01,
+                                     **KVG),
     "am_split50_check_ss": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", variant="ss", **KVG),
     "am_split50_check_onpolicy3": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", on_policy=3, **KVG),
     "am_split50_check_omp": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", selection="omp",
@@ -273,6 +280,37 @@ def groups(rows: list[dict], T: int) -> dict:
     return out
 
 
+QUALITY_CONFIG = "am_split50_check_bridge01"  # the quality preset (compactor/pipeline.py PRESETS["quality"])
+SUMMARY = [(QUALITY_CONFIG, "quality preset"), ("am_rms_layer", "AM today (fast)"),
+           ("evict_rms_layer", "eviction, today's scores/budgets"),
+           ("evict_kvgrad_split50", "eviction, the quality preset's keys"),
+           ("am_kvgrad_global0", "AM, kvgrad scores, one global budget")]
+
+
+def summary(g: dict, T: int) -> list[str]:
+    """Per ratio: the quality preset against AM today, the evictions and the issue's kvpress numbers."""
+    ratios = sorted({r for _, r in g})
+    head = "| ratio | " + " | ".join(f"{label}: cKL / ret / stored x / memory x" for _, label in SUMMARY) + \
+        " | kvpress ExpectedAttention | kvpress KVgrad | goal |"
+    lines = [f"### Summary, T = {T} (pooled over the texts each cell has; kvpress: the issue's held-out text)", "",
+             head, "|---:|" + "---|" * (len(SUMMARY) + 3)]
+    for ratio in ratios:
+        cells = []
+        for cfg, _ in SUMMARY:
+            rs = g.get((cfg, ratio))
+            if rs:
+                p = pooled(rs)
+                cells.append(f"{p['ckl']:.4f} / {p['retention']:.2f} / {p['stored']:.1f} / {p['memory']:.1f} "
+                             f"({p['texts']}t)")
+            else:
+                cells.append("")
+        ea, kg = KVPRESS.get(int(ratio), ("", ""))
+        goal = GOALS.get(int(ratio))
+        goal = f"<= {goal[0]} / >= {goal[1]}" if goal else ""
+        lines.append(f"| {ratio:g} | " + " | ".join(cells) + f" | {ea} | {kg} | {goal} |")
+    return lines + [""]
+
+
 def write_report(rows: list[dict], args) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {platform.python_version()}"
     lines = [f"# Quality mode (issue 9): recall and continuation at 2-50x",
@@ -285,6 +323,7 @@ def write_report(rows: list[dict], args) -> None:
              "statistics excluded, see capture seconds)", ""]
     for T in sorted({r["T"] for r in rows}):
         g = groups(rows, T)
+        lines += summary(g, T)
         texts = sorted({r["text"] for r in rows if r["T"] == T})
         lines += [f"## T = {T} (texts: {', '.join(texts)})", "",
                   "| config | ratio | texts | cKL | retention | stored x | memory x | compact s |",

@@ -294,3 +294,36 @@ def test_beta_ridge_matches_augmented_nnls():
     y = np.concatenate([np.ones(50), np.sqrt(mu) * np.ones(10)])
     ref, _ = nnls(aug, y)
     assert np.allclose(fit_mass_weights(A, ridge=0.1).numpy(), ref, atol=1e-10)
+
+
+def test_presets_are_recorded_and_explicit_options_win(tmp_path, tiny_llama, doc_text):
+    from click.testing import CliRunner
+
+    from compactor.cli import cli
+    from compactor.pipeline import PRESETS
+    from compactor.storage.artifact import read_meta
+
+    doc = tmp_path / "story.txt"
+    doc.write_text(doc_text)
+
+    def compress(*extra):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.h5"
+        r = CliRunner().invoke(cli, ["compress", str(doc), "--model", str(tiny_llama), "--ratio", "4", "-o",
+                                     str(out), "--quiet", "--max-queries", "128", *extra])
+        assert r.exit_code == 0, r.output
+        return read_meta(out)["method_params"]
+
+    q = compress("--preset", "quality")
+    for key, value in {**PRESETS["quality"]["options"], **PRESETS["quality"]["method"]}.items():
+        assert q[key] == value, key
+    assert q["preset"] == "quality" and q["probe"] == "gradient"
+    assert q["query_sources"] == {"context": 0.5, "repeat": 0.5}
+    f = compress("--preset", "fast")
+    assert (f["score"], f["budget"], f["budget_floor"], f["probe"]) == ("rms", "layer", 0.75, "none")
+    o = compress("--preset", "quality", "--budget", "layer", "--score", "kvzip", "--query-sources",
+                 "context=1,repeat=1,random=0.5", "--beta-floor", "-4")
+    assert (o["budget"], o["score"], o["probe"], o["beta_floor"]) == ("layer", "kvzip", "attention", -4.0)
+    assert o["query_sources"] == {"context": 0.4, "repeat": 0.4, "random": 0.2}
+    r = CliRunner().invoke(cli, ["compress", str(doc), "--model", str(tiny_llama), "--query-sources", "recall=1",
+                                 "-o", str(tmp_path / "bad.h5")])
+    assert r.exit_code != 0 and "Error:" in r.output and not (tmp_path / "bad.h5").exists()
