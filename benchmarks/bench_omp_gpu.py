@@ -1,4 +1,4 @@
-"""OMP-fast key selection time on the GPU: random-weight Llama-3.1-8B shape, T = 8k, batched over the KV heads of a layer.
+"""OMP-fast key selection time on the GPU: random-weight Llama-3.1-8B shape, T = 8k, batched over a layer's KV heads.
 
 A random-weight model (benchmarks/bench_compaction_gpu.random_model) prefills random ids with query capture; then, for
 a few layers, the mass matrices A (B = KV heads, n queries, T keys) are built and `omp_select_batched`

@@ -242,7 +242,8 @@ def run(args) -> None:
                 secs = time.perf_counter() - t0
                 row = ev.score(layers, method.name, ratio, secs).as_dict()
                 row.update(text=text, T=args.T, config=cname, budget=budget, floor=floor, variant=variant,
-                           params=method.params(), on_policy=c["on_policy"], sens=c["sens"], split=c["split"], ce_full=ev.ce_full, ce_none=ev.ce_none,
+                           params=method.params(), on_policy=c["on_policy"], sens=c["sens"], split=c["split"],
+                           ce_full=ev.ce_full, ce_none=ev.ce_none,
                            capture_s=info["capture_s"], score_s=round(t_score, 2),
                            max_head=int(budgets.max()), min_head=int(budgets.min()))
                 rows.append(row)
@@ -312,7 +313,8 @@ def summary(g: dict, T: int) -> list[str]:
 
 
 def write_report(rows: list[dict], args) -> None:
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {platform.python_version()}"
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+               f"{platform.python_version()}")
     lines = [f"# Quality mode (issue 9): recall and continuation at 2-50x",
              "", f"- date: {datetime.date.today().isoformat()}", f"- machine: {machine}",
              f"- command: `python benchmarks/bench_quality_mode.py ...` (cells as listed below), then "

@@ -105,8 +105,10 @@ def _capture_opts(preset_name, budget, budget_floor, query_sources, self_study, 
     return opts
 
 
-def _am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit) -> dict:
+def _am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
+                beta_ridge=None) -> dict:
     return {"source_weights": _shares(source_weights, "--source-weights"), "beta_floor": beta_floor,
+            "beta_ridge": beta_ridge,
             "value_anchor": value_anchor, "value_fit": value_fit, "selection": selection, "omp_keys": omp_keys,
             "omp_refit": omp_refit}
 
@@ -137,6 +139,8 @@ def method_options(f):
                      help="AM value fit: relative ridge strength (toward the original values).")(f)
     f = click.option("--source-weights", default=None,
                      help="AM fits: per-source query weights, e.g. repeat=2,context=1.")(f)
+    f = click.option("--beta-ridge", type=click.FloatRange(min=0), default=None,
+                     help="AM: pull the NNLS weights toward 1 (beta toward 0), relative strength (quality: 0.01).")(f)
     f = click.option("--beta-floor", type=float, default=None,
                      help="AM: keep every selected key with beta >= this (default: drop keys with weight 0).")(f)
     f = click.option("--value-anchor", type=float, default=None,
@@ -220,9 +224,9 @@ def cli():
 @method_options
 @capture_options
 def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_bits, hi_layers, hi_bits,
-             calibration, method, context, score, ridge, preset, source_weights, beta_floor, value_anchor, value_fit,
-             selection, omp_keys, omp_refit, model_name, budget, split_share, budget_floor, query_sources, self_study,
-             on_policy, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
+             calibration, method, context, score, ridge, preset, source_weights, beta_floor, beta_ridge, value_anchor,
+             value_fit, selection, omp_keys, omp_refit, model_name, budget, split_share, budget_floor, query_sources,
+             self_study, on_policy, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
     from .storage.artifact import read_meta
     from .capture.documents import bundled_play, read_document
@@ -248,7 +252,8 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
                            **_capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy,
                                           split_share))
     m = _method(method, seed, context, score, ridge, preset,
-                **_am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit))
+                **_am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
+                             beta_ridge))
     lm = load_model(model_name, device=_device(device))
     prepared = [prepare(lm, doc, opts) for doc in docs]  # every document is checked before any work starts
     for doc, doc_ids in zip(docs, prepared):
@@ -357,9 +362,9 @@ def generate(artifact, prompt, max_new_tokens, model_name, device):
 @method_options
 @capture_options
 def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, context, score, ridge, preset,
-             source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit, model_name,
-             budget, split_share, budget_floor, query_sources, self_study, on_policy, chunk_size, max_queries,
-             repeat_fraction, seed, device, quiet):
+             source_weights, beta_floor, beta_ridge, value_anchor, value_fit, selection, omp_keys, omp_refit,
+             model_name, budget, split_share, budget_floor, query_sources, self_study, on_policy, chunk_size,
+             max_queries, repeat_fraction, seed, device, quiet):
     """Compare AM and the baselines on one document: cKL, recall retention, attention fidelity, bytes."""
     from .capture.documents import bundled_play, read_document
     from .evaluation.harness import Evaluator, format_table
@@ -383,7 +388,8 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
     from .pipeline import probe_for
 
     opts = _capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy, split_share)
-    am_opts = _am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit)
+    am_opts = _am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
+                          beta_ridge)
     ms = [_method(n, seed, context, score, ridge, preset, **am_opts) for n in names]
     probes = {probe_for(m) for m in ms}
     probe = "gradient" if "gradient" in probes else ("attention" if "attention" in probes else "none")
