@@ -64,6 +64,7 @@ CONFIGS = {
     "am_kvgrad_split25": cfg(budget="split", floor=0.75, split=0.25, **KVG),
     "am_kvgrad_split75": cfg(budget="split", floor=0.75, split=0.75, **KVG),
     "evict_kvgrad_split50": cfg("eviction", budget="split", floor=0.75, split=0.5, **KVG),
+    "evict_kvgrad_split25": cfg("eviction", budget="split", floor=0.75, split=0.25, **KVG),
     # combinations on the split budget
     "am_split50_check": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", **KVG),
     "am_split50_bfloor": cfg(budget="split", floor=0.75, split=0.5, beta_floor=-5.0, **KVG),
@@ -82,11 +83,20 @@ CONFIGS = {
     "am_split50_bridge01": cfg(budget="split", floor=0.75, split=0.5, beta_ridge=0.01, **KVG),
     "am_split25_check_bridge01": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01,
                                      **KVG),
-    "am_split50_check_ss": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", variant="ss", **KVG),
-    "am_split50_check_onpolicy3": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", on_policy=3, **KVG),
-    "am_split50_check_omp": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", selection="omp",
-                                omp_keys=4, omp_refit=2, **KVG),
-    "am_split50_check_sens": cfg(budget="split", floor=0.75, split=0.5, value_fit="check", sens=True, **KVG),
+    # levers 4, 3, 2, 6 on the quality preset (split 0.25, value check, beta ridge 0.01)
+    "q_ss": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01, variant="ss", **KVG),
+    "q_rand": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01, variant="rand", **KVG),
+    "q_rep75": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01, variant="rep75",
+                   **KVG),
+    "q_onpolicy3": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01, on_policy=3,
+                       **KVG),
+    "q_omp": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01, selection="omp",
+                 omp_keys=4, omp_refit=2, **KVG),
+    "q_sens": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01, sens=True, **KVG),
+    "q_w_rep3": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01,
+                    source_weights={"repeat": 3.0}, **KVG),
+    "q_anchor1": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01, value_anchor=1.0,
+                     **KVG),
     # lever 5: fits that respect recall (on am_kvgrad_global0)
     "am_kvgrad_w_rep3": cfg(source_weights={"repeat": 3.0}, **KVG),
     "am_kvgrad_w_ctx3": cfg(source_weights={"context": 3.0}, **KVG),
@@ -281,10 +291,11 @@ def groups(rows: list[dict], T: int) -> dict:
     return out
 
 
-QUALITY_CONFIG = "am_split50_check_bridge01"  # the quality preset (compactor/pipeline.py PRESETS["quality"])
+QUALITY_CONFIG = "am_split25_check_bridge01"  # the quality preset (compactor/pipeline.py PRESETS["quality"])
 SUMMARY = [(QUALITY_CONFIG, "quality preset"), ("am_rms_layer", "AM today (fast)"),
            ("evict_rms_layer", "eviction, today's scores/budgets"),
-           ("evict_kvgrad_split50", "eviction, the quality preset's keys"),
+           ("evict_kvgrad_split25", "eviction, the quality preset's keys"),
+           ("evict_kvgrad_split50", "eviction, split 0.5 keys"),
            ("am_kvgrad_global0", "AM, kvgrad scores, one global budget")]
 
 
@@ -323,6 +334,9 @@ def write_report(rows: list[dict], args) -> None:
              "(sum CE_none - sum CE_full) over the texts of a cell; cKL = mean over texts; bytes = mean over texts "
              "(x = full 16-bit cache / bytes); `s` = compaction seconds on this CPU (prefill, probe and key "
              "statistics excluded, see capture seconds)", ""]
+    notes = Path(args.out).with_name("results_quality_notes.md")
+    if notes.exists():  # the hand-written reading of the numbers (levers, predictions, look back, GPU command)
+        lines += [notes.read_text().strip(), ""]
     for T in sorted({r["T"] for r in rows}):
         g = groups(rows, T)
         lines += summary(g, T)

@@ -52,7 +52,7 @@ class CompressOptions:
 # combination of benchmarks/results_quality.md (issue 9).
 PRESETS = {
     "fast": {"options": {"budget": "layer", "budget_floor": 0.75}, "method": {"score": "rms"}},
-    "quality": {"options": {"budget": "split", "budget_floor": 0.75, "split_share": 0.5},
+    "quality": {"options": {"budget": "split", "budget_floor": 0.75, "split_share": 0.25},
                 "method": {"score": "kvgrad", "value_fit": "check", "beta_ridge": 0.01}},
 }
 

@@ -1,10 +1,13 @@
 """Attention Matching (arXiv 2602.16284), highest-attention variant, for one (layer, KV head).
 
-1. keys: the `budget` keys of highest attention score over the reference queries (key_selection.py);
+1. keys: the `budget` keys of highest score (the pipeline passes any score of fitting/key_scores.py; alone, a head
+   ranks by the RMS or max of its reference queries' attention), or OMP on the attention mass (fitting/omp.py);
 2. beta: NNLS so that the kept keys, reweighted by w = exp(beta), carry each query's full attention mass
-   (beta_fit.py); keys whose weight comes out 0 are dropped;
+   (beta_fit.py), optionally pulled toward w = 1; keys whose weight comes out 0 are dropped unless beta_floor is set;
 3. values: ridge least squares so that attention over the compact cache reproduces each query's full-cache
-   attention output (value_fit.py).
+   attention output (value_fit.py), optionally only where held-out reference queries confirm it helps.
+The options (per-source query weights, beta ridge and floor, value anchors, value-fit check, OMP) are listed on
+AttentionMatching; the issue-9 ablation of each is in benchmarks/results_quality.md.
 `context="full"` lets every reference query see the whole prefix; `"causal"` limits a context query to its
 causal past (in the scores and in both fits). With a `key_transform` in the call context (the pipeline passes
 the store-and-load round trip of the layer's key codec), both fits use the keys as they will be served, so
