@@ -83,6 +83,8 @@ CONFIGS = {
     "am_split50_bridge01": cfg(budget="split", floor=0.75, split=0.5, beta_ridge=0.01, **KVG),
     "am_split25_check_bridge01": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01,
                                      **KVG),
+    "am_split25_select_bridge01": cfg(budget="split", floor=0.75, split=0.25, value_fit="select", beta_ridge=0.01,
+                                      **KVG),
     # levers 4, 3, 2, 6 on the quality preset (split 0.25, value check, beta ridge 0.01)
     "q_ss": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01, variant="ss", **KVG),
     "q_rand": cfg(budget="split", floor=0.75, split=0.25, value_fit="check", beta_ridge=0.01, variant="rand", **KVG),

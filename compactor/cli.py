@@ -145,8 +145,9 @@ def method_options(f):
                      help="AM: keep every selected key with beta >= this (default: drop keys with weight 0).")(f)
     f = click.option("--value-anchor", type=float, default=None,
                      help="AM: extra ridge toward the original values of copy-like keys (needs a probe score).")(f)
-    f = click.option("--value-fit", type=click.Choice(["all", "check", "none"]), default=None,
-                     help="AM: refit values everywhere, only where held-out queries improve, or never.")(f)
+    f = click.option("--value-fit", type=click.Choice(["all", "check", "select", "none"]), default=None,
+                     help="AM: refit values everywhere, only where held-out queries improve (check; select also "
+                          "falls back to eviction of the same keys where that is better), or never.")(f)
     f = click.option("--selection", type=click.Choice(["top", "omp"]), default=None,
                      help="AM key selection: highest score, or OMP on the attention mass.")(f)
     f = click.option("--omp-keys", type=click.IntRange(min=1), default=None, help="OMP: keys added per step.")(f)

@@ -207,6 +207,11 @@ def test_am_options_keep_keys_and_values():
     assert torch.isfinite(weighted.values).all()
     with pytest.raises(ValueError, match="source"):
         make_method("am", source_weights={"recall": 1.0})
+    check = make_method("am", value_fit="check").compact(keys, values, queries, 40, scale=SCALE)
+    sel = make_method("am", value_fit="select").compact(keys, values, queries, 40, scale=SCALE)
+    evicted = make_method("eviction").compact(keys, values, queries, 40, scale=SCALE)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    assert same(sel, check) or same(sel, evicted)
     omp = make_method("am", selection="omp", omp_keys=4, omp_refit=2).compact(keys, values, queries, 40, scale=SCALE)
     assert omp.keys.shape[0] <= 40
 

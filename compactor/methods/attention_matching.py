@@ -78,7 +78,7 @@ class Eviction(ScoredMethod):
 
 
 SOURCE_NAMES = ("context", "repeat", "self_study", "random")  # index = the capture's query_source label
-VALUE_FITS = ("all", "check", "none")
+VALUE_FITS = ("all", "check", "select", "none")
 
 
 class AttentionMatching(ScoredMethod):
@@ -92,7 +92,9 @@ class AttentionMatching(ScoredMethod):
       diagonal like `ridge`; without it a head that keeps most of its keys can fit its reference queries with
       weights far from 1 that generalise badly;
     - value_fit: "all" refits every head's values; "check" refits only where it lowers the attention-output error
-      on held-out reference queries (every 5th row); "none" keeps the original values (beta only).
+      on held-out reference queries (every 5th row); "select" also falls back to plain eviction of the same keys
+      (beta 0, original values) where that reproduces the held-out rows' attention (mass x output) better; "none"
+      keeps the original values (beta only).
     - selection: "top" (highest score) or "omp" (greedy matching pursuit on the mass matrix, fitting/omp.py) with
       omp_keys keys chosen per step and an NNLS refit every omp_refit steps.
     """
@@ -182,8 +184,10 @@ class AttentionMatching(ScoredMethod):
         if self.value_anchor > 0 and copy is not None:
             anchor = self.value_anchor * copy.to(A.device, A.dtype)[idx]
         X = fit_values(P, O, V0, ridge=self.ridge, weights=ur, anchor=anchor)
-        if self.value_fit == "check" and not _refit_helps(P, O, V0, self.ridge, ur, anchor):
+        if self.value_fit in ("check", "select") and not _refit_helps(P, O, V0, self.ridge, ur, anchor):
             X = V0.double()
+        if self.value_fit == "select" and _eviction_is_better(A, w, X, stats.out.to(A.device), V0, u):
+            return take(keys, values, idx)
         if not (torch.isfinite(X).all() and torch.isfinite(beta).all()):
             return take(keys, values, idx)
         return Compacted(keys[idx], beta, X.to(values.dtype), idx)
@@ -200,3 +204,21 @@ def _refit_helps(P, O, V0, ridge, u, anchor, holdout: int = 5) -> bool:
     wt = torch.ones(int(test.sum()), dtype=torch.float64, device=P.device) if u is None else u[test].double()
     err = lambda V: float((wt[:, None] * (P[test].double() @ V.double() - O[test].double()) ** 2).sum())  # noqa
     return err(X) < err(V0)
+
+
+def _eviction_is_better(A, w, X, O, V0, u, holdout: int = 5) -> bool:
+    """Whether plain eviction of the same keys (w = 1, original values) reproduces the held-out reference rows'
+    unnormalised attention over the prefix, mass x output (mass 1 and output O in the full cache), better than the
+    fit (w, X). Rows: every 5th (as _refit_helps); weighted by u. The fit saw these rows too, so this favours the
+    fit: eviction is chosen only where the fit is clearly worse."""
+    n = A.shape[0]
+    test = torch.arange(n, device=A.device) % holdout == holdout - 1
+    if int(test.sum()) == 0:
+        return False
+    At, Ot = A[test], O[test].double()
+    wt = torch.ones(At.shape[0], dtype=torch.float64, device=A.device) if u is None else u[test].double()
+
+    def err(weights, vals):
+        return float((wt[:, None] * ((At * weights) @ vals.double() - Ot) ** 2).sum())
+
+    return err(torch.ones_like(w), V0) < err(w, X)
