@@ -380,12 +380,14 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(Ts), 2, figsize=(13, 5 * len(Ts)), squeeze=False)
     for row_axes, T in zip(axes, Ts):
         g = groups(rows, T)
-        for cfg in sorted({c for c, _ in g}):
+        names = sorted({c for c, _ in g})
+        colors = plt.get_cmap("tab20")
+        for i, cfg in enumerate(names):
             pts = sorted((pooled(rs) for (c, _), rs in g.items() if c == cfg), key=lambda p: p["stored_bytes"])
             style = "--" if cfg.startswith("evict") else "-"
             for ax, key in zip(row_axes, ("ckl", "retention")):
-                ax.plot([p["stored_bytes"] for p in pts], [p[key] for p in pts], style, marker="o", ms=3,
-                        label=cfg)
+                ax.plot([p["stored_bytes"] for p in pts], [p[key] for p in pts], style, marker="os^v"[i // 20 % 4],
+                        ms=3, color=colors(i % 20), label=cfg, lw=2.5 if cfg == QUALITY_CONFIG else 1.2)
         for ax, key in zip(row_axes, ("cKL (nats/token, lower is better)", "pooled recall retention")):
             ax.set_xscale("log")
             ax.set_xlabel("stored bytes (mean over texts)")
