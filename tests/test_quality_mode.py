@@ -269,6 +269,8 @@ def test_split_budgets_keep_the_total_and_rank_first_choices_on_top():
         for h in range(3):
             top = torch.topk(first[l, h], int(b_first[l, h])).indices
             assert torch.isinf(ranked[l, h, top]).all() and int(torch.isinf(ranked[l, h]).sum()) == top.numel()
+    ones, _ = split_budgets(first, second, 1.0)
+    assert (ones == 120).all()  # ratio 1 keeps everything
     full, _ = split_budgets(first, second, 10, share=1.0)
     assert torch.equal(full, layer_budgets(first, 10, 0.75))
 

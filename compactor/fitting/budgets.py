@@ -66,6 +66,8 @@ def split_budgets(first: torch.Tensor, second: torch.Tensor, ratio: float, share
     if not 0 <= share <= 1:
         raise ValueError(f"split share must be in [0, 1], got {share}")
     L, H, T = first.shape
+    if per_head_budget(T, ratio) >= T:  # ratio 1: every head keeps everything (the two parts would overlap)
+        return torch.full((L, H), T, dtype=torch.int64), second.float().clone()
     total = L * H * per_head_budget(T, ratio)
     n_first = round(share * total)
     b_first = layer_budgets(first, L * H * T / max(n_first, 1), floor_fraction) if n_first else \
