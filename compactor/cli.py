@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 
 from .errors import CompactorError
+from .fitting.presets import DEFAULT_PRESET, PRESETS
 
 METHOD_CHOICES = ["am", "eviction", "streaming", "random"]
+SCORE_CHOICES = ("rms", "max", "kvzip", "kvzip_wo", "kvgrad", "kvzip_rms", "kvzip_wo_rms", "kvgrad_rms")
 
 
 def _ratios(value: str) -> list[float]:
@@ -47,10 +49,57 @@ def _calibration_bits(path: str | None, model_name: str) -> dict | None:
                              f"{{\"0\": \"K8V8\", ...}}}}") from None
 
 
-def _method(name: str, seed: int, context: str, score: str, ridge: float):
+def _shares(text: str | None, what: str) -> dict | None:
+    """'context=0.5,repeat=0.5' -> {"context": 0.5, "repeat": 0.5}."""
+    if text is None:
+        return None
+    out = {}
+    try:
+        for part in text.split(","):
+            if part.strip():
+                name, value = part.split("=")
+                out[name.strip()] = float(value)
+    except ValueError:
+        raise CompactorError(f"{what}: expected name=number pairs separated by commas, got {text!r}") from None
+    return out
+
+
+def _method(name: str, seed: int, context: str, score: str | None, ridge: float, preset_name: str = "fast",
+            **am_options):
     from .methods import method_from_options
 
-    return method_from_options(name, seed, context, score, ridge)
+    try:
+        return method_from_options(name, seed, context, score, ridge, preset_name, **am_options)
+    except ValueError as e:
+        raise CompactorError(str(e)) from None
+
+
+def _capture_opts(preset_name, budget, budget_floor, query_sources, self_study, on_policy, split_share) -> dict:
+    """CompressOptions fields from the preset, overridden by the options given explicitly (not None)."""
+    from .fitting.presets import preset
+
+    opts = {"preset": preset_name, **preset(preset_name)["options"]}
+    given = {"budget": budget, "budget_floor": budget_floor, "sources": _shares(query_sources, "--query-sources"),
+             "self_study": self_study, "on_policy": on_policy, "split_share": split_share}
+    opts.update({k: v for k, v in given.items() if v is not None})
+    opts.setdefault("budget", "layer")
+    opts.setdefault("budget_floor", 0.75)
+    if opts.get("sources") is not None:
+        from .capture.prefill import source_shares
+
+        try:
+            source_shares(opts["sources"], 0.5)
+        except ValueError as e:
+            raise CompactorError(f"--query-sources: {e}") from None
+    return opts
+
+
+def _am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
+                beta_ridge=None) -> dict:
+    return {"source_weights": _shares(source_weights, "--source-weights"), "beta_floor": beta_floor,
+            "beta_ridge": beta_ridge,
+            "value_anchor": value_anchor, "value_fit": value_fit, "selection": selection, "omp_keys": omp_keys,
+            "omp_refit": omp_refit}
 
 
 def _device(name: str):
@@ -68,21 +117,53 @@ def method_options(f):
                      help="Compaction method (am = Attention Matching; the others are baselines).")(f)
     f = click.option("--context", type=click.Choice(["full", "causal"]), default="full", show_default=True,
                      help="AM: whether a document query is matched over the whole prefix or its causal past.")(f)
-    f = click.option("--score", type=click.Choice(["rms", "max"]), default="rms", show_default=True,
-                     help="Key score: RMS or max over reference queries of the attention weight.")(f)
+    f = click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET,
+                     show_default=True, help="Defaults for the options below: fast = highest RMS attention and "
+                                             "layer budgets; quality = the best recall + continuation combination "
+                                             "(benchmarks/results_quality.md). Explicit options override.")(f)
+    f = click.option("--score", type=click.Choice(list(SCORE_CHOICES)), default=None,
+                     help="Key score (default: the preset's): rms/max over reference queries; kvzip, kvzip_wo, "
+                          "kvgrad from a reconstruction probe; *_rms mixes with rms.")(f)
     f = click.option("--ridge", type=float, default=1e-3, show_default=True,
                      help="AM value fit: relative ridge strength (toward the original values).")(f)
+    f = click.option("--source-weights", default=None,
+                     help="AM fits: per-source query weights, e.g. repeat=2,context=1.")(f)
+    f = click.option("--beta-ridge", type=click.FloatRange(min=0), default=None,
+                     help="AM: pull the NNLS weights toward 1 (beta toward 0), relative strength (quality: 0.01).")(f)
+    f = click.option("--beta-floor", type=float, default=None,
+                     help="AM: keep every selected key with beta >= this (default: drop keys with weight 0).")(f)
+    f = click.option("--value-anchor", type=float, default=None,
+                     help="AM: extra ridge toward the original values of copy-like keys (needs a probe score).")(f)
+    f = click.option("--value-fit", type=click.Choice(["all", "check", "select", "none"]), default=None,
+                     help="AM: refit values everywhere, only where held-out queries improve (check; select also "
+                          "falls back to eviction of the same keys where that is better), or never.")(f)
+    f = click.option("--selection", type=click.Choice(["top", "omp"]), default=None,
+                     help="AM key selection: highest score, or OMP on the attention mass.")(f)
+    f = click.option("--omp-keys", type=click.IntRange(min=1), default=None, help="OMP: keys added per step.")(f)
+    f = click.option("--omp-refit", type=click.IntRange(min=1), default=None, help="OMP: NNLS refit every N steps.")(f)
     return f
 
 
 def capture_options(f):
     f = click.option("--model", "model_name", default="smollm2-135m", show_default=True,
                      help="Bundled name, local Hugging Face folder, or hub id.")(f)
-    f = click.option("--budget", type=click.Choice(["uniform", "global", "layer"]), default="layer",
-                     show_default=True, help="Per-head budgets: equal; one budget shared by all heads and layers; "
-                                             "or that shared budget split equally within each layer.")(f)
-    f = click.option("--budget-floor", type=click.FloatRange(0, 1), default=0.75, show_default=True,
-                     help="global/layer budgets: share of the uniform budget every head keeps at least.")(f)
+    f = click.option("--budget", type=click.Choice(["uniform", "global", "layer", "split"]), default=None,
+                     help="Per-head budgets (default: the preset's): equal; one budget shared by all heads and "
+                          "layers; that shared budget split equally within each layer; or split: --split-share "
+                          "by RMS attention with layer budgets, the rest by the key score with one global budget.")(f)
+    f = click.option("--split-share", type=click.FloatRange(0, 1), default=None,
+                     help="--budget split: share of the entries chosen by RMS attention (default 0.5).")(f)
+    f = click.option("--budget-floor", type=click.FloatRange(0, 1), default=None,
+                     help="global/layer budgets: share of the uniform budget every head keeps at least "
+                          "(default: the preset's).")(f)
+    f = click.option("--query-sources", default=None,
+                     help="Reference-query shares, e.g. context=0.4,repeat=0.4,self_study=0.2,random=0 "
+                          "(default: the preset's, else context/repeat by --repeat-fraction).")(f)
+    f = click.option("--self-study", type=click.IntRange(min=0), default=None,
+                     help="Question/answer texts the model writes for self_study queries (default 4).")(f)
+    f = click.option("--on-policy", type=click.IntRange(min=0), default=None,
+                     help="AM: refit in N layer groups on queries recaptured through the compacted earlier layers "
+                          "(0 = off).")(f)
     f = click.option("--chunk-size", type=click.IntRange(min=1), default=512, show_default=True,
                      help="Prefill chunk (tokens).")(f)
     f = click.option("--max-queries", type=click.IntRange(min=1), default=4096, show_default=True,
@@ -138,8 +219,10 @@ def cli():
 @method_options
 @capture_options
 def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat, as_json, kv_bits, hi_layers,
-             hi_bits, calibration, no_clobber, method, context, score, ridge, model_name, budget, budget_floor,
-             chunk_size, max_queries, repeat_fraction, seed, device, quiet):
+             hi_bits, calibration, no_clobber, method, context, score, ridge, preset, source_weights, beta_floor,
+             beta_ridge, value_anchor, value_fit, selection, omp_keys, omp_refit, model_name, budget, split_share,
+             budget_floor, query_sources, self_study, on_policy, chunk_size, max_queries, repeat_fraction, seed,
+             device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
     from .storage.artifact import read_artifact, read_meta
     from .capture.documents import bundled_play, read_document
@@ -158,13 +241,17 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat
                              "compress them in separate calls with -o")
     if out and len(docs) > 1 and Path(out).suffix == ".h5":
         raise CompactorError("-o names one file but several documents were given; pass a folder")
-    opts = CompressOptions(ratio=ratio, budget=budget, budget_floor=budget_floor, chunk_size=chunk_size,
-                           max_queries=max_queries, repeat_fraction=repeat_fraction, seed=seed,
-                           max_tokens=max_tokens, stored_dtype=stored_dtype, kv_bits=kv_bits,
+    opts = CompressOptions(ratio=ratio, chunk_size=chunk_size, max_queries=max_queries,
+                           repeat_fraction=repeat_fraction, seed=seed, max_tokens=max_tokens,
+                           stored_dtype=stored_dtype, kv_bits=kv_bits,
                            hi_layers=_int_list(hi_layers, "--hi-layers"), hi_bits=hi_bits,
-                           layer_bits=_calibration_bits(calibration, model_name), chat=chat)
+                           layer_bits=_calibration_bits(calibration, model_name), chat=chat,
+                           **_capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy,
+                                          split_share))
+    m = _method(method, seed, context, score, ridge, preset,
+                **_am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
+                             beta_ridge))
     lm = load_model(model_name, device=_device(device))
-    m = _method(method, seed, context, score, ridge)
     prepared = [prepare(lm, doc, opts) for doc in docs]  # every document is checked before any work starts
     paths = [Path(out) if out and Path(out).suffix == ".h5" else Path(out or "artifacts") / f"{d.name}.h5"
              for d in docs]
@@ -362,8 +449,10 @@ def echo_streamer(tokenizer):
               help="Comma-separated storages to evaluate, e.g. 16,K4V3,q4_0 (see compress --kv-bits).")
 @method_options
 @capture_options
-def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, context, score, ridge, model_name,
-             budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
+def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, context, score, ridge, preset,
+             source_weights, beta_floor, beta_ridge, value_anchor, value_fit, selection, omp_keys, omp_refit,
+             model_name, budget, split_share, budget_floor, query_sources, self_study, on_policy, chunk_size,
+             max_queries, repeat_fraction, seed, device, quiet):
     """Compare AM and the baselines on one document: cKL, recall retention, attention fidelity, bytes."""
     from .capture.documents import bundled_play, read_document
     from .evaluation.harness import Evaluator, format_table
@@ -384,16 +473,25 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
             parse_kv_bits(b)
         except ValueError as e:
             raise CompactorError(str(e)) from None
+    from .pipeline import probe_for
+
+    opts = _capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy, split_share)
+    am_opts = _am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
+                          beta_ridge)
+    ms = [_method(n, seed, context, score, ridge, preset, **am_opts) for n in names]
+    probes = {probe_for(m) for m in ms}
+    probe = "gradient" if "gradient" in probes else ("attention" if "attention" in probes else "none")
     doc = bundled_play(play) if play else read_document(document)
     lm = load_model(model_name, device=_device(device))
     ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
     if ids.numel() < T + C:
         raise CompactorError(f"document {doc.name!r} has {ids.numel()} tokens; eval needs T+C={T + C}")
     capture = prefill_and_capture(lm.model, lm.tokenizer, ids[:T], chunk_size=chunk_size, max_queries=max_queries,
-                                  repeat_fraction=repeat_fraction, seed=seed, progress=not quiet)
+                                  repeat_fraction=repeat_fraction, seed=seed, progress=not quiet, probe=probe,
+                                  sources=opts.get("sources"), self_study=opts.get("self_study", 4))
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
-    rows = ev.run([_method(n, seed, context, score, ridge) for n in names], _ratios(ratios), budget, budget_floor,
-                  progress=not quiet, kv_bits=bits, seed=seed)
+    rows = ev.run(ms, _ratios(ratios), opts["budget"], opts["budget_floor"], progress=not quiet, kv_bits=bits,
+                  seed=seed, on_policy=opts.get("on_policy", 0), split_share=opts.get("split_share", 0.5))
     to_stderr = json_out == "-"
     click.echo(format_table(rows), err=to_stderr)
     click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, no prefix {ev.ce_none:.3f}", err=to_stderr)

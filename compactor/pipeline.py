@@ -13,18 +13,21 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .storage.artifact import Artifact, StoredLayer, write_artifact
-from .fitting.budgets import MODES, global_budgets, layer_budgets, per_head_budget, uniform_budgets
+from .fitting.budgets import MODES, global_budgets, layer_budgets, per_head_budget, split_budgets, uniform_budgets
 from .capture import chat
 from .capture.documents import Document
 from .errors import CompactorError
-from .fitting.key_selection import score_of
+from .fitting.key_scores import all_scores
+from .fitting.key_selection import key_stats
 from .storage.kv_codec import (RAW, STORED_DTYPES, KVCodec, TensorCodec, check_codec, encode_layer,
                                estimate_entry_bytes, parse_kv_bits, roundtrip_tensor)
 from .layer_kv import LayerKV
 from .methods import Method
 from .methods.batched import split_heads
 from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_identity
-from .capture.prefill import Capture, check_length, prefill_and_capture
+from .capture.on_policy import OnPolicyQueries
+from .capture.prefill import Capture, check_length, prefill_and_capture, source_shares
+from .fitting.presets import DEFAULT_PRESET, PRESETS, preset  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -43,6 +46,25 @@ class CompressOptions:
     hi_bits: str = "K8V8"
     layer_bits: dict | None = None  # per-layer overrides {layer index: "K4V3"} (e.g. from a calibration file)
     chat: bool = False             # wrap the document as the opening of the first user turn (capture/chat.py)
+    preset: str = "fast"           # the preset these options came from (recorded; see PRESETS)
+    sources: dict | None = None    # reference-query shares {context, repeat, self_study, random}; None: repeat_fraction
+    self_study: int = 4            # question/answer texts the model writes when sources has self_study
+    on_policy: int = 0             # > 1: refit layer groups on queries recaptured through compacted earlier layers
+    probe: str | None = None       # reconstruction probe: none | attention | gradient; None: what the score needs
+    split_share: float = 0.5       # budget "split": share of the total allocated by RMS with layer budgets
+
+
+def probe_for(method: Method, requested: str | None = None) -> str:
+    """The reconstruction probe a capture needs for this method's key score (or the one requested)."""
+    if requested is not None:
+        return requested
+    from .fitting.key_scores import needs_probe
+
+    score = getattr(method, "score", None)
+    if score is None:
+        return "none"
+    recon, grad = needs_probe(score)
+    return "gradient" if grad else ("attention" if recon else "none")
 
 
 def codec_plan(n_layers: int, opts: CompressOptions) -> list[KVCodec]:
@@ -121,13 +143,20 @@ def layer_groups(budgets: torch.Tensor, n: int, codecs: list[KVCodec] | None = N
 def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "layer",
                     budget_floor: float = 0.75, progress: bool = True, codecs: list[KVCodec] | None = None,
                     stored_dtype: str = "bfloat16", seed: int = 0, batched: bool | None = None,
-                    fit_info=None) -> tuple[list[LayerKV], torch.Tensor]:
+                    fit_info=None, on_policy=None, score_weights: torch.Tensor | None = None,
+                    split_share: float = 0.5) -> tuple[list[LayerKV], torch.Tensor]:
     """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used.
     Methods that do not score keys (StreamingLLM, random) are defined per head and always get uniform budgets.
     With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded.
     Methods with a `compact_layer` (AM, eviction) take all heads of a layer at once when `batched` (default:
-    `use_batched`, i.e. on CUDA); the per-head path stays the reference (exact float64 fits). `fit_info` (a
-    BatchedFitInfo) collects what the batched fits did."""
+    `use_batched`, i.e. on CUDA) and their options allow it (`batched_ok`, no on-policy queries); the per-head
+    path stays the reference (exact float64 fits). `fit_info` (a BatchedFitInfo) collects what the batched fits did.
+    With `on_policy` (capture/on_policy.OnPolicyQueries), each group of layers after the first is fitted on repeat
+    queries recaptured with the layers before it already compacted (budgets and key scores stay those of `capture`).
+    `score_weights` (L, H) multiplies each head's key scores before the budgets are shared (e.g. from
+    evaluation/sensitivity.sensitivity_weights); it does not change which keys a head keeps for a given count.
+    budget "split": `split_share` of the total by RMS attention with layer budgets, the rest by the method's score
+    with one global budget; each head keeps the union (fitting/budgets.split_budgets)."""
     if budget not in MODES:
         raise ValueError(f"budget must be one of {', '.join(MODES)}")
     if not method.uses_scores:
@@ -139,15 +168,25 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     # scores rank the keys (scored methods), share the budget, and tell the codecs which entries matter most
     stats = capture.attention_stats(context, progress) if method.uses_scores or budget != "uniform" or quantized \
         else None
-    if budget in ("global", "layer"):
-        scores = torch.stack([score_of(s, getattr(method, "score", "rms")) for s in stats]).cpu()
+    scores = None
+    if method.uses_scores or budget != "uniform":
+        scores = all_scores(getattr(method, "score", "rms"), stats, capture.probe, H)
+        if score_weights is not None:
+            scores = scores * score_weights.to(scores)[..., None]
+    if budget == "split":
+        rms_scores = torch.stack([s.p_rms for s in stats]).float().cpu()
+        budgets, scores = split_budgets(rms_scores, scores, ratio, split_share, budget_floor)
+    elif budget in ("global", "layer"):
         budgets = (global_budgets if budget == "global" else layer_budgets)(scores, ratio, budget_floor)
     else:
         budgets = uniform_budgets(L, H, T, ratio)
+    copy = None if capture.probe is None else all_scores("kvzip", None, capture.probe, H)
+    device = capture.keys[0].device
     layers = []
     if batched is None:
         batched = use_batched(capture.keys[0].device)
-    if batched and hasattr(method, "compact_layer") and stats is not None:
+    if (batched and hasattr(method, "compact_layer") and method.batched_ok() and stats is not None
+            and on_policy is None):
         qpos = capture.query_pos.to(capture.keys[0].device)
         out: list = [None] * L
         groups = layer_groups(budgets, capture.queries[0].shape[1], codecs)
@@ -160,20 +199,34 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
                                          cat([capture.values[l] for l in group]),
                                          cat([capture.queries[l] for l in group]), budgets[group].flatten(),
                                          stats=group_stats, scale=capture.scale, query_pos=qpos,
+                                         query_source=capture.query_source,
+                                         scores=None if scores is None else scores[group].flatten(0, 1),
                                          layer_key_transform=transform, fit_info=fit_info)
             for l, part in zip(group, split_heads(layer, H)):
                 out[l] = part
         return out, budgets
+    fit_capture = capture
+    if on_policy is not None:
+        fit_capture = on_policy.capture
+        stats = fit_capture.attention_stats(context)
     for l in tqdm(range(L), desc=f"compact {method.name}", unit="layer", disable=not progress):
+        if on_policy is not None and l in on_policy.starts:
+            on_policy.refresh(layers, on_policy.group_of(l))
+        if stats is not None and stats[l] is None:
+            pos = fit_capture.query_pos if context == "causal" else None
+            stats[l] = key_stats(fit_capture.keys[l], fit_capture.values[l], fit_capture.queries[l],
+                                 fit_capture.scale, pos)
         heads = []
         key_codec = (codecs[l] if codecs else RAW).keys
         key_transform = lambda k, imp, c=key_codec: roundtrip_tensor(k, c, stored_dtype, seed, imp)  # noqa: E731
         for h in range(H):
             head_stats = None if stats is None else type(stats[l])(*(x[h] for x in stats[l]))
-            heads.append(method.compact(capture.keys[l][h], capture.values[l][h], capture.queries[l][h],
-                                        int(budgets[l, h]), query_pos=capture.query_pos.to(capture.keys[l].device),
-                                        scale=capture.scale, stats=head_stats, head_id=l * H + h,
-                                        key_transform=key_transform))
+            heads.append(method.compact(capture.keys[l][h], capture.values[l][h], fit_capture.queries[l][h],
+                                        int(budgets[l, h]), query_pos=capture.query_pos.to(device),
+                                        query_source=capture.query_source, scale=capture.scale, stats=head_stats,
+                                        head_id=l * H + h, key_transform=key_transform,
+                                        scores=None if scores is None else scores[l, h].to(device),
+                                        copy_scores=None if copy is None else copy[l, h].to(device)))
         t_max = max(c.keys.shape[0] for c in heads)
         layers.append(LayerKV(
             keys=_pad([c.keys for c in heads], t_max, 0), values=_pad([c.values for c in heads], t_max, 0),
@@ -215,7 +268,12 @@ def artifact_meta(lm: LoadedModel, doc: Document | None, ids: torch.Tensor, meth
         "document_name": doc.name if doc else "tokens", "document_sha256": doc.sha256 if doc else tokens_sha256,
         "tokens_sha256": tokens_sha256,
         "T": int(ids.numel()), "ratio": float(opts.ratio), "method": method.name,
-        "method_params": {**method.params(), "budget": opts.budget, "budget_floor": opts.budget_floor,
+        "method_params": {**method.params(), "preset": opts.preset, "budget": opts.budget,
+                          "budget_floor": opts.budget_floor, "probe": probe_for(method, opts.probe),
+                          "query_sources": source_shares(opts.sources, opts.repeat_fraction),
+                          "self_study": opts.self_study if (opts.sources or {}).get("self_study") else 0,
+                          "on_policy_groups": opts.on_policy if opts.on_policy > 1 else 0,
+                          "split_share": opts.split_share if opts.budget == "split" else None,
                           "max_queries": opts.max_queries, "repeat_fraction": opts.repeat_fraction,
                           "chunk_size": opts.chunk_size, "seed": opts.seed, "stored_dtype": opts.stored_dtype,
                           "hi_layers": list(opts.hi_layers), "hi_bits": opts.hi_bits},
@@ -279,11 +337,15 @@ def build_artifact(lm: LoadedModel, doc: Document | None, method: Method, opts: 
     t0 = time.perf_counter()
     capture = prefill_and_capture(lm.model, lm.tokenizer, ids, chunk_size=opts.chunk_size,
                                   max_queries=opts.max_queries, repeat_fraction=opts.repeat_fraction,
-                                  seed=opts.seed, progress=progress)
+                                  seed=opts.seed, progress=progress, probe=probe_for(method, opts.probe),
+                                  sources=opts.sources, self_study=opts.self_study)
     t1 = time.perf_counter()
     codecs = codec_plan(len(capture.keys), opts)
+    on_policy = OnPolicyQueries(lm.model, capture, opts.on_policy, opts.chunk_size) \
+        if opts.on_policy > 1 and method.name == "am" else None
     layers, budgets = compact_capture(capture, method, opts.ratio, opts.budget, opts.budget_floor, progress,
-                                      codecs, opts.stored_dtype, opts.seed)
+                                      codecs, opts.stored_dtype, opts.seed, on_policy=on_policy,
+                                      split_share=opts.split_share)
     t2 = time.perf_counter()
     meta = artifact_meta(lm, doc, ids, method, opts, budgets,
                          {"prefill": round(t1 - t0, 3), "compact": round(t2 - t1, 3)})
@@ -304,15 +366,17 @@ def compress(lm: LoadedModel, doc: Document, method: Method, out_path: str | Pat
     return path, done.layers, done.capture, done.ids
 
 
-_METHOD_OPTIONS = ("context", "score", "ridge")
+_METHOD_OPTIONS = ("context", "score", "ridge", "source_weights", "beta_floor", "beta_ridge", "value_anchor",
+                   "value_fit", "selection", "omp_keys", "omp_refit")
 
 
 def compress_to_cache(document, model, tokenizer, ratio: float = 10.0, *, method: str = "am",
                       name: str = "document", model_id: str | None = None, progress: bool = False, **options):
     """`compactor.compress`: a document (text, or token ids (T,)) compressed in memory into a CompactedCache for
     `model`, by the same steps as `compactor compress` (so `cache.save(path)` writes the artifact the CLI writes).
-    `options` are CompressOptions fields (chat, budget, max_queries, kv_bits, stored_dtype, seed, ...) and the
-    method's (context, score, ridge)."""
+    `options` are CompressOptions fields (preset, chat, budget, max_queries, kv_bits, stored_dtype, seed, ...) and
+    the method's (context, score, ridge and AM's quality-mode options); the preset (default DEFAULT_PRESET) fills
+    in what is not given, as on the command line."""
     from dataclasses import fields
 
     from .methods import method_from_options
@@ -325,9 +389,13 @@ def compress_to_cache(document, model, tokenizer, ratio: float = 10.0, *, method
                         f"{', '.join(sorted(known | set(_METHOD_OPTIONS)))}")
     if ratio < 1:
         raise CompactorError(f"ratio must be >= 1 (got {ratio})")
-    opts = CompressOptions(ratio=float(ratio), **{k: v for k, v in options.items() if k in known})
+    preset_name = options.get("preset") or DEFAULT_PRESET
     try:
-        m = method_from_options(method, opts.seed, **{k: v for k, v in options.items() if k in _METHOD_OPTIONS})
+        given = {k: v for k, v in options.items() if k in known and v is not None}
+        opts = CompressOptions(ratio=float(ratio), **{**preset(preset_name)["options"], **given,
+                                                      "preset": preset_name})
+        m = method_from_options(method, opts.seed, preset=preset_name,
+                                **{k: v for k, v in options.items() if k in _METHOD_OPTIONS})
     except ValueError as e:
         raise CompactorError(str(e)) from None
     lm = LoadedModel(model, tokenizer, model_id or str(getattr(model.config, "_name_or_path", "") or
