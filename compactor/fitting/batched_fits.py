@@ -16,8 +16,6 @@ fits only touch the mass shares A (B, n, t) of `compactor.kernels.mass_shares` (
   Jacobi-preconditioned conjugate gradients from X = V0 (one CG per value column, sharing the operator), a step
   being one product of the scaled t x t Gram of P (built once, when `use_gram` says it pays) with d columns, or
   one product with A and one with A^T. The vector work of a step runs fused (kernels/fit_products.py, `cg_*`).
-  (Reusing beta's Gram instead, i.e. dropping the 1/m_i^2 row weights, cost 9% in cKL at ratio 10 on SmolLM2:
-  benchmarks/notes_gpu_fits.md.)
 
 Why a fixed number of iterations instead of the exact solvers: their cost is cubic in t per head (an active-set
 Cholesky per iteration; 668 ms per head at T=131k on an H100), these are linear in n*t per step. Measured on
