@@ -147,8 +147,11 @@ def kernel_checks(device: str, ceil: dict, tiny: bool) -> list[dict]:
     """Each fit-product kernel on a layer-sized problem: error vs the torch reference, time, floor, share."""
     from compactor.kernels import fit_products as fp
 
+    from compactor.fitting.batched_fits import scaled_gram
+    from compactor.methods.batched import PAD_KEYS
+
     B, n, t, d = (2, 256, 100, 64) if tiny else (8, 8192, 3277, 128)
-    T_full = t * 10
+    t = -(-t // PAD_KEYS) * PAD_KEYS  # the kept-key slots the pipeline pads to on the GPU (3277 -> 3328)
     g = torch.Generator(device=device).manual_seed(1)
     q = (torch.randn(B, n, d, device=device, generator=g) * 1.5).bfloat16()
     k = torch.randn(B, t, d, device=device, generator=g).bfloat16()
@@ -183,10 +186,28 @@ def kernel_checks(device: str, ceil: dict, tiny: bool) -> list[dict]:
         2 * B * n * t * d)
     row(f"A^T @ R (k={d})", lambda: fp.shares_t_matmul(A, rd), lambda: fp.shares_t_matmul_torch(A, rd), A_bytes,
         2 * B * n * t * d)
-    G_src = (A.float() / A.float().norm(dim=1, keepdim=True).clamp_min(1e-30)).half()
-    row("scaled Gram (cuBLAS bmm, fp16)", lambda: torch.bmm(G_src.transpose(1, 2), G_src),
-        lambda: torch.bmm(G_src.float().transpose(1, 2), G_src.float()), A_bytes + B * t * t * 2, 2 * B * n * t * t)
-    del T_full
+    # the value fit's Gram path: scaled copy of the shares, its Gram, and a CG step's product and vector work
+    cs = 1 / A.float().norm(dim=1).clamp_min(1e-30)
+    rsc = torch.rand(B, n, device=device, generator=g) + 0.5
+    row("scale_shares (fp16 A -> fp16 copy)", lambda: fp.scale_shares(A, rsc, cs),
+        lambda: fp.scale_shares_torch(A, rsc, cs), 2 * A_bytes, 2 * B * n * t)
+    M = fp.scale_shares(A, None, cs)
+    row("scaled Gram (scale + cuBLAS bmm, fp16)", lambda: scaled_gram(A, cs),
+        lambda: torch.bmm(M.float().transpose(1, 2), M.float()), 2 * A_bytes + B * t * t * 2, 2 * B * n * t * t)
+    G = scaled_gram(A, cs)
+    del M
+    row(f"G @ X (k={d}, fp16 Gram)", lambda: fp.shares_matmul(G, xd), lambda: fp.shares_matmul_torch(G, xd),
+        B * t * t * 2, 2 * B * t * t * d)
+    row("G @ v (k=1, fp16 Gram)", lambda: fp.shares_matmul(G, x1), lambda: fp.shares_matmul_torch(G, x1),
+        B * t * t * 2, 2 * B * t * t)
+    Qh, D, Y, R = xd.half(), torch.randn_like(xd), torch.randn_like(xd), torch.randn_like(xd)
+    Y0, R0 = Y.clone(), R.clone()
+    sq, alpha = torch.rand(B, d, device=device, generator=g) + 0.5, torch.rand(B, d, device=device, generator=g)
+    dg, minv = (torch.rand(B, t, device=device, generator=g) for _ in range(2))
+    # in place on Y and R: the first call (checked) sees Y0, R0 like the reference; the timing keeps updating them
+    row(f"cg_update (k={d}, fused)", lambda: fp.cg_update(Qh, sq, None, dg, D, Y, R, alpha, minv, cs)[0],
+        lambda: fp.cg_update_torch(Qh, sq, None, dg, D, Y0.clone(), R0.clone(), alpha, minv, cs)[0],
+        B * t * d * (2 + 4 * 5), 0)
     return rows
 
 

@@ -38,8 +38,11 @@ import torch
 
 from .attention_stats import _HAS_TRITON, _env_flag, _interpret_mode, _warn_once, tl, triton
 
-__all__ = ["mass_shares", "mass_shares_torch", "mass_shares_triton", "shares_matmul", "shares_matmul_torch",
-           "shares_matmul_triton", "shares_t_matmul", "shares_t_matmul_torch", "shares_t_matmul_triton"]
+__all__ = ["cg_direction", "cg_direction_torch", "cg_direction_triton", "cg_dot", "cg_dot_torch", "cg_dot_triton",
+           "cg_update", "cg_update_torch", "cg_update_triton", "mass_shares", "scale_shares", "scale_shares_torch",
+           "scale_shares_triton", "mass_shares_torch", "mass_shares_triton", "shares_matmul", "shares_matmul_half",
+           "shares_matmul_torch", "shares_matmul_triton", "shares_t_matmul", "shares_t_matmul_half",
+           "shares_t_matmul_torch", "shares_t_matmul_triton"]
 
 _LOG2E = 1.4426950408889634
 _TORCH_CHUNK = 2048  # query rows per chunk in the torch reference of mass_shares
@@ -496,6 +499,312 @@ def shares_t_matmul_triton(A: torch.Tensor, R: torch.Tensor, square: bool = Fals
 
 
 # ----------------------------------------------------------------------------------------------
+# products with d columns: cuBLAS on a column-scaled float16 operand
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _full_precision_reductions():
+    """float16 GEMMs with float32 accumulation throughout (cuBLAS may otherwise reduce split-K partial sums in
+    float16, torch's default)."""
+    flag = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = flag
+
+
+def _half_columns(X: torch.Tensor, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (B, r, k) -> (X / sigma as float16, sigma (B, k) float32), sigma the largest magnitude of each column (1 for
+    an all-zero column) times max(1, inner / 2^15): with a float16 left factor of entries in [0, 1] and `inner`
+    terms per output, every output then stays below 2^15 in magnitude (float16's range ends at 65504)."""
+    sigma = torch.linalg.vector_norm(X.float(), ord=float("inf"), dim=1)
+    sigma = torch.where(sigma > 0, sigma, torch.ones((), dtype=sigma.dtype, device=sigma.device))
+    sigma = sigma * max(1.0, inner / 32768)
+    X16 = torch.empty(X.shape, dtype=torch.float16, device=X.device)
+    torch.div(X, sigma[:, None, :], out=X16)
+    return X16, sigma
+
+
+@torch.no_grad()
+def shares_matmul_half(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """A @ X (B, n, k) float32 for float16 A (entries in [0, 1]: shares, or a scaled Gram): X's columns scaled into
+    float16 (`_half_columns`), one float16 GEMM with float32 accumulation (torch.bmm: cuBLAS on the GPU), the
+    float16 result scaled back. Error ~2^-11 of each output's scale, like A's own rounding. On the GPU this is the
+    path for k > 1 (the Triton `_rows_kernel` re-reads and converts the float32 operand in every program)."""
+    _check_matmul_inputs(A, X, rows=True)
+    if A.dtype != torch.float16:
+        raise ValueError(f"shares_matmul_half takes float16 A, got {A.dtype}")
+    X16, sigma = _half_columns(X, A.shape[2])
+    with _full_precision_reductions():
+        Y16 = torch.bmm(A, X16)
+    return torch.mul(Y16, sigma[:, None, :])
+
+
+@torch.no_grad()
+def shares_t_matmul_half(A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """A^T @ R (B, t, k) float32 for float16 A (entries in [0, 1]), as :func:`shares_matmul_half` (cuBLAS reads A
+    transposed in place: no copy)."""
+    _check_matmul_inputs(A, R, rows=False)
+    if A.dtype != torch.float16:
+        raise ValueError(f"shares_t_matmul_half takes float16 A, got {A.dtype}")
+    R16, sigma = _half_columns(R, A.shape[1])
+    with _full_precision_reductions():
+        Z16 = torch.bmm(A.transpose(1, 2), R16)
+    return torch.mul(Z16, sigma[:, None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# scaled copy of the shares (what a Gram is built from)
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_scale_inputs(A, rows, cols):
+    if A.dim() != 3 or A.dtype not in SHARE_DTYPES:
+        raise ValueError(f"A must be (B, n, t) float16/32/64, got {tuple(A.shape)} {A.dtype}")
+    B, n, t = A.shape
+    if cols.shape != (B, t) or (rows is not None and rows.shape != (B, n)):
+        raise ValueError(f"rows must be (B, n) and cols (B, t) for A {tuple(A.shape)}")
+
+
+@torch.no_grad()
+def scale_shares_torch(A: torch.Tensor, rows: Optional[torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
+    """rows[b, i] * A[b, i, j] * cols[b, j] (B, n, t) in A's dtype, each product in float32 (float64 for float64 A),
+    rounded once (a factor alone may exceed float16's range where the product does not). rows None: 1."""
+    _check_scale_inputs(A, rows, cols)
+    work = torch.float64 if A.dtype == torch.float64 else torch.float32
+    out = torch.empty_like(A)
+    step = max(1, (256 << 20) // max(1, A.shape[1] * A.shape[2] * 4))  # heads per float32 temporary
+    for b0 in range(0, A.shape[0], step):
+        b1 = min(A.shape[0], b0 + step)
+        x = A[b0:b1].to(work) * cols[b0:b1, None, :].to(work)
+        if rows is not None:
+            x = x * rows[b0:b1, :, None].to(work)
+        out[b0:b1] = x.to(A.dtype)
+    return out
+
+
+def _scale_kernel(A, ROWS, COLS, OUT, n, t, stride_ab, stride_an, stride_at,
+                  HAS_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rows < n
+    mask_n = cols < t
+    mask = mask_m[:, None] & mask_n[None, :]
+    a = tl.load(A + pid_b * stride_ab + rows[:, None] * stride_an + cols[None, :] * stride_at, mask=mask, other=0.0)
+    x = a.to(tl.float32) * tl.load(COLS + pid_b * t + cols, mask=mask_n, other=0.0)[None, :]
+    if HAS_ROWS:
+        x = x * tl.load(ROWS + pid_b * n + rows, mask=mask_m, other=0.0)[:, None]
+    tl.store(OUT + pid_b * n * t + rows[:, None].to(tl.int64) * t + cols[None, :], x.to(OUT.dtype.element_ty),
+             mask=mask)
+
+
+@torch.no_grad()
+def scale_shares_triton(A: torch.Tensor, rows: Optional[torch.Tensor], cols: torch.Tensor, *,
+                        blocks: Optional[dict] = None) -> torch.Tensor:
+    """Triton version of :func:`scale_shares_torch` (float16/float32 A): one read of A, one write."""
+    _check_scale_inputs(A, rows, cols)
+    if A.dtype == torch.float64:
+        raise ValueError("scale_shares_triton takes float16/float32 A; use the torch reference for float64")
+    B, n, t = A.shape
+    interpret, _ = _launch_mode(A.device)
+    cfg = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 4}
+    cfg.update(blocks or {})
+    out = torch.empty(B, n, t, dtype=A.dtype, device=A.device)
+    cols = cols.float().contiguous()
+    rows_t = cols if rows is None else rows.float().contiguous()
+    kern = _kernel("scale", _scale_kernel, interpret, False, [])
+    with _device_ctx(A.device):
+        kern[(triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(t, cfg["BLOCK_N"]), B)](
+            A, rows_t, cols, out, n, t, *A.stride(), HAS_ROWS=rows is not None, **cfg)
+    return out
+
+
+def scale_shares(A: torch.Tensor, rows: Optional[torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
+    """rows[:, :, None] * A * cols[:, None, :] in A's dtype (products in float32). CUDA -> Triton, CPU -> torch."""
+    if A.dtype != torch.float64 and _use_triton(A):
+        return scale_shares_triton(A, rows, cols)
+    return scale_shares_torch(A, rows, cols)
+
+
+# ----------------------------------------------------------------------------------------------
+# the vector work of a conjugate-gradient step, fused (the value fit: one CG per value column)
+# ----------------------------------------------------------------------------------------------
+#
+# Unknowns Y, residuals R and directions D are (B, t, k) float32 (contiguous); the operator product of a step
+# comes as Qh (B, t, k) (float16 from a float16 GEMM, or float32) with the true product
+#     Q = rs * (Qh * sq) + dg * D        rs (B, t) row scale (None: 1), sq (B, k) column scale, dg (B, t) diagonal.
+# A step is then: alpha = rz / (D . Q); Y += alpha D; R -= alpha Q; Z = minv R; rz' = R . Z; beta = rz' / rz;
+# D = Z + beta D. Done in torch that is ~25 passes over (B, t, k) float32 tensors, more bytes than the operator
+# product itself when the operator is a t x t Gram; the three kernels below do it in ~11 (each reads what it needs
+# once): `cg_dot` (D . Q), `cg_update` (Y, R, and the sums for beta), `cg_direction` (D, and the next product's
+# float16 operand cs * D / sigma). Per-column sums and maxima come back per block of t (fixed order: deterministic)
+# and are reduced here. minv is 0 off the solved rows: R and D stay 0 there.
+
+
+def _cg_q(qh, sq, rs, dg, D):
+    q = qh.float() * sq[:, None, :]
+    if rs is not None:
+        q = q * rs[:, :, None]
+    return q + dg[:, :, None] * D
+
+
+def _check_cg(*xs):
+    for x in xs:
+        if x is not None and not x.is_contiguous():
+            raise ValueError("the CG tensors must be contiguous")
+
+
+@torch.no_grad()
+def cg_dot_torch(Qh, sq, rs, dg, D) -> torch.Tensor:
+    """(B, k) float32: sum_t D * Q (Q as in the section comment)."""
+    return (D * _cg_q(Qh, sq, rs, dg, D)).sum(1)
+
+
+@torch.no_grad()
+def cg_update_torch(Qh, sq, rs, dg, D, Y, R, alpha, minv, cs):
+    """In place: Y += alpha D, R = (R - alpha Q) on the rows with minv > 0 (0 elsewhere). Returns (rz (B, k) =
+    sum_t minv R^2, zmax (B, k) = max_t |cs minv R|) (cs None: 1)."""
+    Q = _cg_q(Qh, sq, rs, dg, D)
+    Y.addcmul_(D, alpha[:, None, :])
+    R.addcmul_(Q, alpha[:, None, :], value=-1.0).mul_((minv > 0).to(R.dtype)[:, :, None])
+    Z = minv[:, :, None] * R
+    zs = Z if cs is None else Z * cs[:, :, None]
+    return (R * Z).sum(1), zs.abs().amax(1)
+
+
+@torch.no_grad()
+def cg_direction_torch(R, D, minv, beta, sigma, cs, out_dtype=torch.float16):
+    """In place: D = minv R + beta D. Returns (cs D / sigma (B, t, k) in out_dtype, dmax (B, k) = max_t |cs D|)."""
+    D.mul_(beta[:, None, :]).addcmul_(minv[:, :, None], R)
+    Ds = D if cs is None else D * cs[:, :, None]
+    return (Ds / sigma[:, None, :]).to(out_dtype), Ds.abs().amax(1)
+
+
+def _cg_kernel(
+    QH, SQ, RS, DG, D, Y, R, ALPHA, MINV, CS, OUT, PART1, PART2, BETA, SIGMA,
+    t, k,
+    PHASE: tl.constexpr,
+    HAS_RS: tl.constexpr,
+    HAS_CS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One (block of t, block of k, head) tile of a CG step. PHASE 0: partial sums of D*Q; 1: update Y and R,
+    partial sums of minv R^2 and maxima of |cs minv R|; 2: update D, write cs D / sigma, partial maxima of |cs D|."""
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_t = rows < t
+    mask_k = cols < k
+    mask = mask_t[:, None] & mask_k[None, :]
+    offs = pid_b * t * k + rows[:, None].to(tl.int64) * k + cols[None, :]
+    vec_t = pid_b * t + rows
+    vec_k = pid_b * k + cols
+    part = (pid_t * tl.num_programs(2) + pid_b) * k + cols  # partial buffers (n_blocks_t, B, k)
+    d = tl.load(D + offs, mask=mask, other=0.0)
+    if PHASE < 2:
+        sq = tl.load(SQ + vec_k, mask=mask_k, other=0.0)
+        q = tl.load(QH + offs, mask=mask, other=0.0).to(tl.float32) * sq[None, :]
+        if HAS_RS:
+            q = q * tl.load(RS + vec_t, mask=mask_t, other=0.0)[:, None]
+        q = q + tl.load(DG + vec_t, mask=mask_t, other=0.0)[:, None] * d
+        if PHASE == 0:
+            tl.store(PART1 + part, tl.sum(d * q, axis=0), mask=mask_k)
+        else:
+            minv = tl.load(MINV + vec_t, mask=mask_t, other=0.0)
+            alpha = tl.load(ALPHA + vec_k, mask=mask_k, other=0.0)[None, :]
+            y = tl.load(Y + offs, mask=mask, other=0.0)
+            tl.store(Y + offs, y + alpha * d, mask=mask)
+            r = tl.load(R + offs, mask=mask, other=0.0)
+            r = tl.where((minv > 0)[:, None], r - alpha * q, 0.0)
+            tl.store(R + offs, r, mask=mask)
+            z = minv[:, None] * r
+            tl.store(PART1 + part, tl.sum(r * z, axis=0), mask=mask_k)
+            if HAS_CS:
+                z = z * tl.load(CS + vec_t, mask=mask_t, other=0.0)[:, None]
+            tl.store(PART2 + part, tl.max(tl.abs(z), axis=0), mask=mask_k)
+    else:
+        minv = tl.load(MINV + vec_t, mask=mask_t, other=0.0)
+        r = tl.load(R + offs, mask=mask, other=0.0)
+        beta = tl.load(BETA + vec_k, mask=mask_k, other=0.0)[None, :]
+        d = minv[:, None] * r + beta * d
+        tl.store(D + offs, d, mask=mask)
+        if HAS_CS:
+            d = d * tl.load(CS + vec_t, mask=mask_t, other=0.0)[:, None]
+        sigma = tl.load(SIGMA + vec_k, mask=mask_k, other=1.0)[None, :]
+        tl.store(OUT + offs, (d / sigma).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(PART2 + part, tl.max(tl.abs(d), axis=0), mask=mask_k)
+
+
+_CG_BLOCKS = dict(BLOCK_T=32, BLOCK_K=128, num_warps=4)
+
+
+def _cg_launch(phase, Qh, sq, rs, dg, D, Y, R, alpha, minv, cs, out, beta, sigma, blocks=None):
+    B, t, k = D.shape
+    interpret, _ = _launch_mode(D.device)
+    cfg = dict(_CG_BLOCKS)
+    cfg.update(blocks or {})
+    n_t = triton.cdiv(t, cfg["BLOCK_T"])
+    p1 = torch.empty(n_t, B, k, dtype=torch.float32, device=D.device)
+    p2 = torch.empty(n_t, B, k, dtype=torch.float32, device=D.device)
+    dummy = p1
+    kern = _kernel("cg", _cg_kernel, interpret, False, [])
+    with _device_ctx(D.device):
+        kern[(n_t, triton.cdiv(k, cfg["BLOCK_K"]), B)](
+            dummy if Qh is None else Qh, dummy if sq is None else sq, dummy if rs is None else rs,
+            dummy if dg is None else dg, D, dummy if Y is None else Y, R, dummy if alpha is None else alpha,
+            dummy if minv is None else minv,
+            dummy if cs is None else cs, dummy if out is None else out, p1, p2, dummy if beta is None else beta,
+            dummy if sigma is None else sigma, t, k, PHASE=phase, HAS_RS=rs is not None, HAS_CS=cs is not None,
+            **cfg)
+    return p1, p2
+
+
+@torch.no_grad()
+def cg_dot_triton(Qh, sq, rs, dg, D, *, blocks=None) -> torch.Tensor:
+    _check_cg(Qh, sq, rs, dg, D)
+    p1, _ = _cg_launch(0, Qh, sq, rs, dg, D, None, D, None, None, None, None, None, None, blocks)
+    return p1.sum(0)
+
+
+@torch.no_grad()
+def cg_update_triton(Qh, sq, rs, dg, D, Y, R, alpha, minv, cs, *, blocks=None):
+    _check_cg(Qh, sq, rs, dg, D, Y, R, alpha, minv, cs)
+    p1, p2 = _cg_launch(1, Qh, sq, rs, dg, D, Y, R, alpha, minv, cs, None, None, None, blocks)
+    return p1.sum(0), p2.amax(0)
+
+
+@torch.no_grad()
+def cg_direction_triton(R, D, minv, beta, sigma, cs, out_dtype=torch.float16, *, blocks=None):
+    _check_cg(R, D, minv, beta, sigma, cs)
+    out = torch.empty(D.shape, dtype=out_dtype, device=D.device)
+    _, p2 = _cg_launch(2, None, None, None, None, D, None, R, None, minv, cs, out, beta, sigma, blocks)
+    return out, p2.amax(0)
+
+
+def cg_dot(Qh, sq, rs, dg, D) -> torch.Tensor:
+    """(B, k) float32 sum_t D * Q; see the section comment. CUDA -> Triton, CPU -> torch."""
+    return (cg_dot_triton if _use_triton(D) else cg_dot_torch)(Qh, sq, rs, dg, D)
+
+
+def cg_update(Qh, sq, rs, dg, D, Y, R, alpha, minv, cs):
+    """Y += alpha D, R -= alpha Q in place; returns (sum_t minv R^2, max_t |cs minv R|), each (B, k)."""
+    return (cg_update_triton if _use_triton(D) else cg_update_torch)(Qh, sq, rs, dg, D, Y, R, alpha, minv, cs)
+
+
+def cg_direction(R, D, minv, beta, sigma, cs, out_dtype=torch.float16):
+    """D = minv R + beta D in place; returns (cs D / sigma in out_dtype, max_t |cs D|)."""
+    return (cg_direction_triton if _use_triton(D) else cg_direction_torch)(R, D, minv, beta, sigma, cs, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
 
@@ -524,15 +833,26 @@ def mass_shares(queries, keys, lse, scale: float, lengths, query_pos=None, key_p
     return mass_shares_torch(queries, keys, lse, scale, lengths, query_pos, key_pos, out_dtype)
 
 
+def _use_half_gemm(A: torch.Tensor, X: torch.Tensor) -> bool:
+    """k > 1 columns on float16 CUDA shares: cuBLAS on the scaled float16 operand (unless COMPACTOR_TRITON=1)."""
+    return A.is_cuda and A.dtype == torch.float16 and X.shape[2] > 1 and X.dtype != torch.float64 and \
+        _env_flag("COMPACTOR_TRITON") is None
+
+
 def shares_matmul(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """A @ X (B, n, k) float32 for A (B, n, t), X (B, t, k)."""
+    """A @ X (B, n, k) float32 for A (B, n, t), X (B, t, k). CUDA: k = 1 Triton, k > 1 cuBLAS (float16 A)."""
+    if _use_half_gemm(A, X):
+        return shares_matmul_half(A, X)
     if A.dtype != torch.float64 and X.dtype != torch.float64 and _use_triton(A):
         return shares_matmul_triton(A, X)
     return shares_matmul_torch(A, X)
 
 
 def shares_t_matmul(A: torch.Tensor, R: torch.Tensor, square: bool = False) -> torch.Tensor:
-    """A^T @ R (B, t, k) float32 for A (B, n, t), R (B, n, k); with square=True, (A*A)^T @ R for R (B, n, 1)."""
+    """A^T @ R (B, t, k) float32 for A (B, n, t), R (B, n, k); with square=True, (A*A)^T @ R for R (B, n, 1).
+    CUDA: k = 1 Triton, k > 1 cuBLAS (float16 A)."""
+    if not square and _use_half_gemm(A, R):
+        return shares_t_matmul_half(A, R)
     if A.dtype != torch.float64 and R.dtype != torch.float64 and _use_triton(A):
         return shares_t_matmul_triton(A, R, square)
     return shares_t_matmul_torch(A, R, square)

@@ -292,7 +292,10 @@ def test_triton_kernels_under_interpreter():
     """Run the test_interp_* cases in a child pytest with the interpreter enabled from the start."""
     env = dict(os.environ)
     env.update({"TRITON_INTERPRET": "1", "COMPACTOR_TRITON": "1", _CHILD_ENV: "1"})
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_interp_"]
+    # -P as in this process: on a machine without the installed package, the repo root's compactor/ (no kernels/)
+    # must not shadow the package layout on PYTHONPATH
+    cmd = [sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           __file__, "-k", "test_interp_"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr)[-6000:]

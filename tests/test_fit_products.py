@@ -169,6 +169,63 @@ if _INTERP:
             torch.testing.assert_close(fp.shares_t_matmul_triton(A, R).double(),
                                        fp.shares_t_matmul_torch(A, R.double()), rtol=1e-5, atol=1e-4)
 
+    @pytest.mark.parametrize("with_rows", [False, True])
+    @pytest.mark.parametrize("A_dtype", [torch.float16, torch.float32])
+    def test_interp_scale_shares_match_float64(with_rows, A_dtype):
+        g = torch.Generator().manual_seed(11)
+        A = torch.rand(2, 70, 45, generator=g).to(A_dtype)
+        A = A.transpose(0, 1).contiguous().transpose(0, 1)  # strided batch: the kernel reads A's strides
+        rows = torch.rand(2, 70, generator=g) * 3 if with_rows else None
+        cols = 1 / (torch.rand(2, 45, generator=g) + 0.5)
+        ref = A.double() * cols.double()[:, None, :]
+        if with_rows:
+            ref = ref * rows.double()[:, :, None]
+        got = fp.scale_shares_triton(A, rows, cols, blocks={"BLOCK_M": 16, "BLOCK_N": 16})
+        assert got.dtype == A_dtype and got.shape == A.shape
+        tol = 2 ** -11 if A_dtype == torch.float16 else 1e-6
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=0)
+        torch.testing.assert_close(fp.scale_shares_torch(A, rows, cols).double(), ref, rtol=tol, atol=0)
+
+    @pytest.mark.parametrize("has_rs,has_cs", [(False, False), (True, True)])
+    def test_interp_cg_step_matches_float64(has_rs, has_cs):
+        """cg_dot, cg_update and cg_direction against the same step written out in float64."""
+        g = torch.Generator().manual_seed(12)
+        B, t, k = 2, 45, 20
+        Qh = torch.randn(B, t, k, generator=g).half()
+        sq, dg = torch.rand(B, k, generator=g) + 0.5, torch.rand(B, t, generator=g)
+        rs = torch.rand(B, t, generator=g) + 0.5 if has_rs else None
+        cs = torch.rand(B, t, generator=g) + 0.5 if has_cs else None
+        D, Y, R = (torch.randn(B, t, k, generator=g) for _ in range(3))
+        minv = torch.rand(B, t, generator=g) * (torch.rand(B, t, generator=g) > 0.2)  # 0 off the solved rows
+        alpha, beta = torch.randn(B, k, generator=g), torch.rand(B, k, generator=g)
+        sigma = torch.rand(B, k, generator=g) + 1.0
+        blocks = {"BLOCK_T": 16, "BLOCK_K": 16}
+        dd = lambda x: None if x is None else x.double()  # noqa: E731
+        Q = Qh.double() * sq.double()[:, None, :] * (1 if rs is None else dd(rs)[:, :, None]) + dd(dg)[:, :, None] * dd(D)
+        torch.testing.assert_close(fp.cg_dot_triton(Qh, sq, rs, dg, D, blocks=blocks).double(), (dd(D) * Q).sum(1),
+                                   rtol=1e-5, atol=1e-5)
+        Y_ref = dd(Y) + dd(alpha)[:, None, :] * dd(D)
+        R_ref = torch.where(minv[:, :, None] > 0, dd(R) - dd(alpha)[:, None, :] * Q, 0.0)
+        Z = dd(minv)[:, :, None] * R_ref
+        rz_ref = (R_ref * Z).sum(1)
+        zmax_ref = (Z * (1 if cs is None else dd(cs)[:, :, None])).abs().amax(1)
+        Y1, R1 = Y.clone(), R.clone()
+        rz, zmax = fp.cg_update_triton(Qh, sq, rs, dg, D, Y1, R1, alpha, minv, cs, blocks=blocks)
+        for got, ref in ((Y1, Y_ref), (R1, R_ref), (rz, rz_ref), (zmax, zmax_ref)):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        Y2, R2 = Y.clone(), R.clone()  # the torch reference agrees too
+        for got, ref in zip(fp.cg_update_torch(Qh, sq, rs, dg, D, Y2, R2, alpha, minv, cs), (rz_ref, zmax_ref)):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(R2.double(), R_ref, rtol=1e-5, atol=1e-5)
+        D_ref = dd(minv)[:, :, None] * R_ref + dd(beta)[:, None, :] * dd(D)
+        Ds_ref = D_ref * (1 if cs is None else dd(cs)[:, :, None])
+        D1 = D.clone()
+        out, dmax = fp.cg_direction_triton(R1, D1, minv, beta, sigma, cs, blocks=blocks)
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(D1.double(), D_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.double(), Ds_ref / dd(sigma)[:, None, :], rtol=2 ** -10, atol=1e-4)
+        torch.testing.assert_close(dmax.double(), Ds_ref.abs().amax(1), rtol=1e-5, atol=1e-5)
+
     def test_interp_dispatcher_routes_to_triton(monkeypatch):
         monkeypatch.setenv("COMPACTOR_TRITON", "1")
         seen = []
@@ -185,12 +242,15 @@ def test_fit_kernels_under_interpreter():
     """Run the test_interp_* cases in a child pytest with the interpreter enabled from the start."""
     env = dict(os.environ)
     env.update({"TRITON_INTERPRET": "1", "COMPACTOR_TRITON": "1", _CHILD_ENV: "1"})
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_interp_"]
+    # -P as in this process: on a machine without the installed package, the repo root's compactor/ (no kernels/)
+    # must not shadow the package layout on PYTHONPATH
+    cmd = [sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           __file__, "-k", "test_interp_"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"interpreter tests failed (rc={proc.returncode}):\n{tail}"
-    assert "13 passed" in proc.stdout, f"expected 13 interpreter cases to pass:\n{tail}"
+    assert "19 passed" in proc.stdout, f"expected 19 interpreter cases to pass:\n{tail}"
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and _HAS_TRITON), reason="needs a CUDA device and triton")
@@ -203,3 +263,27 @@ def test_compiled_kernels_match_reference_on_cuda():
         X, R = torch.randn(3, 333, kk, device="cuda"), torch.randn(3, 700, kk, device="cuda")
         torch.testing.assert_close(fp.shares_matmul(A, X), fp.shares_matmul_torch(A, X), rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(fp.shares_t_matmul(A, R), fp.shares_t_matmul_torch(A, R), rtol=2e-3, atol=2e-3)
+    # the scaled copy (on an aligned slot count, as the pipeline pads) and a fused CG step, against the torch code
+    A64 = torch.nn.functional.pad(A, (0, 3)).contiguous()[:, :, :336]
+    rows, cols = torch.rand(3, 700, device="cuda") * 2, torch.rand(3, 336, device="cuda") + 0.5
+    torch.testing.assert_close(fp.scale_shares(A64, rows, cols).double(),
+                               fp.scale_shares_torch(A64.double(), rows.double(), cols.double()), rtol=2 ** -10,
+                               atol=1e-7)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    Qh = torch.randn(3, 336, 128, device="cuda", generator=g).half()
+    sq, rs, dg, cs = (torch.rand(3, m, device="cuda", generator=g) + 0.5 for m in (128, 336, 336, 336))
+    D, Y, R = (torch.randn(3, 336, 128, device="cuda", generator=g) for _ in range(3))
+    minv = torch.rand(3, 336, device="cuda", generator=g)
+    alpha, beta, sigma = (torch.rand(3, 128, device="cuda", generator=g) + 0.5 for _ in range(3))
+    torch.testing.assert_close(fp.cg_dot(Qh, sq, rs, dg, D), fp.cg_dot_torch(Qh, sq, rs, dg, D), rtol=1e-4, atol=1e-3)
+    Y1, R1, Y2, R2 = Y.clone(), R.clone(), Y.clone(), R.clone()
+    for a, b in zip(fp.cg_update(Qh, sq, rs, dg, D, Y1, R1, alpha, minv, cs),
+                    fp.cg_update_torch(Qh, sq, rs, dg, D, Y2, R2, alpha, minv, cs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(R1, R2, rtol=1e-5, atol=1e-5)
+    D1, D2 = D.clone(), D.clone()
+    (o1, m1), (o2, m2) = fp.cg_direction(R1, D1, minv, beta, sigma, cs), fp.cg_direction_torch(R2, D2, minv, beta,
+                                                                                               sigma, cs)
+    torch.testing.assert_close(D1, D2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o1.float(), o2.float(), rtol=2 ** -10, atol=1e-4)
+    torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,9 @@ fits only touch the mass shares A (B, n, t) of `compactor.kernels.mass_shares` (
   (`use_gram`: whichever moves fewer bytes);
 - values: min_X sum_i c_i ||P_i X - O_i||^2 + lam ||X - V0||^2 with P = diag(1/m) A diag(w), m = A w (rows with
   m = 0 left out) and lam = ridge * trace(P^T C P) / (number of keys with w > 0), as value_fit.py; by
-  Jacobi-preconditioned conjugate gradients from X = V0, one product with A and one with A^T (d columns) per step.
+  Jacobi-preconditioned conjugate gradients from X = V0 (one CG per value column, sharing the operator), a step
+  being one product of the scaled t x t Gram of P (built once, when `use_gram` says it pays) with d columns, or
+  one product with A and one with A^T. The vector work of a step runs fused (kernels/fit_products.py, `cg_*`).
 
 Why a fixed number of iterations instead of the exact solvers: their cost is cubic in t per head (an active-set
 Cholesky per iteration; 668 ms per head at T=131k on an H100), these are linear in n*t per step. Measured on
@@ -35,6 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import shares_matmul, shares_t_matmul
+from ..kernels.fit_products import (_cg_q as cg_q, _full_precision_reductions, _half_columns, cg_direction, cg_dot,
+                                    cg_update, scale_shares, shares_matmul_torch, shares_t_matmul_torch)
 from .beta_fit import fit_mass_weights
 from .value_fit import fit_values
 
@@ -87,7 +91,7 @@ def _per_query(x: torch.Tensor | None, B: int, n: int, device, default: float = 
 
 # nominal H100 rates for the path choice below (measured: 780 TFLOP/s bf16 matmul, 2.96 TB/s copy)
 _FLOPS, _BYTES = 7e14, 2.8e12
-_CHUNK_BYTES = 512 << 20  # float32 temporaries of _row_scaled, per chunk of heads
+_CHUNK_BYTES = 1 << 30  # the scaled copy of the shares that a Gram is built from, per chunk of heads
 
 
 def use_gram(n: int, t: int, iters: int = BETA_ITERS, k: int = 1) -> bool:
@@ -99,40 +103,26 @@ def use_gram(n: int, t: int, iters: int = BETA_ITERS, k: int = 1) -> bool:
     return gram < free
 
 
-def _scaled_gram(M: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """diag(s) M^T M diag(s) (B, t, t) in dtype (entries in [0, 1] when s normalises M's columns). On CUDA: float16
-    tensor-core products with float32 output (torch.bmm out_dtype, torch >= 2.8), or, where torch lacks that, a
-    float16 product of the column-normalised M with float32 reductions."""
-    if M.is_cuda and M.dtype == torch.float16:
-        try:
-            G = torch.bmm(M.transpose(1, 2), M, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch without the out_dtype overload
-            Ms = _row_scaled(M, torch.ones(M.shape[:2], device=M.device), s)
-            flag = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
-            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-            try:
-                return torch.bmm(Ms.transpose(1, 2), Ms).to(dtype)
-            finally:
-                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = flag
-    else:
-        work = torch.float64 if M.dtype == torch.float64 else torch.float32
-        G = torch.bmm(M.transpose(1, 2).to(work), M.to(work))
-    G.mul_(s[:, :, None]).mul_(s[:, None, :])
-    return G.to(dtype)
-
-
-def _row_scaled(A: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
-    """A * rows[:, :, None] (* cols[:, None, :]) in A's dtype, computed in float32 one head at a time (the factors may
-    exceed float16's range where the products do not)."""
-    out = torch.empty_like(A)
-    step = max(1, _CHUNK_BYTES // max(1, A.shape[1] * A.shape[2] * 4))  # heads per float32 temporary
-    for b0 in range(0, A.shape[0], step):
-        b1 = min(A.shape[0], b0 + step)
-        x = A[b0:b1].float() * rows[b0:b1, :, None]
-        if cols is not None:
-            x = x * cols[b0:b1, None, :]
-        out[b0:b1] = x.to(A.dtype)
-    return out
+def scaled_gram(A: torch.Tensor, s: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """diag(s) A^T diag(r)^2 A diag(s) (B, t, t) for A (B, n, t), s (B, t), r = row_scale (B, n) (None: 1): the
+    Gram of the scaled copy M = diag(r) A diag(s) (`scale_shares`, rounded to A's dtype: entries in [0, 1] when s
+    normalises the columns of diag(r) A). float16 A: one float16 GEMM with float32 accumulation (cuBLAS on the GPU;
+    on the CPU in float32, rounded to float16 like the GPU's result); float32 (float64) A: in float32 (float64).
+    Built in chunks of heads (the copy is at most _CHUNK_BYTES at a time)."""
+    B, n, t = A.shape
+    G = torch.empty(B, t, t, dtype=A.dtype if A.dtype != torch.bfloat16 else torch.float32, device=A.device)
+    step = max(1, _CHUNK_BYTES // max(1, n * t * A.element_size()))
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        M = scale_shares(A[b0:b1], None if row_scale is None else row_scale[b0:b1].contiguous(),
+                         s[b0:b1].contiguous())
+        if A.dtype == torch.float16 and not A.is_cuda:  # CPU float16 GEMMs are slow; same result up to sum order
+            G[b0:b1] = torch.bmm(M.transpose(1, 2).float(), M.float()).half()
+        else:
+            with _full_precision_reductions():
+                torch.bmm(M.transpose(1, 2), M, out=G[b0:b1])
+        del M
+    return G
 
 
 def _lipschitz(apply, live: torch.Tensor, iters: int = POWER_ITERS) -> torch.Tensor:
@@ -180,9 +170,7 @@ def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor |
     info.used_gram = gram
     info.gram_calls += int(gram)
     if gram:
-        gdtype = torch.float16 if A.dtype == torch.float16 else torch.float32
-        weighted = query_weights is not None
-        G = _scaled_gram(_row_scaled(A, c.sqrt()) if weighted else A, s, gdtype)  # unit diagonal, entries in [0, 1]
+        G = scaled_gram(A, s, None if query_weights is None else c.sqrt())  # unit diagonal, entries in [0, 1]
         b_hat = s * shares_t_matmul(A, _vec(c * y))[..., 0]
 
         def apply(v):
@@ -235,93 +223,107 @@ def ridge_values_batched(A: torch.Tensor, w: torch.Tensor, outputs: torch.Tensor
     """X (B, t, d) float32 approximately minimising sum_i c_i ||P_i X - O_i||^2 + lam ||X - V0||^2 per head (see
     the module docstring). A (B, n, t), w (B, t) >= 0, outputs O (B, n, d), V0 (B, t, d); masses = A w if known.
     Keys with w = 0 keep X = V0 (they carry no weight; callers drop them). gram=None chooses the path by
-    `use_gram` (CG on the scaled t x t Gram of P, or matrix-free on A)."""
+    `use_gram` (CG on the scaled t x t Gram of P, or on A)."""
     B, n, t = A.shape
     dev = A.device
     info = info if info is not None else BatchedFitInfo()
+    zero = torch.zeros((), device=dev)
     w = w.float()
     c = _per_query(query_weights, B, n, dev)
     m = shares_matmul(A, _vec(w))[..., 0] if masses is None else masses.float()
     rows = m > _TINY
-    zero = torch.zeros((), device=dev)
     inv_m = torch.where(rows, 1.0 / m.clamp_min(_TINY), zero)
-    c = torch.where(rows, c, zero)
-    cm2 = c * inv_m * inv_m
-    diag = w * w * shares_t_matmul(A, _vec(cm2), square=True)[..., 0]  # Jacobi of P^T C P
-    kept = (w > 0).sum(1).clamp_min(1)
-    lam = (ridge * diag.sum(1) / kept + 1e-12)[:, None, None]
-    wv = _vec(w)
-    X = V0.float().clone()
+    r2 = torch.where(rows, c, zero) * inv_m * inv_m  # P^T C P = W A^T diag(r2) A W
     O = outputs.float()
     d = O.shape[-1]
+    diag = shares_t_matmul(A, _vec(r2), square=True)[..., 0]  # sum_i r2_i A_ij^2: the Jacobi of P^T C P is w^2 diag
+    keep = (w > 0) & (diag > 0)
+    s = torch.where(keep, diag.clamp_min(_TINY).rsqrt(), zero)
+    # X = u Y on the kept keys, u = s / w: the normal matrix becomes S A^T diag(r2) A S + lam diag(u^2), unit diagonal
+    u = torch.where(keep, s / w.clamp_min(_TINY), zero)
+    kept = keep.sum(1).clamp_min(1)
+    lam = (ridge * (w * w * diag * keep).sum(1) / kept + 1e-12)[:, None]  # ridge * trace(P^T C P) / kept
+    dg = (lam * u * u).contiguous()
     gram = use_gram(n, t, iters, d) if gram is None else gram
     info.value_gram_calls += int(gram)
+    half = A.is_cuda and A.dtype == torch.float16  # float16 operands for the GEMMs (cuBLAS)
     if gram:
-        X, rz, rz0 = _values_on_gram(A, w, c, inv_m, O, X, diag, lam, iters)
-        return _values_guard(A, w, c, rows, inv_m, O, V0, X, ridge, rz, rz0, info)
+        G = scaled_gram(A, s, r2.sqrt())  # the Gram of sqrt(C) P in the scaled variables: entries in [0, 1]
 
-    def op(Z):  # (P^T C P + lam) Z
-        return wv * shares_t_matmul(A, _vec(cm2) * shares_matmul(A, wv * Z)) + lam * Z
-
-    PV0 = shares_matmul(A, wv * X) * _vec(inv_m)
-    R = wv * shares_t_matmul(A, _vec(c * inv_m) * (O - PV0))  # right-hand side minus op(V0)
-    Minv = 1.0 / (_vec(diag) + lam)
-    Z = Minv * R
-    D = Z
-    rz = (R * Z).sum(1)  # (B, d): one CG per value column, sharing the operator
-    rz0 = rz
-    for _ in range(iters):
-        Q = op(D)
-        alpha = rz / (D * Q).sum(1).clamp_min(_TINY)
-        X = X + alpha[:, None, :] * D
-        R = R - alpha[:, None, :] * Q
-        Z = Minv * R
-        rz_next = (R * Z).sum(1)
-        D = Z + (rz_next / rz.clamp_min(_TINY))[:, None, :] * D
-        rz = rz_next
-    return _values_guard(A, w, c, rows, inv_m, O, V0, X, ridge, rz, rz0, info)
-
-
-def _values_on_gram(A, w, c, inv_m, O, X, diag, lam, iters):
-    """The value CG on the scaled Gram of P: with S = diag(P^T C P)^-1/2 (0 for dropped keys), solve
-    (S P^T C P S + lam S^2) Y = S (P^T C O + lam V0), X = S Y, from X = V0; Jacobi is then 1 + lam S^2."""
-    dev = A.device
-    s = torch.where(diag > 0, diag.clamp_min(_TINY).rsqrt(), torch.zeros((), device=dev))
-    P = _row_scaled(A, c.sqrt() * inv_m, w)  # sqrt(c) P, entries in [0, 1]
-    G = _scaled_gram(P, s, torch.float16 if A.dtype == torch.float16 else torch.float32)
-    rhs = shares_t_matmul(P, c.sqrt()[..., None] * O)  # P^T C O
-    del P
-    sv, lam_s2 = _vec(s), lam * _vec(s * s)
-    V0 = X
-    Y = torch.where(sv > 0, V0 / sv.clamp_min(_TINY), torch.zeros((), device=dev))
-    R = sv * (rhs + lam * V0) - shares_matmul(G, Y) - lam_s2 * Y
-    Minv = 1.0 / (1.0 + lam_s2)
-    Z = Minv * R
-    D = Z
-    rz = rz0 = (R * Z).sum(1)
-    for _ in range(iters):
-        Q = shares_matmul(G, D) + lam_s2 * D
-        alpha = rz / (D * Q).sum(1).clamp_min(_TINY)
-        Y = Y + alpha[:, None, :] * D
-        R = R - alpha[:, None, :] * Q
-        Z = Minv * R
-        rz_next = (R * Z).sum(1)
-        D = Z + (rz_next / rz.clamp_min(_TINY))[:, None, :] * D
-        rz = rz_next
-    return torch.where(sv > 0, sv * Y, V0), rz, rz0
-
-
-def _values_guard(A, w, c, rows, inv_m, O, V0, X, ridge, rz, rz0, info):
-    """Heads whose values are not finite (or whose CG residual grew) are refitted exactly in float64."""
+        def core(Ds, sigma):  # G D, for Ds = D / sigma
+            return _bmm(G, Ds), sigma, None
+        cs = None
+    else:
+        def core(Ds, sigma):  # S A^T diag(r2) A S D, for Ds = s D / sigma
+            V = r2[..., None] * _bmm(A, Ds).float()
+            if not half:
+                return _bmm(A, V, transpose=True), sigma, s
+            V16, sigma_v = _half_columns(V, n)
+            return _bmm(A, V16, transpose=True), sigma * sigma_v, s
+        cs = s.contiguous()
+    V0f = V0.float()
+    uv = _vec(u)
+    ci = torch.where(rows, c, zero) * inv_m
+    b = _vec(s) * shares_t_matmul(A, _vec(ci) * O) + _vec(lam) * uv * V0f  # U (W A^T C diag(1/m) O + lam V0)
+    Y = torch.where(uv > 0, V0f / uv.clamp_min(_TINY), zero).contiguous()
+    Y, rz, rz0 = _pcg(core, b, Y, dg, (keep / (1.0 + dg)).contiguous(), cs, iters, t,
+                      torch.float16 if half else torch.float32)
+    X = torch.where(uv > 0, uv * Y, V0f)
     ok = torch.isfinite(X).flatten(1).all(1) & (rz.sum(1) <= rz0.sum(1) * (1 + 1e-5) + 1e-30)
-    bad = ~ok
-    if bool(bad.any()):
-        for b in bad.nonzero().flatten().tolist():
-            cols = (w[b] > 0).nonzero().flatten()
-            r = rows[b].nonzero().flatten()
-            rc = c[b, r].double().sqrt()[:, None]
-            P = A[b][r][:, cols].double() * w[b, cols].double() * inv_m[b, r].double()[:, None]
-            X[b] = V0[b].float()
-            X[b, cols] = fit_values(rc * P, rc * O[b, r].double(), V0[b, cols].double(), ridge).float()
+    if not bool(ok.all()):  # the guard: the exact float64 ridge fit, head by head
+        for b_ in (~ok).nonzero().flatten().tolist():
+            cols = keep[b_].nonzero().flatten()
+            live = rows[b_].nonzero().flatten()
+            rc = c[b_, live].double().sqrt()[:, None]
+            P = A[b_][live][:, cols].double() * w[b_, cols].double() * inv_m[b_, live].double()[:, None]
+            X[b_] = V0f[b_]
+            X[b_, cols] = fit_values(rc * P, rc * O[b_, live].double(), V0f[b_, cols].double(), ridge).float()
             info.value_fallback += 1
     return X
+
+
+def _bmm(M: torch.Tensor, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """M @ X (M^T @ X): a float16 GEMM with float32 accumulation and float16 result when both are float16 on the GPU
+    (operands scaled so that the result fits), else the float32 torch product."""
+    if M.is_cuda and M.dtype == torch.float16 and X.dtype == torch.float16:
+        with _full_precision_reductions():
+            return torch.bmm(M.transpose(1, 2) if transpose else M, X)
+    return (shares_t_matmul_torch if transpose else shares_matmul_torch)(M, X)
+
+
+def _scaled_operand(X: torch.Tensor, cs: torch.Tensor | None, inner: int, dtype: torch.dtype):
+    """(cs X / sigma in dtype, sigma (B, k), max_t |cs X| (B, k)) with sigma the column maxima of |cs X| (1 where
+    zero) times max(1, inner / 2^15), so that a product with a float16 matrix of entries in [0, 1] fits float16."""
+    Xs = X if cs is None else X * cs[:, :, None]
+    xmax = torch.linalg.vector_norm(Xs, ord=float("inf"), dim=1)
+    sigma = _column_sigma(xmax, inner)
+    return (Xs / sigma[:, None, :]).to(dtype), sigma, xmax
+
+
+def _column_sigma(bound: torch.Tensor, inner: int) -> torch.Tensor:
+    return torch.where(bound > 0, bound, torch.ones((), device=bound.device)) * max(1.0, inner / 32768)
+
+
+def _pcg(core, b: torch.Tensor, Y: torch.Tensor, dg: torch.Tensor, minv: torch.Tensor, cs: torch.Tensor | None,
+         iters: int, inner: int, dtype: torch.dtype):
+    """Jacobi-preconditioned conjugate gradients on (Op + diag(dg)) Y = b from Y, one CG per column of the
+    (B, t, k) unknowns, all sharing the operator. core(Ds, sigma) -> (Qh, sq, rs) gives Op D = rs * Qh * sq from
+    Ds = cs D / sigma (dtype; cs None: 1); minv (B, t): the inverse Jacobi diagonal, 0 off the solved rows. The vector
+    work of a step runs fused (`cg_dot`, `cg_update`, `cg_direction`: Triton on the GPU). Returns Y and the
+    preconditioned residual norms r^T M^-1 r (B, k) at the end and at the start."""
+    Ys, sigma, _ = _scaled_operand(Y, cs, inner, dtype)
+    Qh, sq, rs = core(Ys, sigma)
+    R = b - cg_q(Qh, sq, rs, dg, Y)
+    R.mul_((minv > 0).to(R.dtype)[:, :, None])
+    D = (minv[:, :, None] * R).contiguous()
+    rz = rz0 = (R * D).sum(1)
+    Ds, sigma, dmax = _scaled_operand(D, cs, inner, dtype)
+    for _ in range(iters):
+        Qh, sq, rs = core(Ds, sigma)
+        alpha = rz / cg_dot(Qh, sq, rs, dg, D).clamp_min(_TINY)
+        rz_next, zmax = cg_update(Qh, sq, rs, dg, D, Y, R, alpha, minv, cs)
+        beta = rz_next / rz.clamp_min(_TINY)
+        sigma = _column_sigma(zmax + beta.abs() * dmax, inner)  # >= max |cs D| of the new direction
+        Ds, dmax = cg_direction(R, D, minv, beta, sigma, cs, dtype)
+        rz = rz_next
+    return Y, rz, rz0

@@ -52,8 +52,7 @@ def layer_budgets(scores: torch.Tensor, ratio: float, floor_fraction: float = 0.
     total = per_head.sum(1)
     out = (total // H)[:, None].repeat(1, H)
     rem = total - out.sum(1)
-    for l in range(L):  # the remainder goes to the first heads of the layer
-        out[l, : int(rem[l])] += 1
+    out += torch.arange(H, device=out.device)[None, :] < rem[:, None]  # the remainder goes to the first heads
     return out.clamp(max=scores.shape[-1])
 
 
