@@ -99,12 +99,13 @@ BATCH_SHARE_BYTES = 4 << 30
 
 
 def layer_groups(budgets: torch.Tensor, n: int, codecs: list[KVCodec] | None = None,
-                 limit: int = BATCH_SHARE_BYTES) -> list[list[int]]:
-    """Layers to compact together: same key codec, similar budgets (sorted by their longest head, so that little
-    is padded), at most `limit` bytes of float16 shares per group."""
+                 limit: int = BATCH_SHARE_BYTES, devices: list | None = None) -> list[list[int]]:
+    """Layers to compact together: same key codec, on the same device (`devices`: each layer's, when a model is
+    spread over several), similar budgets (sorted by their longest head, so that little is padded), at most
+    `limit` bytes of float16 shares per group."""
     L, H = budgets.shape
     longest = budgets.max(1).values.tolist()
-    label = [(codecs[l].keys.label if codecs else "16") for l in range(L)]
+    label = [(codecs[l].keys.label if codecs else "16", str(devices[l]) if devices else "") for l in range(L)]
     order = sorted(range(L), key=lambda l: (label[l], longest[l]))
     groups: list[list[int]] = []
     for l in order:
@@ -127,7 +128,8 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded.
     Methods with a `compact_layer` (AM, eviction) take all heads of a layer at once when `batched` (default:
     `use_batched`, i.e. on CUDA); the per-head path stays the reference (exact float64 fits). `fit_info` (a
-    BatchedFitInfo) collects what the batched fits did."""
+    BatchedFitInfo) collects what the batched fits did. Each layer is compacted on the device its captured keys
+    are on (a model spread over several GPUs: the GPU holding that layer)."""
     if budget not in MODES:
         raise ValueError(f"budget must be one of {', '.join(MODES)}")
     if not method.uses_scores:
@@ -140,7 +142,7 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     stats = capture.attention_stats(context, progress) if method.uses_scores or budget != "uniform" or quantized \
         else None
     if budget in ("global", "layer"):
-        scores = torch.stack([score_of(s, getattr(method, "score", "rms")) for s in stats]).cpu()
+        scores = torch.stack([score_of(s, getattr(method, "score", "rms")).cpu() for s in stats])
         budgets = (global_budgets if budget == "global" else layer_budgets)(scores, ratio, budget_floor)
     else:
         budgets = uniform_budgets(L, H, T, ratio)
@@ -148,9 +150,10 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     if batched is None:
         batched = use_batched(capture.keys[0].device)
     if batched and hasattr(method, "compact_layer") and stats is not None:
-        qpos = capture.query_pos.to(capture.keys[0].device)
+        devices = [k.device for k in capture.keys]
+        qpos = {d: capture.query_pos.to(d) for d in dict.fromkeys(devices)}
         out: list = [None] * L
-        groups = layer_groups(budgets, capture.queries[0].shape[1], codecs)
+        groups = layer_groups(budgets, capture.queries[0].shape[1], codecs, devices=devices)
         for group in tqdm(groups, desc=f"compact {method.name}", unit="layer group", disable=not progress):
             cat = (lambda xs: xs[0]) if len(group) == 1 else torch.cat
             transform = layer_key_transform((codecs[group[0]] if codecs else RAW).keys, stored_dtype, seed)
@@ -159,7 +162,7 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
             layer = method.compact_layer(cat([capture.keys[l] for l in group]),
                                          cat([capture.values[l] for l in group]),
                                          cat([capture.queries[l] for l in group]), budgets[group].flatten(),
-                                         stats=group_stats, scale=capture.scale, query_pos=qpos,
+                                         stats=group_stats, scale=capture.scale, query_pos=qpos[devices[group[0]]],
                                          layer_key_transform=transform, fit_info=fit_info)
             for l, part in zip(group, split_heads(layer, H)):
                 out[l] = part
