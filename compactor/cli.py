@@ -219,11 +219,12 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat
 @click.option("--device-map", default=None,
               help="Spread one model over devices (accelerate): auto, balanced, sequential (over this host's GPUs, "
                    "split among its ranks under torchrun), or a JSON file {module name: device}.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object instead of text.")
 @compression_options
 @method_options
 @capture_options
-def compress_corpus(corpus, out, device_map, ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers, hi_bits,
-                    calibration, method, context, score, ridge, model_name, budget, budget_floor, chunk_size,
+def compress_corpus(corpus, out, device_map, as_json, ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers,
+                    hi_bits, calibration, method, context, score, ridge, model_name, budget, budget_floor, chunk_size,
                     max_queries, repeat_fraction, seed, device, quiet):
     """Compress every document of CORPUS (a folder of .txt/.md, a glob, or a .jsonl of {"id", "text"}) into
     OUT/<id>.h5, skipping those already done; one process, or many under torchrun (see README, Corpus)."""
@@ -248,7 +249,7 @@ def compress_corpus(corpus, out, device_map, ratio, max_tokens, stored_dtype, ch
         world.close()
     if world.rank != 0:  # rank 0 reports (and alone exits non-zero: torchrun then stops no rank mid-way)
         return
-    click.echo(format_summary(summary))
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
     if summary["failed"]:
         raise CompactorError(f"{summary['failed']} of {summary['documents']} documents failed (see "
                              f"{summary['manifest']})")

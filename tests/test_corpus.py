@@ -330,3 +330,25 @@ def test_two_ranks_with_a_bad_document_and_a_killed_rank(tmp_path, tiny_llama, d
     assert {merged[k]["rank"] for k in good} == {0, 1}
     assert_same_artifacts(tmp_path / "single", out, good)
     assert not list(out.glob(".*tmp*"))
+
+
+def test_cli_bad_inputs_and_json_summary(tmp_path, tiny_llama, doc_text, one_thread):
+    """Bad input: one `Error:` line and a non-zero exit, no artifact; --json: the summary as one object."""
+    base = ["compress-corpus", "--model", str(tiny_llama), *CLI_OPTS]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "map.json").write_text("[1, 2]")
+    for args, message in [([str(tmp_path / "nope"), "-o", str(tmp_path / "o1")], "Error: corpus not found"),
+                          ([str(tmp_path / "empty"), "-o", str(tmp_path / "o2")], "Error: corpus"),
+                          ([str(tmp_path / "empty"), "-o", str(tmp_path / "o3"), "--device-map",
+                            str(tmp_path / "map.json")], "must map module names to devices")]:
+        r = CliRunner().invoke(cli, [*base, *args])
+        assert r.exit_code != 0 and message in r.output, r.output
+        assert "Traceback" not in r.output
+    assert not list(tmp_path.glob("o*/*.h5"))
+    corpus = write_jsonl(tmp_path / "c.jsonl", corpus_rows(doc_text)[:2])
+    r = CliRunner().invoke(cli, [*base, str(corpus), "-o", str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)  # the progress of loading the weights goes to stderr
+    assert (s["documents"], s["done"], s["failed"], s["skipped"]) == (2, 2, 0, 0)
+    tokens = sum(json.loads(x)["T"] for x in (tmp_path / "out" / manifest.MERGED).read_text().splitlines())
+    assert s["tokens"] == tokens and s["tokens_per_s"] == pytest.approx(tokens / s["seconds"], rel=1e-2)

@@ -209,11 +209,13 @@ def run_corpus(lm: LoadedModel, entries: list[Entry], method: Method, opts: Comp
     rank, merge the manifests (rank 0). Returns the summary (every rank gets it)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    digest = listing_digest(entries)
-    run_id, digest0 = world.broadcast((new_run_id(), digest))
+    digest, options = listing_digest(entries), options_digest(method, opts)
+    run_id, digest0, options0 = world.broadcast((new_run_id(), digest, options))
     if digest0 != digest:
         raise CompactorError(f"rank {world.rank} lists the corpus differently from rank 0 (do all hosts see the same "
                              "files?)")
+    if options0 != options:
+        raise CompactorError(f"rank {world.rank} was given other compression options than rank 0")
     t0 = time.perf_counter()
     totals = run_rank(lm, entries, method, opts, out_dir, world, run_id, progress)
     world.barrier()
