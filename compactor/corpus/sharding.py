@@ -7,11 +7,13 @@ function of the costs and the world size: every rank computes it from the same l
 with no communication.
 
 The cost is the document's UTF-8 byte length, not its token count: the sizes are known from the listing (a stat per
-file) while counting tokens means reading and tokenizing every document, on every rank, before any work starts
-(measured in benchmarks/results_corpus.md: the SmolLM2 tokenizer reads ~1-2 MB/s per core here, so a 1 GB corpus
-would cost each rank 10+ minutes; bytes per token vary little within one language, which is all LPT needs).
+file) while counting tokens means reading and tokenizing every document, on every rank, before any work starts.
+Measured (benchmarks/results_corpus.md, 300 pieces of the bundled plays, 12 MB): listing 4-12 ms, tokenizing
+with SmolLM2's tokenizer 12-38 s (0.3-1.0 MB/s on the shared 2-core machine, by its load: 17-52 min per rank for
+1 GB); bytes per token 3.12 +- 0.14, so the largest rank share in tokens of the assignment on bytes is within
+0.3% (2 ranks) to 3% (64 ranks) of the one on exact token counts.
 With --max-tokens the cost is capped at max_tokens x the corpus's bytes per token, estimated on a fixed sample
-(`bytes_per_token`), so that a huge document cut to N tokens does not count as huge.
+(runner.py `cost_caps`), so that a huge document cut to N tokens does not count as huge.
 """
 from __future__ import annotations
 
