@@ -12,7 +12,7 @@ TOKENS ?= 2048
 BENCH_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 BENCH_ARGS ?=
 
-.PHONY: install demo test bench bench-gpu clean
+.PHONY: install demo test bench bench-gpu bench-corpus-gpu clean
 
 # torch==2.13.0 first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -39,6 +39,10 @@ bench: $(STAMP)
 
 bench-gpu:
 	$(BENCH_PY) benchmarks/bench_compaction_gpu.py --out benchmarks/results_gpu.md --json benchmarks/results_gpu.json $(BENCH_ARGS)
+
+# compress-corpus throughput on one GPU (random-weight Llama-3.1-8B shape): documents/s, tokens/s, seconds per stage
+bench-corpus-gpu:
+	$(BENCH_PY) benchmarks/bench_corpus_gpu.py --out benchmarks/results_corpus_gpu.md --json benchmarks/results_corpus_gpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,4 @@
-"""compactor command line: compress, inspect, generate, eval."""
+"""compactor command line: compress, compress-corpus, inspect, generate, eval, serve, plays."""
 from __future__ import annotations
 
 import json
@@ -192,30 +192,58 @@ def cli():
     """Compress a document's KV cache into a small .h5 artifact, inspect it, and generate from it."""
 
 
+def compression_options(f):
+    """What is compressed and how it is stored (`compress` and `compress-corpus`); read back by
+    `_compress_options`. Applied last option first, so that --help lists them in this order."""
+    f = click.option("--calibration", type=click.Path(), default=None,
+                     help="JSON with per-layer bits {\"layers\": {\"0\": \"K8V8\", ...}} (default: "
+                          "artifacts/calibration/<model>.json when present).")(f)
+    f = click.option("--hi-bits", default="K8V8", show_default=True, help="Storage of the --hi-layers.")(f)
+    f = click.option("--hi-layers", default="", help="Comma-separated layers (negative from the end, e.g. 0,-1) "
+                                                     "stored at --hi-bits instead.")(f)
+    f = click.option("--kv-bits", default="16", show_default=True,
+                     help="Quantize stored keys/values: K<b>V<b> Lloyd-Max bits (e.g. K4V3), q4_0, q8_0; "
+                          "16 = none.")(f)
+    f = click.option("--chat", is_flag=True, help="Wrap each document in the model's chat template as the opening "
+                                                  "of the first user turn, for `generate --question` (see README, "
+                                                  "Chat).")(f)
+    f = click.option("--dtype", "stored_dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
+                     default="bfloat16", show_default=True, help="Stored dtype of compact keys and values.")(f)
+    f = click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+                     help="Compress only the first N tokens of each document.")(f)
+    f = click.option("--ratio", type=float, default=10.0, show_default=True,
+                     help="Compression ratio r: keep ceil(T/r).")(f)
+    return f
+
+
+def _compress_options(ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers, hi_bits, calibration, model_name,
+                      budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed, preset, query_sources,
+                      self_study, on_policy, split_share):
+    """CompressOptions from the values of compression_options, method_options and capture_options (the preset
+    fills in what is not given)."""
+    from .pipeline import CompressOptions
+
+    if ratio < 1:
+        raise CompactorError(f"--ratio must be >= 1 (got {ratio})")
+    return CompressOptions(ratio=ratio, chunk_size=chunk_size, max_queries=max_queries,
+                           repeat_fraction=repeat_fraction, seed=seed, max_tokens=max_tokens,
+                           stored_dtype=stored_dtype, kv_bits=kv_bits,
+                           hi_layers=_int_list(hi_layers, "--hi-layers"), hi_bits=hi_bits,
+                           layer_bits=_calibration_bits(calibration, model_name), chat=chat,
+                           **_capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy,
+                                          split_share))
+
+
 @cli.command()
 @click.argument("documents", nargs=-1)
 @click.option("--play", multiple=True, help="A bundled Shakespeare play by name (e.g. macbeth), instead of a path.")
-@click.option("--ratio", type=float, default=10.0, show_default=True, help="Compression ratio r: keep ceil(T/r).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
-              help="Compress only the first N tokens of each document.")
-@click.option("--dtype", "stored_dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-              show_default=True, help="Stored dtype of compact keys and values.")
 @click.option("-o", "--out", "out", type=click.Path(), default=None,
               help="Output file (one document) or folder (default: artifacts/).")
 @click.option("--report", is_flag=True, help="Print a quality report (cKL, recall retention, fidelity, bytes).")
-@click.option("--chat", is_flag=True, help="Wrap each document in the model's chat template as the opening of the "
-                                           "first user turn, for `generate --question` (see README, Chat).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (artifacts, sizes, timings) instead "
                                                       "of text.")
-@click.option("--kv-bits", default="16", show_default=True,
-              help="Quantize stored keys/values: K<b>V<b> Lloyd-Max bits (e.g. K4V3), q4_0, q8_0; 16 = none.")
-@click.option("--hi-layers", default="", help="Comma-separated layers (negative from the end, e.g. 0,-1) stored "
-                                              "at --hi-bits instead.")
-@click.option("--hi-bits", default="K8V8", show_default=True, help="Storage of the --hi-layers.")
-@click.option("--calibration", type=click.Path(), default=None,
-              help="JSON with per-layer bits {\"layers\": {\"0\": \"K8V8\", ...}} (default: "
-                   "artifacts/calibration/<model>.json when present).")
 @click.option("--no-clobber", is_flag=True, help="Refuse to overwrite an existing artifact.")
+@compression_options
 @method_options
 @capture_options
 def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat, as_json, kv_bits, hi_layers,
@@ -227,7 +255,7 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat
     from .storage.artifact import read_artifact, read_meta
     from .capture.documents import bundled_play, read_document
     from .models import load_model
-    from .pipeline import CompressOptions, codec_plan, compress as run_compress, estimate_artifact_bytes, prepare
+    from .pipeline import codec_plan, compress as run_compress, estimate_artifact_bytes, prepare
     from .storage.output import check_outputs
 
     if not documents and not play:
@@ -241,13 +269,9 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat
                              "compress them in separate calls with -o")
     if out and len(docs) > 1 and Path(out).suffix == ".h5":
         raise CompactorError("-o names one file but several documents were given; pass a folder")
-    opts = CompressOptions(ratio=ratio, chunk_size=chunk_size, max_queries=max_queries,
-                           repeat_fraction=repeat_fraction, seed=seed, max_tokens=max_tokens,
-                           stored_dtype=stored_dtype, kv_bits=kv_bits,
-                           hi_layers=_int_list(hi_layers, "--hi-layers"), hi_bits=hi_bits,
-                           layer_bits=_calibration_bits(calibration, model_name), chat=chat,
-                           **_capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy,
-                                          split_share))
+    opts = _compress_options(ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers, hi_bits, calibration,
+                             model_name, budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed,
+                             preset, query_sources, self_study, on_policy, split_share)
     m = _method(method, seed, context, score, ridge, preset,
                 **_am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
                              beta_ridge))
@@ -276,6 +300,54 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat
             results.append({**summary, "report": row.as_dict() if row is not None else None})
     if as_json:
         click.echo(json.dumps({"artifacts": results}, indent=2))
+
+
+@cli.command(name="compress-corpus")
+@click.argument("corpus")
+@click.option("-o", "--out", "out", type=click.Path(file_okay=False), required=True,
+              help="Output folder: <id>.h5 per document, manifest.jsonl, manifest/rank-*.jsonl.")
+@click.option("--device-map", default=None,
+              help="Spread one model over devices (accelerate): auto, balanced, sequential (over this host's GPUs, "
+                   "split among its ranks under torchrun), or a JSON file {module name: device}.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object instead of text.")
+@compression_options
+@method_options
+@capture_options
+def compress_corpus(corpus, out, device_map, as_json, ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers,
+                    hi_bits, calibration, method, context, score, ridge, preset, source_weights, beta_floor,
+                    beta_ridge, value_anchor, value_fit, selection, omp_keys, omp_refit, model_name, budget,
+                    split_share, budget_floor, query_sources, self_study, on_policy, chunk_size, max_queries,
+                    repeat_fraction, seed, device, quiet):
+    """Compress every document of CORPUS (a folder of .txt/.md, a glob, or a .jsonl of {"id", "text"}) into
+    OUT/<id>.h5, skipping those already done; one process, or many under torchrun (see README, Corpus)."""
+    from .corpus import distributed
+    from .corpus.listing import list_corpus
+    from .corpus.runner import format_summary, run_corpus
+    from .models import load_model
+
+    if device_map is not None and device != "auto":
+        raise click.UsageError("give --device or --device-map, not both")
+    opts = _compress_options(ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers, hi_bits, calibration,
+                             model_name, budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed,
+                             preset, query_sources, self_study, on_policy, split_share)
+    m = _method(method, seed, context, score, ridge, preset,
+                **_am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
+                             beta_ridge))
+    dmap = None if device_map is None else distributed.read_device_map(device_map)
+    dev = _device(device)
+    world = distributed.init_world(cuda=dev == "cuda")
+    try:
+        entries = list_corpus(corpus)
+        lm = load_model(model_name, **distributed.placement(world, dev, dmap))
+        summary = run_corpus(lm, entries, m, opts, out, world, progress=not quiet)
+    finally:
+        world.close()
+    if world.rank != 0:  # rank 0 reports (and alone exits non-zero: torchrun then stops no rank mid-way)
+        return
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+    if summary["failed"]:
+        raise CompactorError(f"{summary['failed']} of {summary['documents']} documents failed (see "
+                             f"{summary['manifest']})")
 
 
 def _artifact_summary(art, path) -> dict:

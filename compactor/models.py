@@ -105,12 +105,17 @@ def resolve_model(spec: str) -> tuple[str, str]:
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load model + tokenizer; float32 on CPU and bfloat16 on CUDA unless `dtype` is given."""
+               dtype: torch.dtype | None = None, device_map: str | dict | None = None,
+               max_memory: dict | None = None) -> LoadedModel:
+    """Load model + tokenizer; float32 on CPU and bfloat16 on CUDA unless `dtype` is given. With `device_map`
+    ("auto", "balanced", "sequential" or {module name: device}) the model is placed by transformers/accelerate
+    across devices instead (`max_memory` {device: bytes} limits which and how much; see `check_placement`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source, kind = resolve_model(spec)
     device = torch.device(device)
+    if device_map is not None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     local_only = kind != "hub"
     try:
@@ -125,12 +130,38 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu",
                          f"supported: {', '.join(SUPPORTED_FAMILIES)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only,
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation="sdpa", **placement)
     except OSError as e:
         raise ModelError(f"could not load model {spec!r}: {str(e).splitlines()[0]}") from None
-    model.to(device).eval()
+    except ValueError as e:
+        if device_map is None:
+            raise
+        raise ModelError(f"could not place model {spec!r} with device map {device_map!r}: "
+                         f"{str(e).splitlines()[0]}") from None
+    if device_map is None:
+        model.to(device)
+    else:
+        check_placement(model, spec)
+    model.eval()
     return LoadedModel(model, tokenizer, spec)
+
+
+def model_devices(model: torch.nn.Module) -> list[torch.device]:
+    """The devices holding the model's parameters, in the order of first use."""
+    return list(dict.fromkeys(p.device for p in model.parameters()))
+
+
+def check_placement(model: torch.nn.Module, spec: str = "the model") -> None:
+    """Refuse a model whose weights were offloaded (to the CPU while GPUs compute, or to disk): the capture reads
+    every layer's keys where the layer runs, and the weights identity reads the weights themselves."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    offloaded = sorted({str(d) for d in placed.values() if str(d) in ("disk", "meta")}
+                       | ({"cpu"} if torch.cuda.is_available() and "cpu" in map(str, placed.values()) else set()))
+    if offloaded or any(p.device.type == "meta" for p in model.parameters()):
+        raise ModelError(f"{spec} does not fit on the GPUs it was given: parts were offloaded to "
+                         f"{', '.join(offloaded) or 'meta'}, which compression does not support (give it more GPUs)")
 
 
 def config_fingerprint(config) -> str:

@@ -129,12 +129,13 @@ BATCH_SHARE_BYTES = 4 << 30
 
 
 def layer_groups(budgets: torch.Tensor, n: int, codecs: list[KVCodec] | None = None,
-                 limit: int = BATCH_SHARE_BYTES) -> list[list[int]]:
-    """Layers to compact together: same key codec, similar budgets (sorted by their longest head, so that little
-    is padded), at most `limit` bytes of float16 shares per group."""
+                 limit: int = BATCH_SHARE_BYTES, devices: list | None = None) -> list[list[int]]:
+    """Layers to compact together: same key codec, on the same device (`devices`: each layer's, when a model is
+    spread over several), similar budgets (sorted by their longest head, so that little is padded), at most
+    `limit` bytes of float16 shares per group."""
     L, H = budgets.shape
     longest = budgets.max(1).values.tolist()
-    label = [(codecs[l].keys.label if codecs else "16") for l in range(L)]
+    label = [(codecs[l].keys.label if codecs else "16", str(devices[l]) if devices else "") for l in range(L)]
     order = sorted(range(L), key=lambda l: (label[l], longest[l]))
     groups: list[list[int]] = []
     for l in order:
@@ -159,6 +160,8 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     Methods with a `compact_layer` (AM, eviction) take all heads of a layer at once when `batched` (default:
     `use_batched`, i.e. on CUDA) and their options allow it (`batched_ok`, no on-policy queries); the per-head
     path stays the reference (exact float64 fits). `fit_info` (a BatchedFitInfo) collects what the batched fits did.
+    Each layer is compacted on the device its captured keys are on (a model spread over several GPUs: the GPU
+    holding that layer).
     With `on_policy` (capture/on_policy.OnPolicyQueries), each group of layers after the first is fitted on repeat
     queries recaptured with the layers before it already compacted (budgets and key scores stay those of `capture`).
     `score_weights` (L, H) multiplies each head's key scores before the budgets are shared (e.g. from
@@ -196,13 +199,13 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     else:
         budgets = uniform_budgets(L, H, T, ratio)
     copy = None if capture.probe is None else all_scores("kvzip", None, capture.probe, H)
-    device = capture.keys[0].device
     layers = []
     if (batched and hasattr(method, "compact_layer") and method.batched_ok() and stats is not None
             and on_policy is None):
-        qpos = capture.query_pos.to(capture.keys[0].device)
+        devices = [k.device for k in capture.keys]
+        qpos = {d: capture.query_pos.to(d) for d in dict.fromkeys(devices)}
         out: list = [None] * L
-        groups = layer_groups(budgets, capture.queries[0].shape[1], codecs)
+        groups = layer_groups(budgets, capture.queries[0].shape[1], codecs, devices=devices)
         for group in tqdm(groups, desc=f"compact {method.name}", unit="layer group", disable=not progress):
             cat = (lambda xs: xs[0]) if len(group) == 1 else torch.cat
             transform = layer_key_transform((codecs[group[0]] if codecs else RAW).keys, stored_dtype, seed)
@@ -211,9 +214,10 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
             layer = method.compact_layer(cat([capture.keys[l] for l in group]),
                                          cat([capture.values[l] for l in group]),
                                          cat([capture.queries[l] for l in group]), budgets[group].flatten(),
-                                         stats=group_stats, scale=capture.scale, query_pos=qpos,
+                                         stats=group_stats, scale=capture.scale, query_pos=qpos[devices[group[0]]],
                                          query_source=capture.query_source,
-                                         scores=None if scores is None else scores[group].flatten(0, 1),
+                                         scores=None if scores is None else
+                                         scores[group].flatten(0, 1).to(devices[group[0]]),
                                          layer_key_transform=transform, fit_info=fit_info)
             for l, part in zip(group, split_heads(layer, H)):
                 out[l] = part
@@ -232,6 +236,7 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
         heads = []
         key_codec = (codecs[l] if codecs else RAW).keys
         key_transform = lambda k, imp, c=key_codec: roundtrip_tensor(k, c, stored_dtype, seed, imp)  # noqa: E731
+        device = capture.keys[l].device
         for h in range(H):
             head_stats = None if stats is None else type(stats[l])(*(x[h] for x in stats[l]))
             heads.append(method.compact(capture.keys[l][h], capture.values[l][h], fit_capture.queries[l][h],
