@@ -150,3 +150,22 @@ def test_damaged_codes_refused(lm32, artifacts):
     layer.arrays["keys_codes"] = np.ascontiguousarray(layer.arrays["keys_codes"][:-1])
     with pytest.raises(ArtifactError, match="cannot serve layer 0"):
         compactor.load_cache(art, lm32.model, keep_quantized=True)
+
+
+def test_inspect_reports_served_bytes(lm32, artifacts):
+    """`compactor inspect` reports what loading with keep_quantized=True really allocates (same measurement)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from compactor.cli import cli
+
+    for bits in ("K4V4", "16"):
+        r = CliRunner().invoke(cli, ["inspect", str(artifacts[bits]), "--json"])
+        assert r.exit_code == 0, r.output
+        sizes = json.loads(r.output)["bytes"]
+        ragged = compactor.load_cache(artifacts[bits], lm32.model, keep_quantized=True)
+        assert sizes["memory_as_stored"] == ragged.memory_bytes()
+        assert sizes["memory_as_stored"] < sizes["memory"]
+        r = CliRunner().invoke(cli, ["inspect", str(artifacts[bits])])
+        assert "as stored (load_cache keep_quantized=True" in r.output and f"{ragged.memory_bytes():,}" in r.output

@@ -147,6 +147,13 @@ def ragged_layers(art: Artifact, device) -> list:
     return out
 
 
+def served_bytes_as_stored(art: Artifact) -> int:
+    """Bytes the cache of `art` allocates when served with keep_quantized=True, measured from the tensors the
+    ragged layers hold (built on the host; the same tensors go to the GPU)."""
+    layers = [RaggedLayer(prefix, art.T, torch.bfloat16) for prefix in ragged_layers(art, "cpu")]
+    return CompactedCache(layers, art.T).memory_bytes()
+
+
 def cache_from_artifact(art: Artifact, model, keep_quantized: bool | None = None) -> CompactedCache:
     """The cache an (already checked) artifact serves on the model's device. keep_quantized=True: the prefix as
     stored, ragged per head and in its codecs (`RaggedLayer`, served by the ragged kernel); False: decoded to the
