@@ -57,7 +57,10 @@ def synthetic_layers(T, ratio, n_layers, H, d, gen):
     out = []
     for _ in range(n_layers):
         w = torch.exp(0.5 * torch.randn(H, generator=gen))
-        lens = torch.clamp((w / w.mean() * mean).round().long(), min=max(1, mean // 4), max=T)
+        lens = torch.clamp((w / w.mean() * mean).floor().long(), min=max(1, mean // 4), max=T)
+        while int(lens.sum()) > mean * H:  # a global budget: at most ceil(T/r) per head on average
+            lens[int(lens.argmax())] -= int(lens.sum()) - mean * H
+            lens = lens.clamp(min=max(1, mean // 4))
         t = int(lens.max())
         keys = torch.randn(H, t, d, generator=gen) * 2.0
         values = torch.randn(H, t, d, generator=gen)

@@ -86,8 +86,10 @@ def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=N
         if stride % 16 == 0:
             div16.add(name)
     has_exact = int(kc == 1 or vc == 1) if exact is None else int(exact)
-    kp = bool(pair and qty != "fp32" and kc == 1 and kb == 4)
-    vp = bool(pair and qty != "fp32" and vc == 1 and vb == 4)
+    if kc == 1 and rot == "*fp32" and bm > 32:  # the launcher's caps (ragged_attention_triton)
+        bm = 32
+    kp = bool(pair and qty != "fp32" and kc == 1 and kb == 4 and bm <= 32)
+    vp = bool(pair and qty != "fp32" and vc == 1 and vb == 4 and bm <= 32)
     types["KCENT"] = "*i32" if kp else "*fp32"
     types["VCENT"] = "*i32" if vp else "*fp32"
     consts = dict(G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, K_CODEC=kc, K_BITS=kb, V_CODEC=vc, V_BITS=vb,
@@ -121,6 +123,10 @@ def main():
             variants[n] = v
         for bn, st in ((32, 2), (64, 2), (128, 2), (64, 3)):
             n, v = partial_variant("bf16", label, 128, 1, 4, 1, 64, False, block_n=bn, stages=st)
+            variants[n] = v
+    for qty in ("fp32", "bf16"):  # lloyd prefill tiles (64 rows): the in-program rotation product
+        for dd in (96, 128):
+            n, v = partial_variant(qty, "K4V4", dd, 1, 4, 256, 256, False)
             variants[n] = v
     for d in sorted({c[2] for c in check_cases(False)} | {128}):
         for M_all in (4, 32, 1024):

@@ -632,7 +632,8 @@ def _query_rotation(rotation: torch.Tensor, dtype: torch.dtype) -> tuple[torch.T
     rt = rotation.t().contiguous()
     if dtype in (torch.float16, torch.bfloat16) and d & (d - 1) == 0:
         pm = rt * math.sqrt(d)
-        if torch.equal(pm.abs(), torch.ones_like(pm)):  # a Hadamard rotation
+        # a Hadamard rotation: float32 entries +-1/sqrt(d) times sqrt(d) are +-1 up to one rounding (not equal)
+        if bool(((pm.abs() - 1).abs() < 1e-4).all()):
             return pm.round().to(dtype).contiguous(), 1.0 / math.sqrt(d)
     return rt.float(), 1.0
 
@@ -689,7 +690,8 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     """Triton implementation; same contract as :func:`ragged_attention_torch`. Keyword-only tuning knobs:
     block_m (query rows per tile), block_n (keys per inner step), chunk (keys per split; default: about
     `programs_per_sm` programs per SM), num_warps/num_stages, combine_rows (rows per combine program), pair_table
-    (4-bit lloyd codes decoded two at a time from a 256-entry table; 16-bit queries only)."""
+    (4-bit lloyd codes decoded two at a time from a 256-entry table; 16-bit queries and tiles of at most 32 rows
+    only)."""
     if not _HAS_TRITON:
         raise RuntimeError("ragged_attention_triton needs the `triton` package, which is not importable here")
     B, Hq, Lq, d, Hkv, L_app, scale = _check_inputs(queries, prefix, app_keys, app_values, app_mask, scale)
@@ -709,12 +711,17 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     bm, bn, chunk, warps, stages = _pick_config(M_all, n_entries + (L_app if L_app else 0), Hkv, d, dev,
                                                 block_m, block_n, chunk, programs_per_sm)
     warps, stages = num_warps or warps, num_stages or stages
+    lloyd_keys = prefix is not None and prefix.max_length > 0 and prefix.keys.codec == "lloyd"
+    if lloyd_keys and block_m is None and bm > 32 and \
+            _query_rotation(prefix.keys.rotation, queries.dtype)[0].dtype == torch.float32:
+        bm = 32  # triton 3.6 fails to compile the float32 rotation product in 64-row tiles (OptimizeDotOperands)
     BD = max(16, _next_pow2(d))
     if queries.stride(-1) != 1:
         queries = queries.contiguous()
     if pair_table is None:
         pair_table = True
-    pair_ok = pair_table and queries.dtype != torch.float32
+    # pair tables in 64-row tiles do not compile on triton 3.6 (OptimizeDotOperands): decode-sized tiles only
+    pair_ok = pair_table and queries.dtype != torch.float32 and bm <= 32
     if queries.dtype == torch.float32:
         if dev.type != "cuda":
             dot_precision = "ieee"
