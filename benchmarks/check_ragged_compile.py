@@ -63,52 +63,30 @@ def codec_parts(label):
     return one(mk.group(1)), one(mk.group(2))
 
 
-def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=None, warps=None, exact=None,
-                    pair=True):
+def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=None):
     (kc, kb), (vc, vb) = codec_parts(label)
-    bm, bn, _, w, st = m._pick_config(B * G * Lq, 1000, 8, d, m.torch.device("cpu"), None, block_n, None)
+    bm, bn, _, warps, st = m._pick_config(B * G * Lq, 1000, 8, d, m.torch.device("cpu"), None, block_n, None)
     BD = max(16, m._next_pow2(d))
     data = {0: "*" + TY[qty], 1: "*u8", 2: "*i8", 3: "*u8"}
-    rot = "*" + TY[qty] if qty != "fp32" and d & (d - 1) == 0 else "*fp32"
-    types = dict(Q="*" + TY[qty], ITEMS="*i32", BETA="*fp32", KX=data[kc],
-                 KS="*fp16" if kc >= 2 else data[kc], KGAIN="*fp16", KMEAN="*fp16", KCENT="*fp32", KROT=rot,
-                 VX=data[vc], VS="*fp16" if vc >= 2 else data[vc], VGAIN="*fp16", VCENT="*fp32", EK="*fp32",
-                 EV="*fp32", EBETA="*fp32", AK="*" + TY[qty], AV="*" + TY[qty], AMASK="*i8" if mask else "*fp32",
-                 PM="*fp32", PL="*fp32", PACC="*fp32", qk_scale2="fp32", rot_scale="fp32")
-    for n in ("s_qb", "s_qh", "s_qi", "k_stride", "v_stride", "s_km", "s_akb", "s_akh",
+    types = dict(Q="*" + TY[qty], QROT="*fp32", OFFS="*i32", BETA="*fp32", KX=data[kc],
+                 KS="*fp16" if kc >= 2 else data[kc], KGAIN="*fp16", KMEAN="*fp16", KCENT="*fp32", VX=data[vc],
+                 VS="*fp16" if vc >= 2 else data[vc], VGAIN="*fp16", VCENT="*fp32", EK="*fp32", EV="*fp32",
+                 EBETA="*fp32", AK="*" + TY[qty], AV="*" + TY[qty], AMASK="*i8" if mask else "*fp32", PM="*fp32",
+                 PL="*fp32", PACC="*fp32", qk_scale2="fp32")
+    for n in ("s_qb", "s_qh", "s_qi", "s_rb", "s_rh", "s_ri", "k_stride", "v_stride", "s_km", "s_akb", "s_akh",
               "s_akl", "s_avb", "s_avh", "s_avl", "s_mb"):
         types[n] = "i64"
     row = {0: d, 1: None, 2: d // 32 * 34, 3: d // 32 * 18}
-    div16 = {"s_qb", "s_qh", "s_qi", "s_km", "s_akb", "s_akh", "s_akl", "s_avb", "s_avh",
+    div16 = {"s_qb", "s_qh", "s_qi", "s_rb", "s_rh", "s_ri", "s_km", "s_akb", "s_akh", "s_akl", "s_avb", "s_avh",
              "s_avl"} if d % 16 == 0 else set()
     for name, c, b in (("k_stride", kc, kb), ("v_stride", vc, vb)):
         stride = row[c] if c != 1 else (d * b + 7) // 8
         if stride % 16 == 0:
             div16.add(name)
-    has_exact = int(kc == 1 or vc == 1) if exact is None else int(exact)
-    if kc == 1 and rot == "*fp32" and bm > 32:  # the launcher's caps (ragged_attention_triton)
-        bm = 32
-    kp = bool(pair and qty != "fp32" and kc == 1 and kb == 4 and bm <= 32)
-    vp = bool(pair and qty != "fp32" and vc == 1 and vb == 4 and bm <= 32)
-    types["KCENT"] = "*i32" if kp else "*fp32"
-    types["VCENT"] = "*i32" if vp else "*fp32"
     consts = dict(G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, K_CODEC=kc, K_BITS=kb, V_CODEC=vc, V_BITS=vb,
-                  K_PAIR=kp, V_PAIR=vp, HAS_EXACT=has_exact, HAS_MASK=mask, UPCAST=False, DOT_PRECISION="tf32", ROT_PRECISION="tf32x3")
-    w = warps or w
-    name = (f"partial {label:8s} q={qty} d={d} G={G} bm={bm} bn={bn} w={w} st={stages or st}{' mask' if mask else ''}"
-            f"{' pair' if kp or vp else ''}")
-    return name, (m._partial_kernel, types, consts, div16, w, stages or st)
-
-
-def combine_variant(d, M_all, lloyd, cm=None):
-    BD = max(16, m._next_pow2(d))
-    cm, sb, sc, kc = m._combine_tiles(M_all, BD, cm)
-    types = dict(PM="*fp32", PL="*fp32", PACC="*fp32", HEAD_FIRST="*i32", VMEAN="*fp16", VROT="*fp32", OUT="*bf16",
-                 s_vm="i64", s_ob="i64", s_oi="i64", s_oh="i64")
-    consts = dict(G=4, D=d, CM=cm, SA=64, SB=sb, SC=sc, KC=kc, BLOCK_D=BD, V_LLOYD=lloyd, HAS_EXACT=int(lloyd),
-                  ROT_PRECISION="tf32x3")
-    return (f"combine d={d} rows={cm} sb={sb} sc={sc} lloyd={lloyd}",
-            (m._combine_kernel, types, consts, {"s_ob", "s_oi", "s_oh"}, 8, 2))
+                  HAS_MASK=mask, UPCAST=False, DOT_PRECISION="tf32")
+    name = f"partial {label:8s} q={qty} d={d} G={G} bm={bm} bn={bn} w={warps} st={stages or st}{' mask' if mask else ''}"
+    return name, (m._partial_kernel, types, consts, div16, warps, stages or st)
 
 
 def main():
@@ -124,15 +102,20 @@ def main():
         for bn, st in ((32, 2), (64, 2), (128, 2), (64, 3)):
             n, v = partial_variant("bf16", label, 128, 1, 4, 1, 64, False, block_n=bn, stages=st)
             variants[n] = v
-    for qty in ("fp32", "bf16"):  # lloyd prefill tiles (64 rows): the in-program rotation product
-        for dd in (96, 128):
-            n, v = partial_variant(qty, "K4V4", dd, 1, 4, 256, 256, False)
-            variants[n] = v
     for d in sorted({c[2] for c in check_cases(False)} | {128}):
-        for M_all in (4, 32, 1024):
+        BD = max(16, m._next_pow2(d))
+        for qty in ("bf16", "fp16", "fp32"):
+            types = dict(Q="*" + TY[qty], ROT="*fp32", QROT="*fp32", s_qb="i64", s_qh="i64", s_qi="i64")
+            variants[f"rotate q={qty} d={d}"] = (m._rotate_kernel, types, dict(D=d, BLOCK_M=16, BLOCK_D=BD,
+                                                                               BLOCK_C=m._rot_cols(BD)),
+                                                 {"s_qb", "s_qh", "s_qi"}, 8, 2)
+        for cm in (32,):
             for vl in (False, True):
-                n, v = combine_variant(d, M_all, vl)
-                variants[n] = v
+                types = dict(PM="*fp32", PL="*fp32", PACC="*fp32", VMEAN="*fp16", ROT="*fp32", OUT="*bf16",
+                             s_vm="i64", s_ob="i64", s_oi="i64", s_oh="i64")
+                variants[f"combine d={d} rows={cm} lloyd={vl}"] = (
+                    m._combine_kernel, types, dict(G=4, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=m._rot_cols(BD),
+                                                   V_LLOYD=vl), {"s_ob", "s_oi", "s_oh"}, 8, 2)
     only = sys.argv[1] if len(sys.argv) > 1 else ""  # optional substring filter, e.g. "combine"
     variants = {k: v for k, v in variants.items() if only in k}
     print(f"triton {triton.__version__}, target sm_90, {len(variants)} variants")

@@ -31,16 +31,12 @@ Triton, one online-softmax pass per split, then a combine (flash-decoding style 
    Each writes (running max, sum, accumulator) per row. Codes are read as stored and dequantized in registers
    to the queries' dtype for tl.dot (float32 accumulation), as the loader would have dequantized them:
    * lloyd keys: the query is rotated instead of the keys, exact since R is orthogonal:
-     q.(mean + g R^T c) = q.mean + g (R q).c; each prefix program computes R q itself (one (rows x d) @ (d x d)
-     product: +-1 Hadamard entries in the queries' 16-bit dtype, exact; float32 otherwise, see `_query_rotation`);
-     4-bit codes with 16-bit queries decode two at a time from a 256-entry table of centroid pairs (`_pair_table`);
-   * q8_0/q4_0: read as 16-bit words (2 int8 or 4 nibbles per load); q4_0 tiles keep a word's nibbles together
-     (`_natural_col`), the query is loaded in that column order;
+     q.(mean + g R^T c) = q.mean + g (R q).c; R q comes from `_rotate_kernel` (float32) just before;
    * lloyd values: sum_j p_j g_j c_j is accumulated in rotated space (g folded into p) and un-rotated once in
      the combine step, plus mean * sum_j p_j;
    * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them.
 2. `_combine_kernel`, grid (row tiles, Hkv): merges a row's slots (log-sum-exp), un-rotates lloyd values with
-   a float32 (rows x d) @ (d x d) product (KC rotated coordinates at a time), normalises and writes (B, Lq, Hq, d).
+   a float32 (rows x d) @ (d x d) product (`_rot_cols` output columns at a time), normalises and writes (B, Lq, Hq, d).
 Decode (Lq = 1) and prefill (Lq = hundreds) are the same kernels with different tiles: `chunk` is chosen so
 the grid holds about two programs per SM (`_pick_config`).
 
@@ -212,98 +208,37 @@ def _dot_operand(x, DOT_TY: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @_jit
-def _natural_col(c, CODEC: tl.constexpr):
-    """Head-dim coordinate held in column c of a dequantized tile. q4_0 tiles keep the four nibbles of each 16-bit
-    word together: column blk*32 + 4j + 2t + s holds coordinate blk*32 + 2j + t + 16s; every other codec the
-    natural order."""
-    if CODEC == 3:
-        return (c // 32) * 32 + ((c % 32) // 4) * 2 + (c // 2) % 2 + (c % 2) * 16
-    else:
-        return c
-
-
-@_jit
-def _dequant_tile(X, XS, CENT, rows, row_ok, row_stride, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BD: tl.constexpr, CODEC: tl.constexpr, BITS: tl.constexpr, PAIR: tl.constexpr,
-                  DOT_TY: tl.constexpr):
-    """(BLOCK_N, BD) tile of stored rows `rows` in the column order of `_natural_col`: raw values (stored dtype),
-    lloyd centroids (float32, or DOT_TY with PAIR; gain not applied), q8_0/q4_0 dequantized (float32). Columns >= D
-    are 0, except lloyd's, which may hold a finite centroid (multiplied by 0 wherever they are used). X points at
-    the data (int16 view for q8_0/q4_0), XS at the same bytes viewed as float16 (block scales); row_stride in
-    elements of X.
-
-    Fast paths read whole rows with wide loads and decode several codes per load:
-    - lloyd widths 1, 2, 4, 8 (a byte holds 8/BITS codes): one load of the row's bytes, shifts, one centroid gather
-      per code, interleaved back with tl.join; with PAIR (4-bit codes, 16-bit dot operands) CENT is a 256-entry
-      table of both centroids of a byte as two DOT_TY values in one int32: one gather per two codes;
-    - q8_0/q4_0: 16-bit loads (a block is 2-byte aligned), 2 int8 or 4 nibbles per load;
-    other lloyd widths (codes straddling bytes) read one or two bytes per code."""
+def _dequant_tile(X, XS, CENT, rows, row_ok, offs_d, d_ok, row_stride, CODEC: tl.constexpr, BITS: tl.constexpr):
+    """(BLOCK_N, BLOCK_D) tile of stored rows `rows`: raw values (stored dtype), lloyd centroids (float32, gain
+    not applied), q8_0/q4_0 dequantized (float32). X points at the data (int8 view for q8_0), XS at the same
+    bytes viewed as float16 (block scales); row_stride in elements of X."""
+    r = rows.to(tl.int64)[:, None] * row_stride
+    ok = row_ok[:, None] & d_ok[None, :]
+    c = offs_d[None, :]
     if CODEC == 0:
-        c = tl.arange(0, BD)
-        x = tl.load(X + rows.to(tl.int64)[:, None] * row_stride + c[None, :],
-                    mask=row_ok[:, None] & (c < D)[None, :], other=0.0)
+        x = tl.load(X + r + c, mask=ok, other=0.0)
     elif CODEC == 1:
-        r = rows.to(tl.int64) * row_stride
-        if (BITS == 1 or BITS == 2 or BITS == 4 or BITS == 8) and (D * BITS) % 8 == 0:
-            PER: tl.constexpr = 8 // BITS  # codes per byte
-            W: tl.constexpr = BD // PER if BD >= PER else 1
-            j = tl.arange(0, W)
-            byte = tl.load(X + r[:, None] + j[None, :], mask=row_ok[:, None] & (j < D // PER)[None, :],
-                           other=0).to(tl.int32)
-            if PER == 1:
-                x = tl.load(CENT + byte)
-            elif PER == 2:
-                if PAIR:
-                    pair = tl.load(CENT + byte)
-                    c0 = (pair & 0xFFFF).to(tl.int16).to(DOT_TY, bitcast=True)
-                    c1 = (pair >> 16).to(tl.int16).to(DOT_TY, bitcast=True)
-                    x = tl.reshape(tl.join(c0, c1), (BLOCK_N, BD))
-                else:
-                    c0 = tl.load(CENT + (byte & 15))
-                    c1 = tl.load(CENT + (byte >> 4))
-                    x = tl.reshape(tl.join(c0, c1), (BLOCK_N, BD))
-            elif PER == 4:
-                c0 = tl.load(CENT + (byte & 3))
-                c1 = tl.load(CENT + ((byte >> 2) & 3))
-                c2 = tl.load(CENT + ((byte >> 4) & 3))
-                c3 = tl.load(CENT + (byte >> 6))
-                x = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_N, BD))
-            else:  # 8 one-bit codes per byte
-                b0 = tl.join(tl.join(tl.load(CENT + (byte & 1)), tl.load(CENT + ((byte >> 4) & 1))),
-                             tl.join(tl.load(CENT + ((byte >> 2) & 1)), tl.load(CENT + ((byte >> 6) & 1))))
-                b1 = tl.join(tl.join(tl.load(CENT + ((byte >> 1) & 1)), tl.load(CENT + ((byte >> 5) & 1))),
-                             tl.join(tl.load(CENT + ((byte >> 3) & 1)), tl.load(CENT + (byte >> 7))))
-                x = tl.reshape(tl.join(b0, b1), (BLOCK_N, BD))
-        else:
-            c = tl.arange(0, BD)[None, :]
-            ok = row_ok[:, None] & (c < D)
-            bit = c * BITS
-            byte = bit // 8
-            shift = bit % 8
-            word = tl.load(X + r[:, None] + byte, mask=ok, other=0).to(tl.int32)
-            hi = tl.load(X + r[:, None] + byte + 1, mask=ok & (shift + BITS > 8), other=0).to(tl.int32)
-            code = ((word | (hi << 8)) >> shift) & ((1 << BITS) - 1)
-            x = tl.load(CENT + code)
-    else:  # llama.cpp blocks: q8_0 = 17 int16 words (fp16 scale, 16 x 2 int8), q4_0 = 9 (scale, 8 x 4 nibbles)
-        NB: tl.constexpr = BD // 32
-        WORDS: tl.constexpr = 17 if CODEC == 2 else 9
-        HALF: tl.constexpr = 16 if CODEC == 2 else 8
-        r = rows * row_stride  # int32: a layer's codes stay far below 2^31 bytes
-        blk = tl.arange(0, NB)
-        w = tl.arange(0, HALF)
-        ok = row_ok[:, None] & (blk < D // 32)[None, :]
-        base = r[:, None] + (blk * WORDS)[None, :]
-        word = tl.load(X + base[:, :, None] + 1 + w[None, None, :], mask=ok[:, :, None], other=0).to(tl.int32)
-        sc = tl.load(XS + base, mask=ok, other=0.0).to(tl.float32)
-        if CODEC == 2:  # bytes 2j, 2j+1 of the block: coordinates 2j, 2j+1
-            q = tl.join((word << 24) >> 24, word >> 8).to(tl.float32)
-            x = tl.reshape(q * sc[:, :, None, None], (BLOCK_N, BD))
-        else:  # nibbles of word j: q_2j, q_2j+16, q_2j+1, q_2j+17 (see _natural_col)
-            off = -8.0 * sc
-            n0 = tl.join(word & 15, (word >> 8) & 15)
-            n1 = tl.join((word >> 4) & 15, (word >> 12) & 15)
-            q = tl.join(n0, n1).to(tl.float32)
-            x = tl.reshape(q * sc[:, :, None, None, None] + off[:, :, None, None, None], (BLOCK_N, BD))
+        bit = c * BITS
+        byte = bit // 8
+        shift = bit % 8
+        word = tl.load(X + r + byte, mask=ok, other=0).to(tl.int32)
+        if 8 % BITS != 0:  # codes may straddle two bytes
+            hi = tl.load(X + r + byte + 1, mask=ok & (shift + BITS > 8), other=0).to(tl.int32)
+            word = word | (hi << 8)
+        code = (word >> shift) & ((1 << BITS) - 1)
+        x = tl.load(CENT + code, mask=ok, other=0.0)
+    elif CODEC == 2:  # q8_0: 34-byte blocks = fp16 scale + 32 int8
+        blk = c // 32
+        q = tl.load(X + r + blk * 34 + 2 + (c % 32), mask=ok, other=0).to(tl.float32)
+        sc = tl.load(XS + r // 2 + blk * 17, mask=ok, other=0.0).to(tl.float32)
+        x = q * sc
+    else:  # q4_0: 18-byte blocks = fp16 scale + 16 bytes, byte j = q_j | q_{j+16} << 4
+        blk = c // 32
+        w = c % 32
+        byte = tl.load(X + r + blk * 18 + 2 + (w % 16), mask=ok, other=0).to(tl.int32)
+        q = ((byte >> ((w // 16) * 4)) & 15) - 8
+        sc = tl.load(XS + r // 2 + blk * 9, mask=ok, other=0.0).to(tl.float32)
+        x = q.to(tl.float32) * sc
     return x
 
 
@@ -321,29 +256,26 @@ def _softmax_step(s, m_i, l_i):
 
 @_jit
 def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, VS, VGAIN, VCENT, v_stride,
-                  qk_scale2, D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr,
+                  offs_d, d_ok, qk_scale2,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
-                  K_PAIR: tl.constexpr, V_PAIR: tl.constexpr,
                   DOT_TY: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over prefix entries lo:hi (global rows) for one row tile. q_dot is in the keys' column
-    order, the returned accumulator in the values' (see _natural_col)."""
+    """Online softmax over prefix entries lo:hi (global rows) for one row tile."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         ok = cols < hi
-        k = _dequant_tile(KX, KS, KCENT, cols, ok, k_stride, D, BLOCK_N, BD, K_CODEC, K_BITS, K_PAIR, DOT_TY)
+        k = _dequant_tile(KX, KS, KCENT, cols, ok, offs_d, d_ok, k_stride, K_CODEC, K_BITS)
         s = tl.dot(q_dot, tl.trans(_dot_operand(k, DOT_TY, UPCAST)), input_precision=DOT_PRECISION)
-        beta = tl.load(BETA + cols, mask=ok, other=float("-inf"))
         if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
             gk = tl.load(KGAIN + cols, mask=ok, other=0.0).to(tl.float32)
-            s = (s * gk[None, :] + qm[:, None]) * qk_scale2 + beta[None, :] * 1.4426950408889634
-        else:
-            s = s * qk_scale2 + beta[None, :] * 1.4426950408889634
+            s = s * gk[None, :] + qm[:, None]
+        beta = tl.load(BETA + cols, mask=ok, other=float("-inf"))
+        s = s * qk_scale2 + beta[None, :] * 1.4426950408889634
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-        v = _dequant_tile(VX, VS, VCENT, cols, ok, v_stride, D, BLOCK_N, BD, V_CODEC, V_BITS, V_PAIR, DOT_TY)
+        v = _dequant_tile(VX, VS, VCENT, cols, ok, offs_d, d_ok, v_stride, V_CODEC, V_BITS)
         if V_CODEC == 1:  # accumulate sum p g c in rotated space; the combine un-rotates
             gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
             p = p * gv[None, :]
@@ -386,51 +318,37 @@ def _dense_chunk(q_dot, last_key, lo, hi, K, V, BETA, MASK, k_stride, v_stride, 
     return m_i, l_i, acc
 
 
-@_jit_sizes("B", "Lq", "L_app", "E", "n_items", "n_app", "chunk", "M_all")
+@_jit_sizes("B", "Lq", "L_app", "E", "n_pre", "n_shared", "n_app", "chunk", "n_buf", "M_all")
 def _partial_kernel(
-    Q, ITEMS, BETA,
-    KX, KS, KGAIN, KMEAN, KCENT, KROT, VX, VS, VGAIN, VCENT,
+    Q, QROT, OFFS, BETA,
+    KX, KS, KGAIN, KMEAN, KCENT, VX, VS, VGAIN, VCENT,
     EK, EV, EBETA,
     AK, AV, AMASK,
     PM, PL, PACC,
-    B, Lq, L_app, E, n_items, n_app, chunk, M_all, Hkv, qk_scale2, rot_scale,
-    s_qb, s_qh, s_qi,
+    B, Lq, L_app, E, n_pre, n_shared, n_app, chunk, n_buf, M_all, qk_scale2,
+    s_qb, s_qh, s_qi, s_rb, s_rh, s_ri,
     k_stride, v_stride, s_km,
     s_akb, s_akh, s_akl, s_avb, s_avh, s_avl, s_mb,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
-    K_PAIR: tl.constexpr, V_PAIR: tl.constexpr,
-    HAS_EXACT: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One (row tile, work item): partial (max, sum, acc) of its rows over the item's keys. Items, in order:
-    prefix chunks (ITEMS = [head; first entry; end] per chunk, only the chunks a head has: ragged heads launch no
-    empty programs) for the rows of EVERY sequence; the exact segment of each head (HAS_EXACT); chunks of
-    `chunk` appended tokens of one sequence and head (that sequence's rows only)."""
+    """One (row tile, KV head, slot): partial (max, sum, acc) of its rows over its slot's keys."""
     pid_m = tl.program_id(0)
-    item = tl.program_id(1)
+    h = tl.program_id(1)
+    slot = tl.program_id(2)
     DOT_TY: tl.constexpr = Q.dtype.element_ty
     rows_per_seq = G * Lq
-    n_exact = Hkv * HAS_EXACT
-    if item < n_items:  # prefix chunk: the rows of every sequence
-        h = tl.load(ITEMS + item)
+    if slot < n_shared:  # prefix chunk or exact segment: the rows of every sequence
         seq = 0
         row0 = 0
         n_rows = M_all
-        buf = item
-    elif item < n_items + n_exact:  # exact segment of head h
-        h = item - n_items
-        seq = 0
-        row0 = 0
-        n_rows = M_all
-        buf = item
-    else:  # appended chunk `a` of sequence `seq`, head h: that sequence's rows only
-        t = item - n_items - n_exact
-        h = t // (B * n_app)
-        seq = (t // n_app) % B
+        buf = slot
+    else:  # appended chunk `a` of sequence `seq`: that sequence's rows only
+        seq = (slot - n_shared) // n_app
         row0 = seq * rows_per_seq
         n_rows = rows_per_seq
-        buf = n_items + n_exact + h * n_app + t % n_app
+        buf = n_shared + (slot - n_shared) % n_app
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = local < n_rows
     r = row0 + local
@@ -439,152 +357,139 @@ def _partial_kernel(
     hq = h * G + r % G
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    q_mask = row_ok[:, None] & d_ok[None, :]
     q_off = b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh + i.to(tl.int64) * s_qi
-    v_cols = offs_d
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
 
-    if item < n_items:
-        lo = tl.load(ITEMS + n_items + item)
-        hi = tl.load(ITEMS + 2 * n_items + item)
-        if K_CODEC == 1:  # R q in-program: (rows x d) @ R^T, exact for 16-bit queries (R^T*sqrt(d) is +-1)
-            q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            ROT_TY: tl.constexpr = KROT.dtype.element_ty
-            rt = tl.load(KROT + offs_d[:, None] * D + offs_d[None, :], mask=d_ok[:, None] & d_ok[None, :],
-                         other=0.0)
-            q_rot = tl.dot(_dot_operand(q, ROT_TY, UPCAST), _dot_operand(rt, ROT_TY, UPCAST),
-                           input_precision=ROT_PRECISION) * rot_scale
+    if slot < n_pre:
+        start = tl.load(OFFS + h)
+        end = tl.load(OFFS + h + 1)
+        lo = start + slot * chunk
+        hi = tl.minimum(lo + chunk, end)
+        if K_CODEC == 1:
+            r_off = b.to(tl.int64) * s_rb + hq.to(tl.int64) * s_rh + i.to(tl.int64) * s_ri
+            q_rot = tl.load(QROT + r_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
             mean = tl.load(KMEAN + h * s_km + offs_d, mask=d_ok, other=0.0).to(tl.float32)
             qm = tl.sum(q.to(tl.float32) * mean[None, :], axis=1)
             q_dot = _dot_operand(q_rot, DOT_TY, UPCAST)
-        else:  # the query in the keys' column order
-            k_cols = _natural_col(offs_d, K_CODEC)
-            q = tl.load(Q + q_off[:, None] + k_cols[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
             qm = tl.zeros([BLOCK_M], dtype=tl.float32)
             q_dot = _dot_operand(q, DOT_TY, UPCAST)
         m_i, l_i, acc = _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride,
-                                      VX, VS, VGAIN, VCENT, v_stride, qk_scale2, D,
+                                      VX, VS, VGAIN, VCENT, v_stride, offs_d, d_ok, qk_scale2,
                                       BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, V_CODEC, V_BITS,
-                                      K_PAIR, V_PAIR, DOT_TY, UPCAST, DOT_PRECISION)
-        v_cols = _natural_col(offs_d, V_CODEC)
-    else:
-        q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if item < n_items + n_exact:  # the exact segment of head h: E dense float32 entries with their beta
-            last = tl.zeros([BLOCK_M], dtype=tl.int32)
-            m_i, l_i, acc = _dense_chunk(_dot_operand(q, DOT_TY, UPCAST), last, 0, E,
-                                         EK + h * E * D, EV + h * E * D, EBETA + h * E, AMASK, D, D,
-                                         offs_d, d_ok, qk_scale2, True, False, False,
-                                         BLOCK_M, BLOCK_N, BLOCK_D, DOT_TY, UPCAST, DOT_PRECISION)
-        else:  # appended tokens of sequence `seq`, causal (bottom-right) and padding-masked
-            a = (item - n_items - n_exact) % n_app
-            last = L_app - Lq + i
-            lo = a * chunk
-            hi = tl.minimum(tl.minimum(lo + chunk, L_app), tl.max(tl.where(row_ok, last, 0), axis=0) + 1)
-            m_i, l_i, acc = _dense_chunk(_dot_operand(q, DOT_TY, UPCAST), last, lo, hi,
-                                         AK + seq.to(tl.int64) * s_akb + h * s_akh,
-                                         AV + seq.to(tl.int64) * s_avb + h * s_avh,
-                                         BETA, AMASK + seq.to(tl.int64) * s_mb, s_akl, s_avl,
-                                         offs_d, d_ok, qk_scale2, False, True, HAS_MASK,
-                                         BLOCK_M, BLOCK_N, BLOCK_D, DOT_TY, UPCAST, DOT_PRECISION)
+                                      DOT_TY, UPCAST, DOT_PRECISION)
+    elif slot < n_shared:  # the exact segment of head h: E dense float32 entries with their beta
+        last = tl.zeros([BLOCK_M], dtype=tl.int32)
+        m_i, l_i, acc = _dense_chunk(_dot_operand(q, DOT_TY, UPCAST), last, 0, E,
+                                     EK + h * E * D, EV + h * E * D, EBETA + h * E, AMASK, D, D,
+                                     offs_d, d_ok, qk_scale2, True, False, False,
+                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_TY, UPCAST, DOT_PRECISION)
+    else:  # appended tokens of sequence `seq`, causal (bottom-right) and padding-masked
+        a = (slot - n_shared) % n_app
+        last = L_app - Lq + i
+        lo = a * chunk
+        hi = tl.minimum(tl.minimum(lo + chunk, L_app), tl.max(tl.where(row_ok, last, 0), axis=0) + 1)
+        m_i, l_i, acc = _dense_chunk(_dot_operand(q, DOT_TY, UPCAST), last, lo, hi,
+                                     AK + seq.to(tl.int64) * s_akb + h * s_akh,
+                                     AV + seq.to(tl.int64) * s_avb + h * s_avh,
+                                     BETA, AMASK + seq.to(tl.int64) * s_mb, s_akl, s_avl,
+                                     offs_d, d_ok, qk_scale2, False, True, HAS_MASK,
+                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_TY, UPCAST, DOT_PRECISION)
 
-    p_off = buf.to(tl.int64) * M_all + r
+    p_off = (h * n_buf + buf).to(tl.int64) * M_all + r
     tl.store(PM + p_off, m_i, mask=row_ok)
     tl.store(PL + p_off, l_i, mask=row_ok)
-    tl.store(PACC + p_off[:, None] * BLOCK_D + v_cols[None, :], acc, mask=row_ok[:, None])
+    tl.store(PACC + p_off[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
 @_jit
-def _slot_ids(s, first, n_h, h, HAS_EXACT: tl.constexpr, n_items, n_exact, n_app):
-    """Partial-buffer index of slot s of head h: its prefix chunks, its exact segment, its appended chunks."""
-    e = s - n_h
-    return tl.where(s < n_h, first + s,
-                    tl.where(e < HAS_EXACT, n_items + h, n_items + n_exact + h * n_app + e - HAS_EXACT))
-
-
-@_jit_sizes("Lq", "n_items", "n_app", "M_all")
-def _combine_kernel(
-    PM, PL, PACC, HEAD_FIRST, VMEAN, VROT, OUT,
-    Lq, M_all, n_items, n_app, Hkv,
-    s_vm, s_ob, s_oi, s_oh,
-    G: tl.constexpr, D: tl.constexpr, CM: tl.constexpr, SA: tl.constexpr, SB: tl.constexpr, SC: tl.constexpr,
-    KC: tl.constexpr, BLOCK_D: tl.constexpr, V_LLOYD: tl.constexpr, HAS_EXACT: tl.constexpr,
-    ROT_PRECISION: tl.constexpr,
-):
-    """Merge every slot of CM rows of KV head h (grid (Hkv, row tiles)), un-rotate lloyd values, normalise,
-    write (B, Lq, Hq, d). Slots are read as whole blocks (SA x CM maxima and sums, SB x CM x d accumulators),
-    so a head's dozens of slots take a few dependent loads rather than one per slot.
-
-    1. each row's max m and normaliser over all slots;
-    2. sum_s exp2(m_s - m) acc_s over the slots whose values are not rotated (all slots for other codecs);
-    3. lloyd values: the prefix chunks' accumulators are in rotated space: x = mean * l_rot + (sum_s w_s acc_s) R,
-       the rotated sum built KC coordinates at a time and multiplied by those KC rows of R (tl.dot for tiles of
-       16 rows or more, broadcast products below)."""
-    h = tl.program_id(0)
-    rows = tl.program_id(1) * CM + tl.arange(0, CM)
-    row_ok = rows < M_all
+def _rotate_kernel(Q, ROT, QROT, n_rows, Hq, Lq, s_qb, s_qh, s_qi,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """QROT[row] = R @ Q[row] in float32 for the rows (b, hq, i) of queries (B, Hq, Lq, d); QROT contiguous.
+    Output columns in chunks of BLOCK_C, so only a (d x BLOCK_C) slice of R is on chip at a time."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < n_rows
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    first = tl.load(HEAD_FIRST + h)
-    n_h = tl.load(HEAD_FIRST + h + 1) - first
-    n_exact = Hkv * HAS_EXACT
-    n_slots = n_h + HAS_EXACT + n_app
+    b = r // (Hq * Lq)
+    hq = (r // Lq) % Hq
+    i = r % Lq
+    q_off = b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh + i.to(tl.int64) * s_qi
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < D
+        # row form: (R q)^T = q^T R^T with R^T[k, c] = R[c, k]
+        rt = tl.load(ROT + cols[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+        qr = tl.dot(q, rt, input_precision="ieee")
+        tl.store(QROT + r.to(tl.int64)[:, None] * D + cols[None, :], qr, mask=row_ok[:, None] & c_ok[None, :])
 
-    m_run = tl.full([CM], float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros([CM], dtype=tl.float32)
-    l_rot = tl.zeros([CM], dtype=tl.float32)
-    for s0 in range(0, n_slots, SA):
-        s = s0 + tl.arange(0, SA)
-        ok = (s < n_slots)[:, None] & row_ok[None, :]
-        off = _slot_ids(s, first, n_h, h, HAS_EXACT, n_items, n_exact, n_app).to(tl.int64)[:, None] * M_all + rows[None, :]
-        m = tl.load(PM + off, mask=ok, other=float("-inf"))
-        l = tl.load(PL + off, mask=ok, other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+
+@_jit_sizes("Lq", "n_rot", "n_buf", "M_all")
+def _combine_kernel(
+    PM, PL, PACC, VMEAN, ROT, OUT,
+    Lq, n_rot, n_buf, M_all,
+    s_vm, s_ob, s_oi, s_oh,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    V_LLOYD: tl.constexpr,
+):
+    """Merge the slots of a row tile of KV head h, un-rotate lloyd values, normalise, write (B, Lq, Hq, d).
+
+    Pass 1 finds each row's max and normaliser over all slots; pass 2 (lloyd values) sums the coded slots in
+    rotated space; pass 3 writes BLOCK_C output columns at a time: the other slots' columns plus the
+    un-rotated (acc_rot @ R[:, cols]) part, so only a (d x BLOCK_C) slice of R is on chip at a time."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < M_all
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    base = h.to(tl.int64) * n_buf * M_all + r
+    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_rot = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(0, n_buf):
+        m = tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf"))
+        l = tl.load(PL + base + s * M_all, mask=row_ok, other=0.0)
+        m_new = tl.maximum(m_run, m)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_run - m_safe)
-        wl = tl.exp2(m - m_safe[None, :]) * l
-        l_run = l_run * alpha + tl.sum(wl, axis=0)
+        w = tl.exp2(m - m_safe)
+        l_run = l_run * alpha + w * l
         if V_LLOYD:
-            l_rot = l_rot * alpha + tl.sum(tl.where((s < n_h)[:, None], wl, 0.0), axis=0)
+            l_rot = l_rot * alpha + tl.where(s < n_rot, w * l, 0.0)
         m_run = m_new
     m_fin = tl.where(m_run == float("-inf"), 0.0, m_run)
-
-    acc = tl.zeros([CM, BLOCK_D], dtype=tl.float32)
-    if V_LLOYD:
-        start = n_h
-    else:
-        start = n_h * 0
-    for s0 in range(start, n_slots, SB):
-        s = s0 + tl.arange(0, SB)
-        ok = (s < n_slots)[:, None] & row_ok[None, :]
-        off = _slot_ids(s, first, n_h, h, HAS_EXACT, n_items, n_exact, n_app).to(tl.int64)[:, None] * M_all + rows[None, :]
-        w = tl.exp2(tl.load(PM + off, mask=ok, other=float("-inf")) - m_fin[None, :])
-        a = tl.load(PACC + off[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0)
-        acc += tl.sum(w[:, :, None] * a, axis=0)
-
-    if V_LLOYD:
-        for k0 in tl.static_range(0, BLOCK_D, KC):
-            kk = k0 + tl.arange(0, KC)
-            part = tl.zeros([CM, KC], dtype=tl.float32)
-            for s0 in range(0, n_h, SC):
-                s = s0 + tl.arange(0, SC)
-                ok = (s < n_h)[:, None] & row_ok[None, :]
-                off = (first + s).to(tl.int64)[:, None] * M_all + rows[None, :]
-                w = tl.exp2(tl.load(PM + off, mask=ok, other=float("-inf")) - m_fin[None, :])
-                a = tl.load(PACC + off[:, :, None] * BLOCK_D + kk[None, None, :], mask=ok[:, :, None], other=0.0)
-                part += tl.sum(w[:, :, None] * a, axis=0)
-            rk = tl.load(VROT + kk[:, None] * D + offs_d[None, :], mask=(kk < D)[:, None] & d_ok[None, :], other=0.0)
-            if CM >= 16:
-                acc += tl.dot(part, rk, input_precision=ROT_PRECISION)
-            else:
-                acc += tl.sum(part[:, :, None] * rk[None, :, :], axis=1)
-        mean = tl.load(VMEAN + h * s_vm + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        acc += l_rot[:, None] * mean[None, :]
-
     inv_l = 1.0 / tl.where(l_run > 0, l_run, 1.0)
-    b = rows // (G * Lq)
-    i = (rows // G) % Lq
-    hq = h * G + rows % G
+    acc_rot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    first_raw = 0
+    if V_LLOYD:
+        first_raw = n_rot
+        for s in range(0, n_rot):
+            w = tl.exp2(tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf")) - m_fin)
+            a = tl.load(PACC + (base + s * M_all)[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
+                        other=0.0)
+            acc_rot += w[:, None] * a
+    b = r // (G * Lq)
+    i = (r // G) % Lq
+    hq = h * G + r % G
     o_off = b.to(tl.int64) * s_ob + i.to(tl.int64) * s_oi + hq.to(tl.int64) * s_oh
-    tl.store(OUT + o_off[:, None] + offs_d[None, :], (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < D
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for s in range(first_raw, n_buf):
+            w = tl.exp2(tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf")) - m_fin)
+            a = tl.load(PACC + (base + s * M_all)[:, None] * BLOCK_D + cols[None, :], mask=row_ok[:, None],
+                        other=0.0)
+            acc += w[:, None] * a
+        if V_LLOYD:  # x = mean + R^T y  ->  rows: acc_rot @ R + l_rot * mean
+            rc = tl.load(ROT + offs_d[:, None] * D + cols[None, :], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+            mean = tl.load(VMEAN + h * s_vm + cols, mask=c_ok, other=0.0).to(tl.float32)
+            acc += tl.dot(acc_rot, rc, input_precision="ieee") + l_rot[:, None] * mean[None, :]
+        tl.store(OUT + o_off[:, None] + cols[None, :], (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & c_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,56 +528,28 @@ def _placeholder(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.float32, device=device)
 
 
-@functools.lru_cache(maxsize=64)
-def _query_rotation(rotation: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """(Rt, scale) with R q = scale * (q @ Rt) for queries of `dtype`: for a Hadamard rotation (d a power of two,
-    R = H diag(s)/sqrt(d)) and 16-bit queries, Rt = R^T sqrt(d) holds exactly +-1 in the queries' dtype, so the
-    products are exact and the dot runs on 16-bit tensor cores; otherwise Rt = R^T in float32."""
-    d = rotation.shape[0]
-    rt = rotation.t().contiguous()
-    if dtype in (torch.float16, torch.bfloat16) and d & (d - 1) == 0:
-        pm = rt * math.sqrt(d)
-        # a Hadamard rotation: float32 entries +-1/sqrt(d) times sqrt(d) are +-1 up to one rounding (not equal)
-        if bool(((pm.abs() - 1).abs() < 1e-4).all()):
-            return pm.round().to(dtype).contiguous(), 1.0 / math.sqrt(d)
-    return rt.float(), 1.0
-
-
-@functools.lru_cache(maxsize=64)
-def _pair_table(centroids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(256,) int32: for each byte of two 4-bit codes, centroids[b & 15] and centroids[b >> 4] rounded to the 16-bit
-    `dtype`, low and high half (what the kernel would round the gathered float32 centroids to anyway)."""
-    bits = centroids.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
-    b = torch.arange(256, device=centroids.device)
-    return (bits[b & 15] | (bits[b >> 4] << 16)).to(torch.int32).contiguous()
-
-
 def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch.device,
                  block_m=None, block_n=None, chunk=None, programs_per_sm: float = 2.0):
     """(BLOCK_M, BLOCK_N, chunk, num_warps, num_stages). Decode (few rows): one tile of 16..64 rows and chunks
-    small enough for ~`programs_per_sm` programs per SM over the prefix entries; prefill: 64-row tiles, longer
-    chunks."""
+    small enough for ~`programs_per_sm` programs per SM; prefill: 64-row tiles and longer chunks."""
     bm = block_m or min(64, max(16, _next_pow2(M_all)))
     bn = block_n or (64 if d <= 128 else 32)
     n_tiles = -(-M_all // bm)
     if chunk is None:
         target = max(1, int(programs_per_sm * _num_sms(device)))
         want = -(-n_entries * n_tiles // target)  # entries per program for ~target programs
-        chunk = want
+        chunk = max(bn, -(-want // bn) * bn)
     chunk = max(bn, -(-int(chunk) // bn) * bn)
-    # 8 warps from d = 128: with 4, the 64 x 128 dequantized tiles and their addresses spill registers
+    # 8 warps from d = 128: with 4, the 64 x 128 dequantized tiles and their addresses spill registers (ptxas for
+    # sm_90: 110-210 registers per thread at 8 warps, no spills, for every codec, decode and prefill tiles)
     warps = 8 if d > 64 else 4
     return bm, bn, chunk, warps, 2
 
 
-def _combine_tiles(M_all: int, block_d: int, combine_rows: Optional[int] = None) -> tuple[int, int, int, int]:
-    """(CM rows per combine program, SB and SC slots per block load, KC coordinates per un-rotation step): blocks
-    of about 8192 float32 accumulator values (32 registers a thread at 8 warps)."""
-    cm = combine_rows or min(16, max(1, _next_pow2(M_all)))
-    kc = min(32, block_d)
-    sb = max(1, 8192 // (cm * block_d))
-    sc = max(1, 8192 // (cm * kc))
-    return cm, sb, sc, kc
+def _rot_cols(block_d: int) -> int:
+    """Output columns per step of the float32 (rows x d) @ (d x d) rotation products: all of them up to d = 128
+    (no register spills for sm_90), 64 beyond (a whole 256 x 256 float32 slice of R exceeds shared memory)."""
+    return block_d if block_d <= 128 else 64
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -684,14 +561,9 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=None, app_values=None, app_mask=None,
                             scale: Optional[float] = None, *, block_m: Optional[int] = None,
                             block_n: Optional[int] = None, chunk: Optional[int] = None,
-                            num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                            programs_per_sm: float = 2.0, combine_rows: Optional[int] = None,
-                            pair_table: Optional[bool] = None) -> torch.Tensor:
+                            num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
     """Triton implementation; same contract as :func:`ragged_attention_torch`. Keyword-only tuning knobs:
-    block_m (query rows per tile), block_n (keys per inner step), chunk (keys per split; default: about
-    `programs_per_sm` programs per SM), num_warps/num_stages, combine_rows (rows per combine program), pair_table
-    (4-bit lloyd codes decoded two at a time from a 256-entry table; 16-bit queries and tiles of at most 32 rows
-    only)."""
+    block_m (query rows per tile), block_n (keys per inner step), chunk (keys per split), num_warps/num_stages."""
     if not _HAS_TRITON:
         raise RuntimeError("ragged_attention_triton needs the `triton` package, which is not importable here")
     B, Hq, Lq, d, Hkv, L_app, scale = _check_inputs(queries, prefix, app_keys, app_values, app_mask, scale)
@@ -703,53 +575,27 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk is not None and (blk < 16 or blk & (blk - 1)):
             raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
-    if combine_rows is not None and (combine_rows < 1 or combine_rows & (combine_rows - 1)):
-        raise ValueError(f"combine_rows must be a power of two, got {combine_rows}")
     G = Hq // Hkv
     M_all = B * Lq * G
     n_entries = prefix.num_entries if prefix is not None else 0
     bm, bn, chunk, warps, stages = _pick_config(M_all, n_entries + (L_app if L_app else 0), Hkv, d, dev,
-                                                block_m, block_n, chunk, programs_per_sm)
+                                                block_m, block_n, chunk)
     warps, stages = num_warps or warps, num_stages or stages
-    lloyd_keys = prefix is not None and prefix.max_length > 0 and prefix.keys.codec == "lloyd"
-    if lloyd_keys and block_m is None and bm > 32 and \
-            _query_rotation(prefix.keys.rotation, queries.dtype)[0].dtype == torch.float32:
-        bm = 32  # triton 3.6 fails to compile the float32 rotation product in 64-row tiles (OptimizeDotOperands)
     BD = max(16, _next_pow2(d))
     if queries.stride(-1) != 1:
         queries = queries.contiguous()
-    if pair_table is None:
-        pair_table = True
-    # pair tables in 64-row tiles do not compile on triton 3.6 (OptimizeDotOperands): decode-sized tiles only
-    pair_ok = pair_table and queries.dtype != torch.float32 and bm <= 32
-    if queries.dtype == torch.float32:
-        if dev.type != "cuda":
-            dot_precision = "ieee"
-        elif _env_flag("COMPACTOR_TF32") is False:
-            dot_precision = "tf32x3"
-        else:
-            dot_precision = "tf32"
-    else:
-        dot_precision = "tf32"  # only affects float32 operands
-    rot_precision = "ieee" if dev.type != "cuda" else "tf32x3"  # float32 rotation products: as exact as float32
-    upcast = bool(interpret and queries.dtype == torch.bfloat16)
 
     placeholder = _placeholder(dev)
     K_CODEC = V_CODEC = 0
     K_BITS = V_BITS = 8
-    K_PAIR = V_PAIR = False
-    E = 0
-    kx = ks = kg = km = kc = krot = vx = vs = vg = vc = placeholder
-    ek = ev = eb = vrot = vmean = beta = placeholder
-    rot_scale = 1.0
+    n_pre, E = 0, 0
+    kx = ks = kg = km = kc = vx = vs = vg = vc = offs = beta = placeholder
+    ek = ev = eb = rot = vmean = placeholder
+    q_rot = queries
     k_stride = v_stride = s_km = s_vm = 0
-    items, n_items = placeholder, 0
-    head_first = torch.zeros(Hkv + 1, dtype=torch.int32, device=dev) if prefix is None else \
-        prefix.work_items(chunk)[1]
     if prefix is not None and prefix.max_length:
-        items = prefix.work_items(chunk)[0]
-        n_items = items.shape[1]
-        beta = prefix.beta
+        n_pre = -(-prefix.max_length // chunk)
+        offs, beta = prefix.offsets, prefix.beta
         pk, pv = prefix.keys, prefix.values
         K_CODEC, V_CODEC = _CODEC_ID[pk.codec], _CODEC_ID[pv.codec]
         kx, ks, k_stride = _data_views(pk)
@@ -757,20 +603,14 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
         if pk.codec == "lloyd":
             K_BITS, kg, km, kc = pk.bits, pk.gains, pk.mean, pk.centroids
             s_km = km.stride(0)
-            krot, rot_scale = _query_rotation(pk.rotation, queries.dtype)
-            K_PAIR = pair_ok and K_BITS == 4 and d % 2 == 0
-            if K_PAIR:
-                kc = _pair_table(kc, queries.dtype)
+            q_rot = _alloc((B, Hq, Lq, d), torch.float32, dev)  # R q, filled by _rotate_kernel below
         if pv.codec == "lloyd":
-            V_BITS, vg, vmean, vc, vrot = pv.bits, pv.gains, pv.mean, pv.centroids, pv.rotation
+            V_BITS, vg, vmean, vc, rot = pv.bits, pv.gains, pv.mean, pv.centroids, pv.rotation
             s_vm = vmean.stride(0)
-            V_PAIR = pair_ok and V_BITS == 4 and d % 2 == 0
-            if V_PAIR:
-                vc = _pair_table(vc, queries.dtype)
     if prefix is not None and prefix.num_exact:
         E = prefix.num_exact
         ek, ev, eb = prefix.exact_keys.contiguous(), prefix.exact_values.contiguous(), prefix.exact_beta.contiguous()
-    has_exact = int(E > 0)
+    n_shared = n_pre + (1 if E else 0)
     n_app = -(-L_app // chunk) if L_app else 0
     if L_app:
         ak, av = app_keys, app_values
@@ -786,43 +626,61 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 mask = mask.contiguous()
     else:
         ak = av = mask = placeholder
-    n_work = n_items + Hkv * has_exact + Hkv * B * n_app
-    n_buf = n_work - Hkv * B * n_app + Hkv * n_app
+    n_buf = n_shared + n_app
+    n_slots = n_shared + B * n_app
     V_LLOYD = V_CODEC == 1
 
-    pm = _alloc((max(n_buf, 1), M_all), torch.float32, dev)
-    pl = _alloc((max(n_buf, 1), M_all), torch.float32, dev)
-    pacc = _alloc((max(n_buf, 1), M_all, BD), torch.float32, dev)
+    pm = _alloc((Hkv, n_buf, M_all), torch.float32, dev)
+    pl = _alloc((Hkv, n_buf, M_all), torch.float32, dev)
+    pacc = _alloc((Hkv, n_buf, M_all, BD), torch.float32, dev)
     out = _alloc((B, Lq, Hq, d), queries.dtype, dev)
+
+    if queries.dtype == torch.float32:
+        if dev.type != "cuda":
+            dot_precision = "ieee"
+        elif _env_flag("COMPACTOR_TF32") is False:
+            dot_precision = "tf32x3"
+        else:
+            dot_precision = "tf32"
+    else:
+        dot_precision = "tf32"  # only affects float32 operands
+    upcast = bool(interpret and queries.dtype == torch.bfloat16)
 
     ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with ctx:
         n_tiles = -(-M_all // bm)
-        if n_work:
-            _partial_kernel[(n_tiles, n_work)](
-                queries, items, beta,
-                kx, ks, kg, km, kc, krot, vx, vs, vg, vc,
+        if K_CODEC == 1:
+            n_q = B * Hq * Lq
+            # 16 rows x 8 warps: the float32 (exact-FMA) d x d product fits the registers without spilling
+            _rotate_kernel[(-(-n_q // 16),)](queries, prefix.keys.rotation, q_rot, n_q, Hq, Lq,
+                                             queries.stride(0), queries.stride(1), queries.stride(2),
+                                             D=d, BLOCK_M=16, BLOCK_D=BD, BLOCK_C=_rot_cols(BD), num_warps=8)
+        if n_slots:
+            _partial_kernel[(n_tiles, Hkv, n_slots)](
+                queries, q_rot, offs, beta,
+                kx, ks, kg, km, kc, vx, vs, vg, vc,
                 ek, ev, eb,
                 ak, av, mask,
                 pm, pl, pacc,
-                B, Lq, L_app, E, n_items, max(n_app, 1), chunk, M_all, Hkv, scale * _LOG2E, rot_scale,
+                B, Lq, L_app, E, n_pre, n_shared, max(n_app, 1), chunk, n_buf, M_all, scale * _LOG2E,
                 queries.stride(0), queries.stride(1), queries.stride(2),
+                q_rot.stride(0), q_rot.stride(1), q_rot.stride(2),
                 k_stride, v_stride, s_km,
                 ak.stride(0) if L_app else 0, ak.stride(1) if L_app else 0, ak.stride(2) if L_app else 0,
                 av.stride(0) if L_app else 0, av.stride(1) if L_app else 0, av.stride(2) if L_app else 0,
                 mask.stride(0) if app_mask is not None else 0,
                 G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, K_CODEC=K_CODEC, K_BITS=K_BITS, V_CODEC=V_CODEC,
-                V_BITS=V_BITS, K_PAIR=K_PAIR, V_PAIR=V_PAIR, HAS_EXACT=has_exact, HAS_MASK=app_mask is not None, UPCAST=upcast,
-                DOT_PRECISION=dot_precision, ROT_PRECISION=rot_precision,
+                V_BITS=V_BITS, HAS_MASK=app_mask is not None, UPCAST=upcast, DOT_PRECISION=dot_precision,
                 num_warps=warps, num_stages=stages,
             )
-        cm, sb, sc, kc_ = _combine_tiles(M_all, BD, combine_rows)
-        _combine_kernel[(Hkv, -(-M_all // cm))](
-            pm, pl, pacc, head_first, vmean, vrot, out,
-            Lq, M_all, n_items, n_app, Hkv,
+        # combine tiles of 32 rows x 8 warps: lloyd's float32 un-rotation (rows x d) @ (d x d) does not spill
+        # registers for sm_90 up to d = 128 (16-row tiles do; benchmarks/check_ragged_compile.py)
+        cm = 32
+        _combine_kernel[(-(-M_all // cm), Hkv)](
+            pm, pl, pacc, vmean, rot, out,
+            Lq, n_pre, n_buf, M_all,
             s_vm, out.stride(0), out.stride(1), out.stride(2),
-            G=G, D=d, CM=cm, SA=64, SB=sb, SC=sc, KC=kc_, BLOCK_D=BD, V_LLOYD=V_LLOYD, HAS_EXACT=has_exact,
-            ROT_PRECISION=rot_precision, num_warps=8,
+            G=G, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=_rot_cols(BD), V_LLOYD=V_LLOYD, num_warps=8,
         )
     return out
 
@@ -835,8 +693,10 @@ def _data_views(part) -> tuple[torch.Tensor, torch.Tensor, int]:
             x = x.contiguous()
         return x, x, x.stride(0)
     x = x.contiguous()
-    if part.codec in ("q8_0", "q4_0"):  # int16 words (blocks are 2-byte aligned) and their fp16 view for scales
-        return x.view(torch.int16), x.view(torch.float16), x.shape[1] // 2
+    if part.codec == "q8_0":
+        return x.view(torch.int8), x.view(torch.float16), x.shape[1]
+    if part.codec == "q4_0":
+        return x, x.view(torch.float16), x.shape[1]
     return x, x, x.shape[1]
 
 

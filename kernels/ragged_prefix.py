@@ -105,7 +105,6 @@ class RaggedPrefix:
     exact_values: torch.Tensor | None = None
     exact_beta: torch.Tensor | None = None
     row_head: torch.Tensor | None = field(default=None, repr=False)
-    _work: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_kv_heads(self) -> int:
@@ -160,23 +159,6 @@ class RaggedPrefix:
                                                     torch.tensor(self.lengths, device=self.device),
                                                     output_size=self.num_entries)
         return self.row_head
-
-    def work_items(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernels' split of the prefix into chunks of at most `chunk` entries, only the chunks each head has
-        (ragged heads launch no empty programs): items (3, n) int32 = [head; first entry; end] per chunk, head by
-        head, and head_first (Hkv+1,) int32, the first item of each head. Built on the host from `lengths` once per
-        chunk size and kept on the device (a launch inside a CUDA graph then copies nothing)."""
-        if chunk not in self._work:
-            heads, lo, hi, first = [], [], [], [0]
-            for h, (start, n) in enumerate(zip(self.host_offsets(), self.lengths)):
-                for a in range(0, n, chunk):
-                    heads.append(h)
-                    lo.append(start + a)
-                    hi.append(start + min(a + chunk, n))
-                first.append(len(heads))
-            items = torch.tensor([heads, lo, hi], dtype=torch.int32).reshape(3, -1)
-            self._work[chunk] = (items.to(self.device), torch.tensor(first, dtype=torch.int32, device=self.device))
-        return self._work[chunk]
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (N, d) keys and values of the ragged rows (exact rows decoded from their codes; their beta is

@@ -295,22 +295,6 @@ def test_from_stored_rejects_inconsistent_arrays():
         RaggedPrefix.from_stored({**q8, "keys_blocks": q8["keys_blocks"][:, :-2]}, q8_attrs, {}, d)
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_query_rotation_is_exact_pm_one_for_hadamard(d):
-    """For 16-bit queries and a Hadamard rotation (d a power of two) the kernel rotates q with a +-1 matrix in the
-    queries' dtype (16-bit tensor cores; the float32 fallback is slower and fails to compile for 64-row tiles on
-    triton 3.6); R q must still equal the float32 product."""
-    from compactor.kernels.ragged_prefix import rotation_matrix
-
-    R = rotation_matrix(d, 3)
-    for dtype in (torch.bfloat16, torch.float16):
-        rt, scale = attn_mod._query_rotation(R, dtype)
-        assert rt.dtype == dtype and torch.equal(rt.abs(), torch.ones_like(rt))
-        q = torch.randn(7, d).to(dtype)
-        torch.testing.assert_close((q.float() @ rt.float()) * scale, q.float() @ R.t(), rtol=0, atol=1e-5)
-    assert attn_mod._query_rotation(R, torch.float32)[0].dtype == torch.float32
-
-
 def test_dispatch_cpu_uses_torch(monkeypatch):
     arrays, attrs, books = stored("q4_0", [4, 2], 32)
     prefix = RaggedPrefix.from_stored(arrays, attrs, books, 32)
