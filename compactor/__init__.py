@@ -17,11 +17,12 @@ def compress(document, model, tokenizer, ratio: float = 10.0, **options):
     return compress_to_cache(document, model, tokenizer, ratio, **options)
 
 
-def load_cache(path, model, tokenizer=None, verify: bool = True):
-    """Load an .h5 artifact as a transformers Cache for `model` (see compactor.serving.loader.load_cache)."""
+def load_cache(path, model, tokenizer=None, verify: bool = True, keep_quantized: bool | None = None):
+    """Load an .h5 artifact as a transformers Cache for `model` (see compactor.serving.loader.load_cache;
+    keep_quantized=True serves the stored codes through the ragged kernel, None decides by device)."""
     from .serving.loader import load_cache as _load
 
-    return _load(path, model, tokenizer, verify)
+    return _load(path, model, tokenizer, verify, keep_quantized)
 
 
 def ask(cache, questions, model, tokenizer, **sampling):

@@ -352,9 +352,9 @@ def compress_corpus(corpus, out, device_map, as_json, ratio, max_tokens, stored_
 
 def _artifact_summary(art, path) -> dict:
     """Sizes and layout of an artifact: file, stored payload (by kind), the full 16-bit cache of the same prefix,
-    and the serving memory (16-bit keys/values padded per layer + float32 beta)."""
+    and the serving memory (16-bit keys/values padded per layer + float32 beta; and as stored, measured)."""
     from .evaluation.metrics import full_cache_bytes
-    from .serving.loader import decode_layers
+    from .serving.loader import decode_layers, served_bytes_as_stored
     from .storage.kv_codec import byte_breakdown
 
     meta = art.meta
@@ -367,7 +367,8 @@ def _artifact_summary(art, path) -> dict:
         "chat": meta.get("chat") is not None,
         "bytes": {"file": Path(path).stat().st_size, "payload": art.payload_bytes,
                   "payload_by_kind": byte_breakdown(art), "full_cache": full,
-                  "memory": max(1, sum(layer.memory_bytes() for layer in layers))},  # heads keeping nothing: no 0
+                  "memory": max(1, sum(layer.memory_bytes() for layer in layers)),  # heads keeping nothing: no 0
+                  "memory_as_stored": max(1, served_bytes_as_stored(art))},
         "kept_per_head": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths),
                           "total": sum(lengths)},
         "seconds": dict(meta.get("seconds") or {}),
@@ -443,6 +444,9 @@ def inspect(artifact, no_verify, as_json):
     click.echo(f"  vs full    full 16-bit cache {full:,} bytes: {full / payload:.1f}x smaller stored, "
                f"{full / size:.1f}x on disk, {full / memory:.1f}x in memory when served "
                f"(16-bit keys/values padded per layer + beta: {memory:,} bytes)")
+    as_stored = summary["bytes"]["memory_as_stored"]
+    click.echo(f"  served     as stored (load_cache keep_quantized=True, ragged heads, codes kept): {as_stored:,} "
+               f"bytes, {full / as_stored:.1f}x smaller than the full cache (measured from the loaded tensors)")
     if art.version == 1:
         integrity = ("v1 file: per-chunk checksums and payload digest OK; v1 does not cover attributes, "
                      "re-compress to get a v2 file" if not no_verify else "v1 file: per-chunk checksums OK, "

@@ -348,6 +348,11 @@ KERNEL_CASES = [
     ("K5V2", [17, 30], 128, 2, 1, 1, 2, False, torch.float32, "bfloat16", False, 16),
     ("K2V6", [11, 5], 256, 1, 2, 1, 1, False, torch.float32, "bfloat16", False, 16),
     ("q4_0", [26, 3], 96, 1, 3, 1, 2, False, torch.float32, "bfloat16", False, 16),
+    # the served shape (d = 128): 4-bit pair tables with float16 and bfloat16 queries, 16-bit block loads
+    ("K4V4", [45, 3, 1], 128, 2, 4, 1, 5, False, torch.float16, "float16", False, 16),
+    ("K4V4", [70, 19], 128, 1, 4, 2, 4, True, torch.bfloat16, "bfloat16", True, 32),
+    ("q4_0", [33, 8], 128, 2, 4, 1, 3, False, torch.float16, "float16", False, 16),
+    ("q8_0", [29, 2], 128, 1, 4, 1, 2, False, torch.bfloat16, "bfloat16", False, 16),
 ]
 
 

@@ -23,12 +23,41 @@ import torch
 
 NAME = "compactor"
 _BETA_ATTR = "_compactor_beta"
+_PREFIX_ATTR = "_compactor_prefix"
 
 
 def attach_beta(keys: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Mark `keys` (b, Hkv, L, d) as starting with a compacted prefix whose per-key bias is `beta` (Hkv, t), t <= L."""
     setattr(keys, _BETA_ATTR, beta)
     return keys
+
+
+def attach_prefix(keys: torch.Tensor, prefix) -> torch.Tensor:
+    """Mark `keys` (b, Hkv, n, d), the tokens appended after a compacted prefix, as following the ragged served
+    `prefix` (a RaggedPrefix, cache.RaggedLayer): the attention function then runs the ragged kernel."""
+    setattr(keys, _PREFIX_ATTR, prefix)
+    return keys
+
+
+def appended_mask(attention_mask, batch: int, kv_len: int):
+    """(batch, kv_len) bool visibility of the appended keys, or None (all visible), from transformers' sdpa mask
+    (b or 1, 1, q, >= kv_len), bool (True = attend) or additive float: its last query row, which under a causal
+    mask sees every earlier key, so it is the padding mask. The ragged kernel applies the causal part itself."""
+    if attention_mask is None:
+        return None
+    last = attention_mask[:, 0, -1, -kv_len:]
+    if last.dtype != torch.bool:
+        last = last == 0
+    return last.expand(batch, kv_len)
+
+
+def ragged_prefix_attention(query, key, value, prefix, attention_mask, scaling):
+    """Attention of query (b, Hq, q, d) over a ragged served prefix and the appended key/value (b, Hkv, n, d):
+    the Triton kernel on CUDA, the plain-torch reference elsewhere (kernels/ragged_attention.py). (b, q, Hq, d)."""
+    from ..kernels.ragged_attention import ragged_attention
+
+    mask = appended_mask(attention_mask, query.shape[0], key.shape[2])
+    return ragged_attention(query, prefix, key, value, mask, scaling)
 
 
 def beta_bias(beta: torch.Tensor, kv_len: int, n_heads: int, dtype) -> torch.Tensor:
@@ -53,6 +82,9 @@ def compactor_attention(module, query, key, value, attention_mask, **kwargs):
     recorder = kwargs.pop("compactor_recorder", None)
     if recorder is not None:
         recorder(module.layer_idx, query)
+    prefix = getattr(key, _PREFIX_ATTR, None)
+    if prefix is not None:  # a served ragged prefix (cache.RaggedLayer): the ragged kernel
+        return ragged_prefix_attention(query, key, value, prefix, attention_mask, kwargs.get("scaling")), None
     beta = getattr(key, _BETA_ATTR, None)
     if beta is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

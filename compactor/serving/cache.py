@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import CompactorError
-from .attention import attach_beta
+from .attention import attach_beta, attach_prefix
 
 
 class CompactedLayer(DynamicLayer):
@@ -124,6 +124,68 @@ class CompactedLayer(DynamicLayer):
         return sum(x.numel() * x.element_size() for x in (self.prefix_keys, self.prefix_values, self.beta))
 
 
+class RaggedLayer(CompactedLayer):
+    """One layer whose compacted prefix stays as stored: a `RaggedPrefix` (kernels/ragged_prefix.py), ragged per KV
+    head (no padding to the longest head) with keys/values in their stored codec (raw, lloyd, q8_0, q4_0).
+    `keys`/`values` hold the tokens appended after it, (b, Hkv, n, d) in the model's dtype. The prefix takes no
+    slot of the mask (`prefix_slots` = 0): transformers' mask covers the appended tokens at their logical positions
+    T, T+1, ..., and `update` returns those tokens with the prefix attached for the attention function, which
+    runs the ragged kernel (attention.py)."""
+
+    def __init__(self, prefix, logical_length: int, dtype: torch.dtype):
+        DynamicLayer.__init__(self)
+        if prefix.max_length > logical_length:
+            raise ValueError(f"a compacted prefix of {prefix.max_length} entries per head cannot stand for "
+                             f"{logical_length} tokens")
+        self.prefix = prefix
+        self.dtype, self.device = dtype, prefix.device
+        self.logical_length = int(logical_length)
+        self.is_initialized = True
+        self.reset()
+
+    @property
+    def prefix_slots(self) -> int:
+        return 0
+
+    def reset(self) -> None:
+        """Forget the appended tokens; the compacted prefix stays."""
+        shape = (1, self.prefix.num_kv_heads, 0, self.prefix.head_dim)
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
+        if self.appended == 0:
+            self.keys, self.values = key_states, value_states
+        else:
+            if key_states.shape[0] != self.keys.shape[0]:
+                raise ValueError(f"batch of {key_states.shape[0]} new tokens after {self.keys.shape[0]} appended "
+                                 "rows; fork the cache for a new batch")
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        return attach_prefix(self.keys, self.prefix), self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.keys = self.keys.repeat_interleave(repeats, dim=0)
+        self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keys, self.values = self.keys[indices, ...], self.values[indices, ...]
+
+    def prefix_bytes(self) -> int:
+        """Bytes the served prefix allocates, measured from its tensors (codes, gains, means, centroids, beta,
+        offsets, exact segment; the rotation matrix, shared by all layers, is counted once by the cache)."""
+        return self.prefix.nbytes()
+
+    def shared_tensors(self) -> dict:
+        """Tensors shared by every layer (lloyd rotation matrices), by identity."""
+        out = {}
+        for part in (self.prefix.keys, self.prefix.values):
+            if part.rotation is not None:
+                out[id(part.rotation)] = part.rotation
+        return out
+
+
 class CompactedCache(Cache):
     """Cache of a compacted document prefix. Use it like any transformers cache (after `compactor.load_cache`):
 
@@ -169,9 +231,22 @@ class CompactedCache(Cache):
         clone.layers = [copy.copy(layer) for layer in self.layers]
         return clone
 
+    @property
+    def keeps_quantized(self) -> bool:
+        """True when the prefix is served as stored (ragged, codes kept; `RaggedLayer`), False when it was
+        dequantized and padded to each layer's longest head."""
+        return isinstance(self.layers[0], RaggedLayer)
+
     def memory_bytes(self) -> int:
-        """Bytes of the compacted prefix held in memory (keys, values and beta of every layer)."""
-        return sum(layer.prefix_bytes() for layer in self.layers)
+        """Bytes the compacted prefix allocates, measured from the tensors held (every layer's keys, values, beta,
+        and for a ragged cache its codes, gains, means, offsets, exact segment, plus each shared rotation matrix
+        once). Tokens appended since are not counted."""
+        shared = {}
+        for layer in self.layers:
+            if isinstance(layer, RaggedLayer):
+                shared.update(layer.shared_tensors())
+        return (sum(layer.prefix_bytes() for layer in self.layers)
+                + sum(t.numel() * t.element_size() for t in shared.values()))
 
     def save(self, path) -> Path:
         """Write the artifact this cache was compressed into (the same file `compactor compress` writes)."""

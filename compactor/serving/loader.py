@@ -13,7 +13,7 @@ from ..models import (BUNDLED, config_fingerprint, signatures_match, tokenizer_f
 from ..storage.artifact import Artifact, ModelLimits, read_artifact
 from ..storage.kv_codec import decode_layer
 from .attention import use_compactor_attention
-from .cache import CompactedCache, CompactedLayer
+from .cache import CompactedCache, CompactedLayer, RaggedLayer
 from .generation import enable_generate
 
 
@@ -101,13 +101,85 @@ def decode_layers(art: Artifact) -> list[LayerKV]:
     return out
 
 
-def cache_from_artifact(art: Artifact, model) -> CompactedCache:
-    """The cache an (already checked) artifact serves, decoded to the model's device and dtype."""
-    return cache_from_layers(decode_layers(art), art.T, model, art.meta)
+def ragged_kernel_available(model) -> bool:
+    """Whether the ragged Triton kernel serves this model: on CUDA with triton importable."""
+    from ..kernels.ragged_attention import _HAS_TRITON
+
+    return _HAS_TRITON and _device_dtype(model)[0].type == "cuda"
 
 
-def load_cache(path: str | Path | Artifact, model, tokenizer=None, verify: bool = True) -> CompactedCache:
+def keep_quantized_default(model) -> bool:
+    """The rule for `keep_quantized=None`: keep the stored codes when the ragged Triton kernel runs (the model
+    on CUDA, triton importable) and the model has no sliding-window attention (the ragged path takes a causal +
+    padding mask only); otherwise dequantize (on CPU the ragged path is the plain-torch reference, which decodes
+    the prefix at every call: correct but slower than the padded cache)."""
+    return ragged_kernel_available(model) and not _sliding_window(model)
+
+
+def _sliding_window(model) -> bool:
+    cfg = model.config
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    return bool(getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)) or \
+        any("sliding" in str(t) for t in layer_types)
+
+
+def ragged_layers(art: Artifact, device) -> list:
+    """Every layer of an (already checked) artifact as a RaggedPrefix on `device`, codes kept as stored; refuses
+    inconsistent arrays and non-finite decoded values (checked on the host, once)."""
+    from ..kernels.ragged_prefix import RaggedPrefix
+
+    out = []
+    for i, layer in enumerate(art.layers):
+        try:
+            prefix = RaggedPrefix.from_stored(layer.arrays, layer.attrs, art.codebooks, int(art.meta["head_dim"]))
+        except Exception as e:  # checked arrays should always be consistent; anything else means a damaged file
+            raise ArtifactError(f"{art.path}: cannot serve layer {i} as stored ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        keys, values = prefix.dequantize()
+        finite_beta = prefix.beta[prefix.beta != float("-inf")]
+        exact = [t for t in (prefix.exact_keys, prefix.exact_values) if t is not None]
+        if not (torch.isfinite(keys).all() and torch.isfinite(values).all() and torch.isfinite(finite_beta).all()
+                and all(torch.isfinite(t).all() for t in exact)):
+            raise ArtifactError(f"{art.path}: layer {i} decodes to non-finite keys, values or beta")
+        if prefix.max_length > art.T:
+            raise ArtifactError(f"layer {i} keeps {prefix.max_length} entries per head for a prefix of {art.T} tokens")
+        out.append(prefix.to(device))
+    return out
+
+
+def served_bytes_as_stored(art: Artifact) -> int:
+    """Bytes the cache of `art` allocates when served with keep_quantized=True, measured from the tensors the
+    ragged layers hold (built on the host; the same tensors go to the GPU)."""
+    layers = [RaggedLayer(prefix, art.T, torch.bfloat16) for prefix in ragged_layers(art, "cpu")]
+    return CompactedCache(layers, art.T).memory_bytes()
+
+
+def cache_from_artifact(art: Artifact, model, keep_quantized: bool | None = None) -> CompactedCache:
+    """The cache an (already checked) artifact serves on the model's device. keep_quantized=True: the prefix as
+    stored, ragged per head and in its codecs (`RaggedLayer`, served by the ragged kernel); False: decoded to the
+    model's dtype and padded to each layer's longest head; None: `keep_quantized_default(model)`."""
+    if keep_quantized is None:
+        keep_quantized = keep_quantized_default(model)
+    if not keep_quantized:
+        return cache_from_layers(decode_layers(art), art.T, model, art.meta)
+    if _sliding_window(model):
+        raise ArtifactError("keep_quantized needs a model without sliding-window attention (the ragged kernel "
+                            "takes a causal + padding mask only); load with keep_quantized=False")
+    device, dtype = _device_dtype(model)
+    layers = [RaggedLayer(prefix, art.T, dtype) for prefix in ragged_layers(art, device)]
+    prepare_model(model)
+    return CompactedCache(layers, art.T, art.meta)
+
+
+def load_cache(path: str | Path | Artifact, model, tokenizer=None, verify: bool = True,
+               keep_quantized: bool | None = None) -> CompactedCache:
     """Load an .h5 artifact as a CompactedCache for `model` (prepared with `prepare_model`).
+
+    keep_quantized: True serves the prefix as stored (codes, gains, per-head lengths: memory = the stored bytes
+    plus a small fixed part, see `CompactedCache.memory_bytes`) through the ragged attention kernel; False decodes
+    it to the model's dtype, padded per layer to its longest head (transformers' sdpa with a beta bias); None (the
+    default) keeps it quantized exactly when the ragged Triton kernel runs (model on CUDA, triton importable) and
+    the model has no sliding window (`keep_quantized_default`).
 
     The file is checked against the model before any dataset is read (layers, KV heads, head dim, T within the
     context), its digest verified, and the model's config, weights identity and (when given) tokenizer compared
@@ -117,4 +189,4 @@ def load_cache(path: str | Path | Artifact, model, tokenizer=None, verify: bool 
     """
     art = path if isinstance(path, Artifact) else read_artifact(path, verify=verify, limits=model_limits(model))
     check_compatible(art.meta, model, tokenizer, where=str(art.path or "artifact"))
-    return cache_from_artifact(art, model)
+    return cache_from_artifact(art, model, keep_quantized)
