@@ -73,3 +73,17 @@ def test_omp_fits_the_mass_better_than_highest_attention():
 
     for h in range(H):
         assert mass_err(omp, h) < 0.99 * mass_err(am, h)
+
+
+def test_a_head_alone_picks_what_it_picks_in_a_batch():
+    """Heads are independent: each head of a batch picks the keys it picks alone, also when the largest budget is not
+    a multiple of keys_per_step (the last step then takes fewer keys than it scored)."""
+    A = shares(4, 160, 90, 3)
+    budgets = torch.tensor([5, 12, 30, 45])
+    for k, refit in ((2, 2), (4, 2), (3, 1)):
+        idx, counts, *_ = omp_select(A, budgets, keys_per_step=k, refit_every=refit)
+        for b in range(4):
+            alone, count, *_ = omp_select(A[b:b + 1], budgets[b:b + 1], keys_per_step=k, refit_every=refit)
+            assert int(count[0]) == int(counts[b]) == int(budgets[b])
+            assert idx[b, :int(budgets[b])].tolist() == alone[0, :int(budgets[b])].tolist()
+            assert len(set(alone[0].tolist())) == int(budgets[b])
