@@ -188,20 +188,29 @@ def test_batched_layer_matches_the_per_head_methods(causal):
     assert int(batched.lengths[2]) == T and (batched.beta[2] == 0).all() and torch.equal(batched.values[2], values[2])
 
 
-def test_batched_layer_fidelity_close_to_exact_with_default_iterations():
-    """Held-out attention error of the batched fits (default iterations, float16 shares) within a few percent of
-    the exact per-head fits."""
+@pytest.mark.parametrize("opts", [{}, dict(beta_ridge=0.01, value_fit="check"),
+                                  dict(beta_ridge=0.01, value_fit="select", source_weights={"repeat": 2.0}),
+                                  dict(selection="omp", omp_keys=4, omp_refit=2)], ids=["am", "quality", "select", "omp"])
+def test_batched_layer_fidelity_close_to_exact_with_default_iterations(opts, monkeypatch):
+    """Held-out attention error of the batched fits (default iterations, float16 shares as on the GPU) within a few
+    percent of the exact per-head fits: plain AM, the quality preset's fits, value selection with source weights,
+    OMP-fast."""
+    import compactor.methods.batched as batched_methods
+
+    monkeypatch.setitem(batched_methods.SHARE_DTYPE, "cpu", torch.float16)
     keys, values, queries = layer(H=4, n=400, seed=5)
-    held = layer(H=4, n=200, seed=5)[2][:, ::1] + 0.3 * torch.randn(4, 200, D)
+    held = layer(H=4, n=200, seed=5)[2][:, ::1] + 0.3 * torch.randn(4, 200, D, generator=torch.Generator().manual_seed(5))
     scale = D ** -0.5
     stats = key_stats(keys, values, queries, scale)
+    src = torch.tensor([0, 1] * 200, dtype=torch.int8)
     budgets = torch.full((4,), math.ceil(T / 5))
-    fast = am_layer(keys, values, queries, budgets, stats, stats.p_rms, scale, share_dtype=torch.float16)
+    method = make_method("am", **opts)
+    fast = method.compact_layer(keys, values, queries, budgets, stats=stats, scale=scale, query_source=src)
     from compactor.evaluation.metrics import head_fidelity
     errs = {"fast": [], "exact": []}
     for h in range(4):
-        ctx = dict(scale=scale, stats=type(stats)(*(x[h] for x in stats)))
-        ref = make_method("am").compact(keys[h], values[h], queries[h], int(budgets[h]), **ctx)
+        ctx = dict(scale=scale, stats=type(stats)(*(x[h] for x in stats)), query_source=src)
+        ref = method.compact(keys[h], values[h], queries[h], int(budgets[h]), **ctx)
         k = int(fast.lengths[h])
         errs["fast"].append(head_fidelity(held[h], keys[h], values[h], fast.keys[h, :k], fast.beta[h, :k],
                                           fast.values[h, :k], scale)[0])
