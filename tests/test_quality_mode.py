@@ -13,12 +13,11 @@ from compactor.capture.reconstruction import FIRST_PROMPT, _chunks, doc_weights,
 from compactor.evaluation.metrics import RECALL_CUE
 from compactor.fitting import key_scores
 from compactor.fitting.beta_fit import fit_mass_weights
-from compactor.fitting.omp import nnls_batched, omp_select_batched
 from compactor.fitting.value_fit import fit_values
 from compactor.methods import make_method
 from compactor.models import load_model
 
-from test_methods import SCALE, T, head
+from test_methods import SCALE, head
 
 
 def _ids(lm, text, n):
@@ -159,36 +158,6 @@ def test_value_fit_with_weights_and_anchor_matches_augmented_lstsq():
     lhs = torch.cat([P * u.sqrt()[:, None], torch.diag(lam.sqrt())])
     rhs = torch.cat([O * u.sqrt()[:, None], lam.sqrt()[:, None] * V0])
     assert torch.allclose(X, torch.linalg.lstsq(lhs, rhs).solution, atol=1e-9)
-
-
-def test_omp_matches_a_plain_loop_and_omp_fast_runs():
-    g = torch.Generator().manual_seed(4)
-    q = 2 * torch.randn(2, 200, 16, generator=g, dtype=torch.float64)
-    k = torch.randn(2, 120, 16, generator=g, dtype=torch.float64)
-    s = q @ k.transpose(1, 2) / 4
-    A = torch.exp(s - torch.logsumexp(s, -1, keepdim=True))
-    idx = omp_select_batched(A, 15)
-    for b in range(2):
-        S, r = [], torch.ones(200, dtype=torch.float64)
-        for _ in range(15):
-            c = A[b].T @ r
-            c[S] = -float("inf")
-            S.append(int(c.argmax()))
-            w, _ = nnls(A[b][:, S].numpy(), np.ones(200))
-            r = 1 - A[b][:, S] @ torch.from_numpy(w)
-        assert sorted(S) == idx[b].tolist()
-    fast = omp_select_batched(A, 15, keys_per_step=4, refit_every=2)
-    assert fast.shape == (2, 15) and (fast[:, 1:] > fast[:, :-1]).all()
-
-
-def test_nnls_batched_matches_scipy():
-    g = torch.Generator().manual_seed(5)
-    M = torch.randn(3, 30, 12, generator=g, dtype=torch.float64)
-    y = torch.randn(3, 30, generator=g, dtype=torch.float64)
-    w = nnls_batched(M.transpose(1, 2) @ M, (M.transpose(1, 2) @ y[..., None])[..., 0])
-    for b in range(3):
-        ref, _ = nnls(M[b].numpy(), y[b].numpy())
-        assert np.allclose(w[b].numpy(), ref, atol=1e-8)
 
 
 def test_am_options_keep_keys_and_values():
