@@ -311,3 +311,26 @@ def test_presets_are_recorded_and_explicit_options_win(tmp_path, tiny_llama, doc
     r = CliRunner().invoke(cli, ["compress", str(doc), "--model", str(tiny_llama), "--query-sources", "recall=1",
                                  "-o", str(tmp_path / "bad.h5")])
     assert r.exit_code != 0 and "Error:" in r.output and not (tmp_path / "bad.h5").exists()
+
+
+def test_compress_api_records_each_presets_options(tiny_llama, doc_text):
+    """`compactor.compress` (pipeline.compress_to_cache) with preset="fast", with no preset (DEFAULT_PRESET) and with
+    explicit overrides: the artifact's method_params hold the preset's options and the probe its score needs."""
+    import compactor
+    from compactor.pipeline import DEFAULT_PRESET, PRESETS
+
+    lm = load_model(str(tiny_llama))
+    run = dict(ratio=4, max_queries=64, max_tokens=100)
+    probe = {"fast": "none", "quality": "gradient"}
+    for name, given in (("fast", {"preset": "fast"}), (DEFAULT_PRESET, {})):
+        cache = compactor.compress(doc_text, lm.model, lm.tokenizer, **run, **given)
+        meta = cache.artifact.meta
+        p = meta["method_params"]
+        assert p["preset"] == name and p["probe"] == probe[name]
+        for key, value in {**PRESETS[name]["options"], **PRESETS[name]["method"]}.items():
+            assert p[key] == value, (name, key)
+        assert meta["method"] == "am" and meta["T"] == 100 and meta["budget_total"] == 25 * len(cache.layers) * 2
+    p = compactor.compress(doc_text, lm.model, lm.tokenizer, **run, preset="quality", value_fit="all",
+                           budget="layer").artifact.meta["method_params"]
+    assert (p["value_fit"], p["budget"], p["score"], p["beta_ridge"], p["split_share"]) == \
+        ("all", "layer", "kvgrad", 0.01, None)
