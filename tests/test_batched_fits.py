@@ -8,6 +8,7 @@ from scipy.optimize import nnls
 
 import compactor.fitting.batched_fits as bf
 from compactor.fitting.batched_fits import BatchedFitInfo, nnls_batched, ridge_values_batched
+from compactor.fitting.beta_fit import fit_mass_weights
 from compactor.fitting.key_selection import key_stats, top_keys
 from compactor.fitting.value_fit import fit_values
 from compactor.methods import make_method
@@ -187,20 +188,29 @@ def test_batched_layer_matches_the_per_head_methods(causal):
     assert int(batched.lengths[2]) == T and (batched.beta[2] == 0).all() and torch.equal(batched.values[2], values[2])
 
 
-def test_batched_layer_fidelity_close_to_exact_with_default_iterations():
-    """Held-out attention error of the batched fits (default iterations, float16 shares) within a few percent of
-    the exact per-head fits."""
+@pytest.mark.parametrize("opts", [{}, dict(beta_ridge=0.01, value_fit="check"),
+                                  dict(beta_ridge=0.01, value_fit="select", source_weights={"repeat": 2.0}),
+                                  dict(selection="omp", omp_keys=4, omp_refit=2)], ids=["am", "quality", "select", "omp"])
+def test_batched_layer_fidelity_close_to_exact_with_default_iterations(opts, monkeypatch):
+    """Held-out attention error of the batched fits (default iterations, float16 shares as on the GPU) within a few
+    percent of the exact per-head fits: plain AM, the quality preset's fits, value selection with source weights,
+    OMP-fast."""
+    import compactor.methods.batched as batched_methods
+
+    monkeypatch.setitem(batched_methods.SHARE_DTYPE, "cpu", torch.float16)
     keys, values, queries = layer(H=4, n=400, seed=5)
-    held = layer(H=4, n=200, seed=5)[2][:, ::1] + 0.3 * torch.randn(4, 200, D)
+    held = layer(H=4, n=200, seed=5)[2][:, ::1] + 0.3 * torch.randn(4, 200, D, generator=torch.Generator().manual_seed(5))
     scale = D ** -0.5
     stats = key_stats(keys, values, queries, scale)
+    src = torch.tensor([0, 1] * 200, dtype=torch.int8)
     budgets = torch.full((4,), math.ceil(T / 5))
-    fast = am_layer(keys, values, queries, budgets, stats, stats.p_rms, scale, share_dtype=torch.float16)
+    method = make_method("am", **opts)
+    fast = method.compact_layer(keys, values, queries, budgets, stats=stats, scale=scale, query_source=src)
     from compactor.evaluation.metrics import head_fidelity
     errs = {"fast": [], "exact": []}
     for h in range(4):
-        ctx = dict(scale=scale, stats=type(stats)(*(x[h] for x in stats)))
-        ref = make_method("am").compact(keys[h], values[h], queries[h], int(budgets[h]), **ctx)
+        ctx = dict(scale=scale, stats=type(stats)(*(x[h] for x in stats)), query_source=src)
+        ref = method.compact(keys[h], values[h], queries[h], int(budgets[h]), **ctx)
         k = int(fast.lengths[h])
         errs["fast"].append(head_fidelity(held[h], keys[h], values[h], fast.keys[h, :k], fast.beta[h, :k],
                                           fast.values[h, :k], scale)[0])
@@ -238,3 +248,85 @@ def test_ridge_values_on_cuda_float16_shares_fit_like_the_exact_fit(gram):
         res_ref, res_gpu = float((fit_ref - O[b]).norm()), float((fit_gpu - O[b]).norm())
         assert res_gpu <= res_ref * 1.01
     assert torch.equal(X[1, 5], V0[1, 5].float().double())
+
+
+# ------------------------------------------------------------------------------------------------
+# AM's options on the batched path (what the quality preset uses) against the per-head method
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gram", [False, True])
+def test_nnls_ridge_converges_to_fit_mass_weights(gram):
+    """The ridge toward w = 1 is fit_mass_weights(ridge=...): same mu = ridge * trace(A^T C A) / t, same minimiser
+    (strongly convex, so unique; tolerance of a converged float32 iterate), and a kept key no query sees gets w = 1."""
+    B, n, t = 3, 60, 40  # t close to n: without the ridge the minimiser is not unique
+    A = shares(B, n, t, 6)
+    A[1, :, 7] = 0  # a kept key no reference query reaches
+    c = torch.rand(n, generator=torch.Generator().manual_seed(6), dtype=torch.float64) + 0.5
+    w, m = nnls_batched(A.float(), torch.ones(B, t, dtype=torch.bool), query_weights=c.float(), iters=3000,
+                        gram=gram, ridge=0.01)
+    for b in range(B):
+        ref = fit_mass_weights(A[b], weights=c, ridge=0.01)
+        assert (ref == 0).any() and (ref > 1.5).any()  # active constraints and weights far from 1: not trivial
+        torch.testing.assert_close(w[b].double(), ref, rtol=0, atol=1e-4 * float(ref.max()))
+    assert float(w[1, 7]) == 1.0
+    torch.testing.assert_close(m, torch.bmm(A.float(), w[..., None])[..., 0], rtol=1e-5, atol=1e-6)
+    unpulled, _ = nnls_batched(A.float(), torch.ones(B, t, dtype=torch.bool), query_weights=c.float(), iters=3000,
+                               gram=gram)
+    assert float((w - 1).abs().mean()) < float((unpulled - 1).abs().mean())
+
+
+def held_out_layer(seed=0):
+    """layer() whose heads 1 and 3 get held-out rows (every 5th) from a different distribution than the rows the fit
+    sees: on these inputs value_fit="check" keeps the original values of some heads and "select" evicts some."""
+    keys, values, queries = layer(H=4, n=160, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for h in (1, 3):
+        queries[h, 4::5] = 3 * torch.randn(32, D, generator=g)
+    return keys, values, queries
+
+
+#: (options, what the per-head method does with the values of the 4 heads of held_out_layer())
+OPTIONS = [(dict(beta_ridge=0.01), {"refit"}), (dict(source_weights={"repeat": 3.0, "random": 0.5}), {"refit"}),
+           (dict(value_fit="none"), {"original"}), (dict(value_fit="check"), {"refit", "original"}),
+           (dict(value_fit="select"), {"refit", "evicted"}), (dict(beta_floor=-4.0), {"refit"}),
+           (dict(selection="omp", omp_keys=1, omp_refit=1), {"refit"}),
+           (dict(selection="omp", omp_keys=4, omp_refit=2), {"refit"}),
+           (dict(value_fit="check", beta_ridge=0.01, source_weights={"repeat": 3.0}), {"refit", "original"})]
+
+
+@pytest.mark.parametrize("opts,outcomes", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items())
+                         if isinstance(o, dict) else None)
+def test_batched_layer_options_match_the_per_head_method(opts, outcomes, monkeypatch):
+    """Every option batched_ok() admits, through AttentionMatching.compact_layer (so the options and the per-source
+    query weights are wired as the pipeline calls it), against AttentionMatching.compact head by head: with
+    converged iterations the same keys (OMP included: the same omp_select, on each head alone), the same choice
+    between refitted values / original values / eviction, and beta and values within 2e-2 (as the test above: a
+    converged float32 iterate against the float64 solution, on a scale of ~1)."""
+    import compactor.methods.attention_matching as am_module
+
+    real = am_module.am_layer
+    monkeypatch.setattr(am_module, "am_layer", lambda *a, **kw: real(*a, **kw, beta_iters=2000, value_iters=400))
+    keys, values, queries = held_out_layer()
+    H, n = keys.shape[0], queries.shape[1]
+    scale = D ** -0.5
+    stats = key_stats(keys, values, queries, scale)
+    budgets = torch.tensor([5, 12, 30, 45])  # t < n = 160: a unique NNLS minimiser without the ridge too
+    src = torch.tensor([0, 1, 3, 1] * (n // 4), dtype=torch.int8)  # context, repeat, random, repeat
+    am = make_method("am", **opts)
+    assert am.batched_ok()
+    got = am.compact_layer(keys, values, queries, budgets, stats=stats, scale=scale, query_source=src)
+    seen = set()
+    for h in range(H):
+        ctx = dict(scale=scale, stats=type(stats)(*(x[h] for x in stats)), query_source=src)
+        ref = am.compact(keys[h], values[h], queries[h], int(budgets[h]), **ctx)
+        k = int(got.lengths[h])
+        assert torch.equal(got.positions[h, :k], ref.positions)
+        assert torch.equal(got.keys[h, :k], ref.keys)
+        original = torch.equal(ref.values, values[h][ref.positions])
+        evicted = bool((ref.beta == 0).all()) and original
+        assert torch.equal(got.values[h, :k], values[h][ref.positions]) == original
+        assert bool((got.beta[h, :k] == 0).all()) == evicted
+        seen.add("evicted" if evicted else "original" if original else "refit")
+        torch.testing.assert_close(got.beta[h, :k], ref.beta, rtol=0, atol=2e-2)
+        torch.testing.assert_close(got.values[h, :k], ref.values, rtol=0, atol=2e-2)
+    assert seen == outcomes

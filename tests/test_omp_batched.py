@@ -73,3 +73,39 @@ def test_omp_fits_the_mass_better_than_highest_attention():
 
     for h in range(H):
         assert mass_err(omp, h) < 0.99 * mass_err(am, h)
+
+
+def test_a_head_alone_picks_what_it_picks_in_a_batch():
+    """Heads are independent: each head of a batch picks the keys it picks alone, also when the largest budget is not
+    a multiple of keys_per_step (the last step then takes fewer keys than it scored)."""
+    A = shares(4, 160, 90, 3)
+    budgets = torch.tensor([5, 12, 30, 45])
+    for k, refit in ((2, 2), (4, 2), (3, 1)):
+        idx, counts, *_ = omp_select(A, budgets, keys_per_step=k, refit_every=refit)
+        for b in range(4):
+            alone, count, *_ = omp_select(A[b:b + 1], budgets[b:b + 1], keys_per_step=k, refit_every=refit)
+            assert int(count[0]) == int(counts[b]) == int(budgets[b])
+            assert idx[b, :int(budgets[b])].tolist() == alone[0, :int(budgets[b])].tolist()
+            assert len(set(alone[0].tolist())) == int(budgets[b])
+
+
+def test_plain_omp_on_attention_shares_matches_a_float64_loop():
+    """The defining property on attention-like shares (A = softmax weights of q.k, float64): with one key per step
+    and a refit every step (iterated to convergence), each step adds the unchosen key most correlated with the
+    residual 1 - A_S w_S of the exact NNLS weights, in that order (the loop below: scipy's NNLS, float64)."""
+    g = torch.Generator().manual_seed(4)
+    q = 2 * torch.randn(2, 200, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 120, 16, generator=g, dtype=torch.float64)
+    s = q @ k.transpose(1, 2) / 4
+    A = torch.exp(s - torch.logsumexp(s, -1, keepdim=True))
+    idx, counts, *_ = omp_select(A, torch.tensor([15, 15]), keys_per_step=1, refit_every=1, refit_iters=1500,
+                                 final_iters=1500)
+    for b in range(2):
+        S, r = [], torch.ones(200, dtype=torch.float64)
+        for _ in range(15):
+            c = A[b].T @ r
+            c[S] = -float("inf")
+            S.append(int(c.argmax()))
+            w, _ = nnls(A[b][:, S].numpy(), np.ones(200))
+            r = 1 - A[b][:, S] @ torch.from_numpy(w)
+        assert idx[b].tolist() == S

@@ -73,3 +73,47 @@ def test_batched_am_close_to_per_head_and_grouping_changes_nothing(capture, kv_b
                                                lay.keys[h, :k], lay.beta[h, :k], lay.values[h, :k],
                                                capture.scale)[0])
     assert sum(err["got"]) <= 1.1 * sum(err["ref"])
+
+
+@pytest.fixture(scope="module")
+def probed_capture(tiny_models, doc_text):
+    """A capture with the gradient probe, as the quality preset's kvgrad score needs."""
+    lm = load_model(str(tiny_models["llama"]))
+    ids = lm.tokenizer(doc_text, return_tensors="pt").input_ids[0][:120]
+    return prefill_and_capture(lm.model, lm.tokenizer, ids, chunk_size=32, max_queries=200, progress=False,
+                               probe="gradient")
+
+
+def test_quality_preset_takes_the_batched_path_and_fits_as_well(probed_capture, monkeypatch):
+    """The quality preset (kvgrad scores, split budgets, beta ridge, value-fit check) runs on the batched path under
+    COMPACTOR_BATCHED=1 (the per-head compact is never called) with the same budgets, and its head fidelity on the
+    reference queries is within 10% of the exact per-head path (as the default-AM test above: the batched fits
+    stop after fixed iteration counts)."""
+    from compactor.fitting.batched_fits import BatchedFitInfo
+    from compactor.fitting.presets import PRESETS
+    from compactor.methods import method_from_options
+
+    cap = probed_capture
+    opts = PRESETS["quality"]["options"]
+    am = method_from_options("am", preset="quality")
+    assert (am.score, am.value_fit, am.beta_ridge) == ("kvgrad", "check", 0.01) and am.batched_ok()
+    run = dict(ratio=4, budget=opts["budget"], budget_floor=opts["budget_floor"], split_share=opts["split_share"],
+               progress=False)
+    ref, b_ref = compact_capture(cap, am, batched=False, **run)
+    monkeypatch.setenv("COMPACTOR_BATCHED", "1")
+
+    def per_head(*a, **kw):
+        raise AssertionError("the per-head path was taken")
+
+    monkeypatch.setattr(type(am), "compact", per_head)
+    info = BatchedFitInfo(timings={})
+    got, b_got = compact_capture(cap, am, fit_info=info, **run)
+    assert torch.equal(b_ref, b_got) and info.timings.get("values", 0) > 0
+    err = {"ref": [], "got": []}
+    for name, layers in (("ref", ref), ("got", got)):
+        for l, lay in enumerate(layers):
+            for h in range(lay.keys.shape[0]):
+                k = int(lay.lengths[h])
+                err[name].append(head_fidelity(cap.queries[l][h], cap.keys[l][h], cap.values[l][h],
+                                               lay.keys[h, :k], lay.beta[h, :k], lay.values[h, :k], cap.scale)[0])
+    assert sum(err["got"]) <= 1.1 * sum(err["ref"])

@@ -13,12 +13,11 @@ from compactor.capture.reconstruction import FIRST_PROMPT, _chunks, doc_weights,
 from compactor.evaluation.metrics import RECALL_CUE
 from compactor.fitting import key_scores
 from compactor.fitting.beta_fit import fit_mass_weights
-from compactor.fitting.omp import nnls_batched, omp_select_batched
 from compactor.fitting.value_fit import fit_values
 from compactor.methods import make_method
 from compactor.models import load_model
 
-from test_methods import SCALE, T, head
+from test_methods import SCALE, head
 
 
 def _ids(lm, text, n):
@@ -159,36 +158,6 @@ def test_value_fit_with_weights_and_anchor_matches_augmented_lstsq():
     lhs = torch.cat([P * u.sqrt()[:, None], torch.diag(lam.sqrt())])
     rhs = torch.cat([O * u.sqrt()[:, None], lam.sqrt()[:, None] * V0])
     assert torch.allclose(X, torch.linalg.lstsq(lhs, rhs).solution, atol=1e-9)
-
-
-def test_omp_matches_a_plain_loop_and_omp_fast_runs():
-    g = torch.Generator().manual_seed(4)
-    q = 2 * torch.randn(2, 200, 16, generator=g, dtype=torch.float64)
-    k = torch.randn(2, 120, 16, generator=g, dtype=torch.float64)
-    s = q @ k.transpose(1, 2) / 4
-    A = torch.exp(s - torch.logsumexp(s, -1, keepdim=True))
-    idx = omp_select_batched(A, 15)
-    for b in range(2):
-        S, r = [], torch.ones(200, dtype=torch.float64)
-        for _ in range(15):
-            c = A[b].T @ r
-            c[S] = -float("inf")
-            S.append(int(c.argmax()))
-            w, _ = nnls(A[b][:, S].numpy(), np.ones(200))
-            r = 1 - A[b][:, S] @ torch.from_numpy(w)
-        assert sorted(S) == idx[b].tolist()
-    fast = omp_select_batched(A, 15, keys_per_step=4, refit_every=2)
-    assert fast.shape == (2, 15) and (fast[:, 1:] > fast[:, :-1]).all()
-
-
-def test_nnls_batched_matches_scipy():
-    g = torch.Generator().manual_seed(5)
-    M = torch.randn(3, 30, 12, generator=g, dtype=torch.float64)
-    y = torch.randn(3, 30, generator=g, dtype=torch.float64)
-    w = nnls_batched(M.transpose(1, 2) @ M, (M.transpose(1, 2) @ y[..., None])[..., 0])
-    for b in range(3):
-        ref, _ = nnls(M[b].numpy(), y[b].numpy())
-        assert np.allclose(w[b].numpy(), ref, atol=1e-8)
 
 
 def test_am_options_keep_keys_and_values():
@@ -342,3 +311,26 @@ def test_presets_are_recorded_and_explicit_options_win(tmp_path, tiny_llama, doc
     r = CliRunner().invoke(cli, ["compress", str(doc), "--model", str(tiny_llama), "--query-sources", "recall=1",
                                  "-o", str(tmp_path / "bad.h5")])
     assert r.exit_code != 0 and "Error:" in r.output and not (tmp_path / "bad.h5").exists()
+
+
+def test_compress_api_records_each_presets_options(tiny_llama, doc_text):
+    """`compactor.compress` (pipeline.compress_to_cache) with preset="fast", with no preset (DEFAULT_PRESET) and with
+    explicit overrides: the artifact's method_params hold the preset's options and the probe its score needs."""
+    import compactor
+    from compactor.pipeline import DEFAULT_PRESET, PRESETS
+
+    lm = load_model(str(tiny_llama))
+    run = dict(ratio=4, max_queries=64, max_tokens=100)
+    probe = {"fast": "none", "quality": "gradient"}
+    for name, given in (("fast", {"preset": "fast"}), (DEFAULT_PRESET, {})):
+        cache = compactor.compress(doc_text, lm.model, lm.tokenizer, **run, **given)
+        meta = cache.artifact.meta
+        p = meta["method_params"]
+        assert p["preset"] == name and p["probe"] == probe[name]
+        for key, value in {**PRESETS[name]["options"], **PRESETS[name]["method"]}.items():
+            assert p[key] == value, (name, key)
+        assert meta["method"] == "am" and meta["T"] == 100 and meta["budget_total"] == 25 * len(cache.layers) * 2
+    p = compactor.compress(doc_text, lm.model, lm.tokenizer, **run, preset="quality", value_fit="all",
+                           budget="layer").artifact.meta["method_params"]
+    assert (p["value_fit"], p["budget"], p["score"], p["beta_ridge"], p["split_share"]) == \
+        ("all", "layer", "kvgrad", 0.01, None)

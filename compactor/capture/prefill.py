@@ -192,7 +192,7 @@ def prefill_and_capture(model, tokenizer, doc_ids: torch.Tensor, *, chunk_size: 
             from .query_sources import SELF_STUDY_PROMPT, self_study_texts
             from .reconstruction import _doc_cache
 
-            ss_texts = self_study_texts(model, tokenizer, lambda: _doc_cache(keys, values, cfg), T, self_study,
+            ss_texts = self_study_texts(model, tokenizer, lambda: _doc_cache(keys, values), T, self_study,
                                         seed=seed)
             n_prompt = tokenizer(SELF_STUDY_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.shape[1]
             ss_texts = [t[:max(0, room_ss)] for t in ss_texts]
@@ -208,7 +208,7 @@ def prefill_and_capture(model, tokenizer, doc_ids: torch.Tensor, *, chunk_size: 
                     continue
                 keep = torch.zeros(t.numel(), dtype=torch.bool)
                 keep[n_prompt + mine] = True
-                _run_chunks(model, t, T, _doc_cache(keys, values, cfg), recorder, keep, chunk_size, bar)
+                _run_chunks(model, t, T, _doc_cache(keys, values), recorder, keep, chunk_size, bar)
             ss_pos = picked
     queries = [recorder.pooled(i) for i in range(n_layers)]
     pos = torch.cat([ctx_pos, torch.full((rep_pos.numel() + ss_pos.numel(),), T - 1)])

@@ -103,12 +103,12 @@ def _chunks(doc_ids: torch.Tensor, chunk: int, tokenizer) -> list[tuple[int, int
     return out
 
 
-def _doc_cache(keys, values, config):
-    """A cache holding the whole document in every layer. Built without the config on purpose: a sliding-window
-    layer's cache would keep only the window, while a compacted prefix stays visible to every later query (the
-    probe scores keys for that)."""
+def _doc_cache(keys, values):
     from transformers import DynamicCache
 
+    # no config, as in capture/prefill.py: every layer keeps all T keys (with one, sliding-window layers would keep
+    # only the last window and the probe's (T + q)-key weights would not line up; the model's masks still apply
+    # its window to the attention itself)
     cache = DynamicCache()
     for i, (k, v) in enumerate(zip(keys, values)):
         cache.update(k[None].detach(), v[None].detach(), i)
@@ -144,7 +144,7 @@ def reconstruction_scores(model, tokenizer, doc_ids: torch.Tensor, keys: list[to
     with using_probe_attention(model), tqdm(total=len(chunks), desc="reconstruction probe", unit="chunk",
                                             disable=not progress) as bar:
         for s, e, ids in chunks:
-            cache = _doc_cache(keys, values, cfg)
+            cache = _doc_cache(keys, values)
             pos = torch.arange(T, T + ids.numel(), device=device)[None]
             if not gradient:
                 with torch.no_grad():
@@ -180,7 +180,9 @@ def reconstruction_scores(model, tokenizer, doc_ids: torch.Tensor, keys: list[to
                     p = doc_weights(q, k, scale, T) * g.to(q.device)[None, :, None]
                     grad_max[i] = torch.maximum(grad_max[i], p.amax(1).cpu())
             probe.kept.clear()
-            del cache, outs, last
+            outs.clear()  # the chunk's activations and their gradients
+            last.clear()
+            del cache
             bar.update()
     with torch.no_grad():
         wo = torch.stack([output_norms(values[i], layers[i].self_attn.o_proj.weight).cpu() for i in range(L)])

@@ -5,7 +5,8 @@ fits only touch the mass shares A (B, n, t) of `compactor.kernels.mass_shares` (
 `shares_matmul` / `shares_t_matmul`), optional per-query weights c (B, n) or (n,) (default 1) and targets y
 (default 1: each query's full mass):
 
-- beta: min_{w >= 0} sum_i c_i (A_i w - y_i)^2 (the NNLS of beta_fit.py), by accelerated projected gradient
+- beta: min_{w >= 0} sum_i c_i (A_i w - y_i)^2 + mu ||w - 1||^2 (the NNLS of beta_fit.py; mu = ridge *
+  trace(A^T C A) / t over the head's t kept keys, 0 by default, as fit_mass_weights' `ridge`), by accelerated projected gradient
   (FISTA with adaptive restart, O'Donoghue & Candes 2015) in Jacobi-scaled variables u_j = w_j ||sqrt(c) A_j||,
   warm-started from the best single scale w = s 1, with the step 1/L from a Collatz-Wielandt upper bound on the
   largest eigenvalue of the scaled Gram (entrywise non-negative, unit diagonal). A step is one product with A and
@@ -142,11 +143,13 @@ def _lipschitz(apply, live: torch.Tensor, iters: int = POWER_ITERS) -> torch.Ten
 def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor | None = None,
                  query_weights: torch.Tensor | None = None, iters: int = BETA_ITERS, gram: bool | None = None,
                  info: BatchedFitInfo | None = None, init: torch.Tensor | None = None,
-                 power_iters: int = POWER_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (B, t) float32 >= 0 (0 off key_mask) approximately minimising sum_i c_i (A_i w - y_i)^2 per head, and the
-    row masses m = A w (B, n) float32 of the result. A (B, n, t), key_mask (B, t) bool, target / query_weights
-    (n,) or (B, n). gram=None chooses by `use_gram`. init (B, t): start there instead of the best single scale
-    (OMP's refits); power_iters: power steps of the step-size bound (1 = the Gershgorin bound, 2 passes)."""
+                 power_iters: int = POWER_ITERS, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (B, t) float32 >= 0 (0 off key_mask) approximately minimising sum_i c_i (A_i w - y_i)^2 + mu ||w - 1||^2
+    per head, and the row masses m = A w (B, n) float32 of the result. A (B, n, t), key_mask (B, t) bool, target /
+    query_weights (n,) or (B, n). gram=None chooses by `use_gram`. init (B, t): start there instead of the best
+    single scale (OMP's refits); power_iters: power steps of the step-size bound (1 = the Gershgorin bound, 2
+    passes). ridge: mu = ridge * trace(A^T C A) / t per head (t: its kept keys), as fit_mass_weights(ridge=...); a
+    kept key no weighted query sees then gets w = 1, as there."""
     B, n, t = A.shape
     dev = A.device
     info = info if info is not None else BatchedFitInfo()
@@ -156,15 +159,26 @@ def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor |
     diag = shares_t_matmul(A, _vec(c), square=True)[..., 0]  # sum_i c_i A_ij^2
     live = mask & (diag > 0)
     s = torch.where(live, diag.clamp_min(_TINY).rsqrt(), torch.zeros((), device=dev))
+    zero = torch.zeros((), device=dev)
+    # the pull toward w = 1 (beta = 0): mu (B,), in the scaled variables a diagonal mu s^2 and a gradient mu s (s u - 1)
+    mu = ridge * torch.where(mask, diag, zero).sum(1) / mask.sum(1).clamp_min(1) if ridge > 0 else \
+        torch.zeros(B, device=dev)
+    n_live = live.sum(1)
+
+    def objective(w_, m_):
+        return (c * (m_ - y) ** 2).sum(1) + mu * torch.where(live, (w_ - 1) ** 2, zero).sum(1)
+
     if init is None:
         m0 = shares_matmul(A, _vec(live.float()))[..., 0]  # row masses of the kept keys at w = 1
-        scale0 = (c * m0 * y).sum(1) / (c * m0 * m0).sum(1).clamp_min(_TINY)
-        f0 = (c * (scale0[:, None] * m0 - y) ** 2).sum(1)
-        u = torch.where(live, scale0[:, None] / s.clamp_min(_TINY), torch.zeros((), device=dev))
+        # the best single scale w = a 1 on the live keys
+        scale0 = ((c * m0 * y).sum(1) + mu * n_live) / ((c * m0 * m0).sum(1) + mu * n_live).clamp_min(_TINY)
+        f0 = (c * (scale0[:, None] * m0 - y) ** 2).sum(1) + mu * n_live * (scale0 - 1) ** 2
+        u = torch.where(live, scale0[:, None] / s.clamp_min(_TINY), zero)
     else:
-        w0 = torch.where(live, init.float().clamp_min(0), torch.zeros((), device=dev))
-        f0 = (c * (shares_matmul(A, _vec(w0))[..., 0] - y) ** 2).sum(1)
-        u = torch.where(live, w0 / s.clamp_min(_TINY), torch.zeros((), device=dev))
+        w0 = torch.where(live, init.float().clamp_min(0), zero)
+        f0 = objective(w0, shares_matmul(A, _vec(w0))[..., 0])
+        u = torch.where(live, w0 / s.clamp_min(_TINY), zero)
+    mu_s2, mu_s = mu[:, None] * s * s, mu[:, None] * s
 
     gram = use_gram(n, t, iters) if gram is None else gram
     info.used_gram = gram
@@ -173,18 +187,20 @@ def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor |
         G = scaled_gram(A, s, None if query_weights is None else c.sqrt())  # unit diagonal, entries in [0, 1]
         b_hat = s * shares_t_matmul(A, _vec(c * y))[..., 0]
 
+        b_hat = b_hat + mu_s
+
         def apply(v):
-            return shares_matmul(G, _vec(v))[..., 0]
+            return shares_matmul(G, _vec(v))[..., 0] + mu_s2 * v
 
         def grad(v):
             return apply(v) - b_hat
     else:
         def apply(v):
-            return s * shares_t_matmul(A, _vec(c * shares_matmul(A, _vec(s * v))[..., 0]))[..., 0]
+            return s * shares_t_matmul(A, _vec(c * shares_matmul(A, _vec(s * v))[..., 0]))[..., 0] + mu_s2 * v
 
         def grad(v):
             r = shares_matmul(A, _vec(s * v))[..., 0] - y
-            return s * shares_t_matmul(A, _vec(c * r))[..., 0]
+            return s * shares_t_matmul(A, _vec(c * r))[..., 0] + mu_s2 * v - mu_s
 
     step = 1.0 / _lipschitz(apply, live, power_iters)[:, None]
     prev, z = u, u
@@ -202,13 +218,16 @@ def nnls_batched(A: torch.Tensor, key_mask: torch.Tensor, target: torch.Tensor |
         prev = new
     w = s * prev
     m = shares_matmul(A, _vec(w))[..., 0]
-    f = (c * (m - y) ** 2).sum(1)
+    f = objective(w, m)
+    if ridge > 0:  # kept keys that no weighted query sees: only the pull acts on them
+        w = torch.where(mask & ~live, torch.ones((), device=dev), w)
+        m = shares_matmul(A, _vec(w))[..., 0]
     bad = ~(torch.isfinite(w).all(1) & torch.isfinite(f) & (f <= f0 * (1 + 1e-5) + 1e-12))
     if bool(bad.any()):
         for b in bad.nonzero().flatten().tolist():
             cols = mask[b].nonzero().flatten()
             rc = c[b].double().sqrt()[:, None]
-            wb = fit_mass_weights(rc * A[b][:, cols].double(), rc[:, 0] * y[b].double())
+            wb = fit_mass_weights(rc * A[b][:, cols].double(), rc[:, 0] * y[b].double(), ridge=ridge)
             w[b] = 0
             w[b, cols] = wb.to(w.dtype)
             m[b] = shares_matmul(A[b:b + 1], _vec(w[b:b + 1]))[0, :, 0]

@@ -42,22 +42,25 @@ def omp_select(A: torch.Tensor, budgets: torch.Tensor, target: torch.Tensor | No
     t = max(int(budgets.max()), 1)
     y = _per_query(target, B, n, dev)
     c = _per_query(query_weights, B, n, dev)
-    t_alloc = -(-t // 64) * 64 if dev.type == "cuda" else t  # 128-byte aligned rows (see methods/batched.py)
-    A_sel = torch.zeros(B, n, t_alloc, dtype=A.dtype, device=dev)[:, :, :t]
-    idx = torch.zeros(B, t, dtype=torch.int64, device=dev)
-    w = torch.zeros(B, t, device=dev)
+    k = min(keys_per_step, T)
+    steps = math.ceil(t / k)
+    # slots for whole steps: a head's k new keys always land in k distinct slots (with exactly t slots, the last
+    # step of a head whose budget is not a multiple of k would write its unused picks over its last key)
+    t_slots = steps * k
+    t_alloc = -(-t_slots // 64) * 64 if dev.type == "cuda" else t_slots  # 128-byte aligned rows (methods/batched.py)
+    A_sel = torch.zeros(B, n, t_alloc, dtype=A.dtype, device=dev)[:, :, :t_slots]
+    idx = torch.zeros(B, t_slots, dtype=torch.int64, device=dev)
+    w = torch.zeros(B, t_slots, device=dev)
     count = torch.zeros(B, dtype=torch.int64, device=dev)
     chosen = torch.zeros(B, T, dtype=torch.bool, device=dev)
     residual = y.clone()
     m = torch.zeros(B, n, device=dev)
-    k = min(keys_per_step, T)
-    steps = math.ceil(t / k)
     offsets = torch.arange(k, device=dev)
     for step in range(steps):
         corr = shares_t_matmul(A, _vec(c * residual))[..., 0].masked_fill(chosen, float("-inf"))
         top = corr.topk(k, dim=1).indices  # (B, k)
         take = offsets[None, :] < (budgets - count)[:, None]
-        slots = (count[:, None] + offsets[None, :]).clamp(max=t - 1)
+        slots = (count[:, None] + offsets[None, :]).clamp(max=t_slots - 1)  # clamped: only heads already done
         idx.scatter_(1, slots, torch.where(take, top, idx.gather(1, slots)))
         cols = A.gather(2, top[:, None, :].expand(B, n, k))
         old = A_sel.gather(2, slots[:, None, :].expand(B, n, k))
@@ -73,4 +76,4 @@ def omp_select(A: torch.Tensor, budgets: torch.Tensor, target: torch.Tensor | No
                                     power_iters=1)
             w[:, :cur] = w_cur
             residual = y - m
-    return idx, count, w, m, A_sel
+    return idx[:, :t], count, w[:, :t], m, A_sel[:, :, :t]

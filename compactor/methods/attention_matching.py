@@ -1,7 +1,8 @@
 """Attention Matching (arXiv 2602.16284), highest-attention variant, for one (layer, KV head).
 
 1. keys: the `budget` keys of highest score (the pipeline passes any score of fitting/key_scores.py; alone, a head
-   ranks by the RMS or max of its reference queries' attention), or OMP on the attention mass (fitting/omp.py);
+   ranks by the RMS or max of its reference queries' attention), or OMP on the attention mass
+   (fitting/omp_batched.py, run on one head);
 2. beta: NNLS so that the kept keys, reweighted by w = exp(beta), carry each query's full attention mass
    (beta_fit.py), optionally pulled toward w = 1; keys whose weight comes out 0 are dropped unless beta_floor is set;
 3. values: ridge least squares so that attention over the compact cache reproduces each query's full-cache
@@ -108,8 +109,9 @@ class AttentionMatching(ScoredMethod):
       on held-out reference queries (every 5th row); "select" also falls back to plain eviction of the same keys
       (beta 0, original values) where that reproduces the held-out rows' attention (mass x output) better; "none"
       keeps the original values (beta only).
-    - selection: "top" (highest score) or "omp" (greedy matching pursuit on the mass matrix, fitting/omp.py) with
-      omp_keys keys chosen per step and an NNLS refit every omp_refit steps.
+    - selection: "top" (highest score) or "omp" (greedy matching pursuit on the mass matrix,
+      fitting/omp_batched.py, with B = 1) with omp_keys keys chosen per step and an NNLS refit every omp_refit
+      steps; beta and values are then fitted on the chosen keys as for "top".
     """
 
     name = "am"
@@ -168,10 +170,12 @@ class AttentionMatching(ScoredMethod):
             return A
 
         if self.selection == "omp":
-            from ..fitting.omp import omp_select
+            from ..fitting.omp_batched import omp_select
 
-            idx = omp_select(mass_shares(torch.arange(T, device=keys.device)), budget, self.omp_keys,
-                             self.omp_refit, u).to(keys.device)
+            chosen, count, *_ = omp_select(mass_shares(torch.arange(T, device=keys.device))[None],
+                                           torch.tensor([budget]), query_weights=u, keys_per_step=self.omp_keys,
+                                           refit_every=self.omp_refit)
+            idx = chosen[0, :int(count[0])].sort().values.to(keys.device)
         else:
             idx = top_keys(self._scores(stats, context), budget).to(keys.device)
         A = mass_shares(idx)
@@ -206,10 +210,12 @@ class AttentionMatching(ScoredMethod):
         return Compacted(keys[idx], beta, X.to(values.dtype), idx)
 
     def batched_ok(self) -> bool:
-        """Whether compact_layer (the batched GPU fits) implements these options; otherwise the pipeline takes the
-        per-head path."""
-        return (self.selection == "top" and self.beta_floor is None and self.value_anchor == 0
-                and self.value_fit == "all" and self.beta_ridge == 0)
+        """Whether compact_layer (the batched GPU fits, methods/batched.am_layer) implements these options;
+        otherwise the pipeline takes the per-head path. Batched: source_weights, beta_ridge, beta_floor, every
+        value_fit, selection top and omp. Per head only: value_anchor (a per-key ridge from the probe's copy
+        scores: the batched call does not receive those scores, and the batched value CG and its exact fallback
+        take one ridge per head)."""
+        return self.value_anchor == 0
 
     def compact_layer(self, keys, values, queries, budgets, **context):
         """All KV heads of a layer at once with the batched fits (methods/batched.py): keys/values (H, T, d),
@@ -221,7 +227,9 @@ class AttentionMatching(ScoredMethod):
         return am_layer(keys, values, queries, budgets, stats, score_of(stats, self.score) if scores is None
                         else scores, context["scale"], self.visible_pos(context.get("query_pos")), self.ridge,
                         context.get("layer_key_transform"), query_weights=self.query_weights(context),
-                        info=context.get("fit_info"))
+                        info=context.get("fit_info"), beta_ridge=self.beta_ridge, value_fit=self.value_fit,
+                        selection=self.selection, omp_keys=self.omp_keys, omp_refit=self.omp_refit,
+                        beta_floor=self.beta_floor)
 
 def _refit_helps(P, O, V0, ridge, u, anchor, holdout: int = 5) -> bool:
     """Whether values fitted on 4 of every 5 reference rows reproduce the held-out 5th's outputs better than the

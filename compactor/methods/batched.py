@@ -10,18 +10,22 @@ Returns the padded `LayerKV` directly (keys of each head sorted by position, pad
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
-from ..fitting.batched_fits import BETA_ITERS, VALUE_ITERS, BatchedFitInfo, nnls_batched, ridge_values_batched
-from ..kernels import AttentionStats, mass_shares
+from ..fitting.batched_fits import (_TINY, BETA_ITERS, VALUE_ITERS, BatchedFitInfo, _per_query, nnls_batched,
+                                    ridge_values_batched)
+from ..kernels import AttentionStats, mass_shares, shares_matmul
 from ..layer_kv import LayerKV
 
 LayerKeyTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: dtype of the mass shares by device type: float16 on the GPU (half the bytes of every step); float32 on the CPU,
 #: where float16 products are slow (benchmarks/bench_fit_quality.py sets "cpu" to float16 to measure GPU numerics).
 SHARE_DTYPE = {"cuda": torch.float16, "cpu": torch.float32}
+#: value_fit check/select hold out every HOLDOUT-th reference row (as attention_matching._refit_helps)
+HOLDOUT = 5
 
 
 #: kept-key slots are padded to a multiple of this, so that rows of the shares (and Gram matrices) start 128-byte
@@ -103,17 +107,57 @@ def evict_layer(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, 
                   positions.to(keys.device), counts.cpu(), imp)
 
 
+def _sorted_rows(chosen: torch.Tensor, counts: torch.Tensor, T: int, pad_to: int = 1) -> torch.Tensor:
+    """Key positions (B, t) chosen in any order (the first counts[b] of each row valid) -> sorted by position,
+    padding (index 0) at the end, t rounded up to a multiple of pad_to."""
+    B, t = chosen.shape
+    valid = torch.arange(t, device=chosen.device)[None, :] < counts[:, None]
+    pos = torch.where(valid, chosen, torch.full_like(chosen, T)).sort(dim=1).values
+    pos = torch.where(pos == T, torch.zeros_like(pos), pos)
+    t_pad = -(-t // pad_to) * pad_to
+    return torch.cat([pos, pos.new_zeros(B, t_pad - t)], 1) if t_pad > t else pos
+
+
+def _weighted_error(A: torch.Tensor, coef: torch.Tensor, vals: torch.Tensor, O: torch.Tensor, row_w: torch.Tensor,
+                    row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) sum_i row_w_i ||row_scale_i A_i diag(coef) vals - O_i||^2 in float32: A (B, n, t), coef (B, t),
+    vals (B, t, d), O (B, n, d), row_w / row_scale (B, n)."""
+    pred = shares_matmul(A, coef.float()[..., None] * vals.float())
+    if row_scale is not None:
+        pred = pred * row_scale[..., None]
+    return (row_w[..., None] * (pred - O.float()) ** 2).sum((1, 2))
+
+
+def _every_fifth(rows: torch.Tensor, holdout: int = HOLDOUT) -> torch.Tensor:
+    """(B, n) bool: every `holdout`-th of the rows marked in `rows` (B, n), counted per head, as
+    attention_matching._refit_helps / _eviction_is_better count them."""
+    rank = rows.long().cumsum(1) - 1
+    return rows & (rank % holdout == holdout - 1)
+
+
 def am_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, budgets: torch.Tensor,
-             stats: AttentionStats, scores: torch.Tensor, scale: float, query_pos: torch.Tensor | None = None,
+             stats: AttentionStats, scores: torch.Tensor | None, scale: float, query_pos: torch.Tensor | None = None,
              ridge: float = 1e-3, key_transform: LayerKeyTransform | None = None,
              query_weights: torch.Tensor | None = None, beta_iters: int = BETA_ITERS,
              value_iters: int = VALUE_ITERS, share_dtype: torch.dtype | None = None,
-             info: BatchedFitInfo | None = None) -> LayerKV:
+             info: BatchedFitInfo | None = None, beta_ridge: float = 0.0, value_fit: str = "all",
+             selection: str = "top", omp_keys: int = 1, omp_refit: int = 1,
+             beta_floor: float | None = None) -> LayerKV:
     """Attention Matching for the B KV heads of a layer. keys/values (B, T, d), queries (B, n, d), budgets (B,),
-    stats: AttentionStats of these queries over these keys (batched), scores (B, T) the key ranking,
-    query_pos (n,) or (B, n) to limit each query to its causal past (None: every query sees every key).
+    stats: AttentionStats of these queries over these keys (batched), scores (B, T) the key ranking (unused with
+    OMP), query_pos (n,) or (B, n) to limit each query to its causal past (None: every query sees every key).
     key_transform(keys (B, t, d), importance (B, t), counts (B,)) gives the keys as they will be stored and loaded.
-    share_dtype: dtype of the mass shares (default SHARE_DTYPE of the device)."""
+    share_dtype: dtype of the mass shares (default SHARE_DTYPE of the device). The options are AttentionMatching's:
+    query_weights (n,) or (B, n) per-query weights of both fits (its per-source weights); beta_ridge (the NNLS
+    pulled toward w = 1); beta_floor (None: keys whose weight is 0 are dropped; a number: every selected key kept
+    with beta >= beta_floor); value_fit all | check | select | none (the held-out comparisons of
+    attention_matching._refit_helps / _eviction_is_better, per head); selection top | omp (OMP-fast over all T
+    keys, fitting/omp_batched.py, omp_keys per step, refit every omp_refit steps; beta and values are then refitted
+    on the chosen keys as for top)."""
+    if value_fit not in ("all", "check", "select", "none"):
+        raise ValueError(f"value_fit must be all, check, select or none, not {value_fit!r}")
+    if selection not in ("top", "omp"):
+        raise ValueError(f"selection must be top or omp, not {selection!r}")
     B, T, d = keys.shape
     n = queries.shape[1]
     dev = keys.device
@@ -124,35 +168,79 @@ def am_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, bu
         return _layer(keys, values, torch.zeros(B, T, device=dev), pos, torch.full((B,), T),
                       stats.p_rms.to(dev))
     info = info if info is not None else BatchedFitInfo()
+    if share_dtype is None:
+        share_dtype = SHARE_DTYPE.get(dev.type, torch.float32)
+    qpos = None
+    if query_pos is not None:
+        qpos = (query_pos if query_pos.dim() == 2 else query_pos[None].expand(B, n)).to(dev)
+    pad_to = PAD_KEYS if dev.type == "cuda" else 1
     with info.step("select", dev):
-        idx, counts = select_top_keys(scores.to(dev), budgets, PAD_KEYS if dev.type == "cuda" else 1)
+        if selection == "omp":
+            from ..fitting.omp_batched import omp_select
+
+            every = torch.full((B,), T, device=dev)
+            k_all = keys if key_transform is None else key_transform(keys, stats.p_rms.to(dev), every)
+            q = queries if queries.dtype == k_all.dtype else queries.to(k_all.dtype)
+            A_all = mass_shares(q, k_all, stats.lse.to(dev), scale, every, qpos,
+                                None if qpos is None else _identity_rows(T, B, dev), out_dtype=share_dtype)
+            del k_all
+            chosen, counts, *_ = omp_select(A_all, budgets, query_weights=query_weights, keys_per_step=omp_keys,
+                                            refit_every=omp_refit, info=info)
+            del A_all
+            idx = _sorted_rows(chosen, counts, T, pad_to)
+        else:
+            idx, counts = select_top_keys(scores.to(dev), budgets, pad_to)
         t = idx.shape[1]
         key_mask = torch.arange(t, device=dev)[None, :] < counts[:, None]
         k_sel, v_sel = _gather(keys, idx), _gather(values, idx)
         importance = torch.gather(stats.p_rms.to(dev), 1, idx)
         k_fit = k_sel if key_transform is None else key_transform(k_sel, importance, counts)
     q = queries if queries.dtype == k_fit.dtype else queries.to(k_fit.dtype)
-    qpos = kpos = None
-    if query_pos is not None:
-        qpos = (query_pos if query_pos.dim() == 2 else query_pos[None].expand(B, n)).to(dev)
-        kpos = idx
-    if share_dtype is None:
-        share_dtype = SHARE_DTYPE.get(dev.type, torch.float32)
+    kpos = None if qpos is None else idx
     with info.step("shares", dev):
         A = mass_shares(q, k_fit, stats.lse.to(dev), scale, counts, qpos, kpos, out_dtype=share_dtype)
     with info.step("beta", dev):
-        w, m = nnls_batched(A, key_mask, query_weights=query_weights, iters=beta_iters, info=info)
+        w, m = nnls_batched(A, key_mask, query_weights=query_weights, iters=beta_iters, info=info, ridge=beta_ridge)
+    if beta_floor is None:
+        keep = (w > 0) & key_mask
+    else:
+        keep = key_mask
+        w = torch.where(key_mask, w.clamp_min(math.exp(beta_floor)), torch.zeros((), device=dev))
+        m = shares_matmul(A, w[..., None])[..., 0]
+    evict = torch.zeros(B, dtype=torch.bool, device=dev)  # heads where plain eviction of the kept keys wins
     with info.step("values", dev):
-        X = ridge_values_batched(A, w, stats.out.to(dev), v_sel, ridge, query_weights=query_weights, masses=m,
-                                 iters=value_iters, info=info)
+        if value_fit == "none":
+            X = v_sel.float()
+        else:
+            O = stats.out.to(dev)
+            X = ridge_values_batched(A, w, O, v_sel, ridge, query_weights=query_weights, masses=m,
+                                     iters=value_iters, info=info)
+            c = _per_query(query_weights, B, n, dev)
+        if value_fit in ("check", "select"):
+            # refit where values fitted on 4 of every 5 rows with mass beat the original values on the 5th
+            rows = m > _TINY
+            test = _every_fifth(rows)
+            train = rows & ~test
+            X_train = ridge_values_batched(A, w, O, v_sel, ridge, query_weights=c * train, masses=m,
+                                           iters=value_iters, info=info)
+            inv_m = torch.where(rows, 1.0 / m.clamp_min(_TINY), torch.zeros((), device=dev))
+            held = c * test
+            helps = (_weighted_error(A, w, X_train, O, held, inv_m) < _weighted_error(A, w, v_sel, O, held, inv_m))
+            helps = helps | ~test.any(1) | ~train.any(1)
+            X = torch.where(helps[:, None, None], X, v_sel.float())
+        if value_fit == "select":
+            # plain eviction of the kept keys (w = 1, original values) against the fit, on the unnormalised attention
+            # (mass x output) of every 5th reference row
+            held = c * _every_fifth(torch.ones(B, n, dtype=torch.bool, device=dev))
+            evict = _weighted_error(A, keep.float(), v_sel, O, held) < _weighted_error(A, w, X, O, held)
     del A
-    keep = (w > 0) & key_mask
     beta = torch.log(torch.where(keep, w, torch.ones((), device=dev)))
     ok = keep.any(1) & torch.isfinite(X).flatten(1).all(1) & torch.isfinite(beta).all(1)
     # degenerate heads: plain eviction of the selected keys (beta 0, original values)
     keep = torch.where(ok[:, None], keep, key_mask)
-    beta = torch.where(ok[:, None], beta, torch.zeros((), device=dev))
-    X = torch.where(ok[:, None, None], X, v_sel.float())
+    flat = evict | ~ok
+    beta = torch.where(flat[:, None], torch.zeros((), device=dev), beta)
+    X = torch.where(flat[:, None, None], v_sel.float(), X)
     positions = torch.where(keep, idx, torch.full_like(idx, -1))
     lengths = keep.sum(1)
     if bool(full.any()):  # heads with budget >= T: the identity, exactly (their rows are padded to T)
@@ -178,38 +266,10 @@ def am_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, bu
 def omp_layer(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, budgets: torch.Tensor,
               stats: AttentionStats, scale: float, query_pos: torch.Tensor | None = None, ridge: float = 1e-3,
               query_weights: torch.Tensor | None = None, keys_per_step: int = 4, refit_every: int = 2,
-              value_iters: int = VALUE_ITERS, share_dtype: torch.dtype | None = None,
-              info: BatchedFitInfo | None = None) -> LayerKV:
+              **options) -> LayerKV:
     """Attention Matching with OMP-fast key selection (fitting/omp_batched.py) for the B KV heads of a layer:
-    keys chosen greedily for the mass fit (beta from the same NNLS), then values by the batched ridge fit.
-    Arguments as am_layer (the keys are used as given: no store-and-load transform)."""
-    from ..fitting.omp_batched import omp_select
-
-    B, T, d = keys.shape
-    n = queries.shape[1]
-    dev = keys.device
-    budgets = budgets.to(dev).clamp(max=T)
-    if share_dtype is None:
-        share_dtype = SHARE_DTYPE.get(dev.type, torch.float32)
-    qpos = kpos = None
-    if query_pos is not None:
-        qpos = (query_pos if query_pos.dim() == 2 else query_pos[None].expand(B, n)).to(dev)
-        kpos = torch.arange(T, device=dev)[None].expand(B, T)
-    A_all = mass_shares(queries, keys, stats.lse.to(dev), scale, torch.full((B,), T, device=dev), qpos, kpos,
-                        out_dtype=share_dtype)
-    idx, counts, w, m, A = omp_select(A_all, budgets, query_weights=query_weights, keys_per_step=keys_per_step,
-                                      refit_every=refit_every, info=info)
-    del A_all
-    v_sel = _gather(values, idx)
-    X = ridge_values_batched(A, w, stats.out.to(dev), v_sel, ridge, query_weights=query_weights, masses=m,
-                             iters=value_iters, info=info)
-    key_mask = torch.arange(idx.shape[1], device=dev)[None, :] < counts[:, None]
-    keep = (w > 0) & key_mask
-    beta = torch.log(torch.where(keep, w, torch.ones((), device=dev)))
-    ok = keep.any(1) & torch.isfinite(X).flatten(1).all(1) & torch.isfinite(beta).all(1)
-    keep = torch.where(ok[:, None], keep, key_mask)
-    beta = torch.where(ok[:, None], beta, torch.zeros((), device=dev))
-    X = torch.where(ok[:, None, None], X, v_sel.float())
-    positions = torch.where(keep, idx, torch.full_like(idx, -1))
-    importance = torch.gather(stats.p_rms.to(dev), 1, idx)
-    return _layer(_gather(keys, idx), X.to(values.dtype), beta, positions, keep.sum(1), importance)
+    am_layer with selection="omp" (keys chosen greedily for the mass fit, then beta and values refitted on them).
+    `options`: am_layer's (key_transform, beta_ridge, value_fit, iterations, share_dtype, info)."""
+    return am_layer(keys, values, queries, budgets, stats, None, scale, query_pos, ridge,
+                    query_weights=query_weights, selection="omp", omp_keys=keys_per_step, omp_refit=refit_every,
+                    **options)
