@@ -10,7 +10,12 @@ import click
 from .errors import CompactorError
 from .fitting.presets import DEFAULT_PRESET, PRESETS
 
-METHOD_CHOICES = ["am", "eviction", "streaming", "random"]
+# the names of compactor.methods.METHODS, the one registry (spelled out so that the CLI starts without importing
+# torch; tests/test_sweep.py checks the two agree)
+METHOD_CHOICES = ["am", "eviction", "streaming", "random", "snapkv", "pyramidkv", "h2o", "tova", "knorm",
+                  "expected_attention", "kvzip", "prototype"]
+EVAL_METHODS = ["am", "eviction", "streaming", "random"]  # eval's default comparison; --sweep's default is all
+SWEEP_RATIOS, SWEEP_KV = "2,5,10,20,50,100", "16,K4V4,q4_0"
 SCORE_CHOICES = ("rms", "max", "kvzip", "kvzip_wo", "kvgrad", "kvzip_rms", "kvzip_wo_rms", "kvgrad_rms")
 
 
@@ -147,10 +152,12 @@ def method_options(f):
 def capture_options(f):
     f = click.option("--model", "model_name", default="smollm2-135m", show_default=True,
                      help="Bundled name, local Hugging Face folder, or hub id.")(f)
-    f = click.option("--budget", type=click.Choice(["uniform", "global", "layer", "split"]), default=None,
+    f = click.option("--budget", type=click.Choice(["uniform", "global", "layer", "split", "pyramid"]), default=None,
                      help="Per-head budgets (default: the preset's): equal; one budget shared by all heads and "
-                          "layers; that shared budget split equally within each layer; or split: --split-share "
-                          "by RMS attention with layer budgets, the rest by the key score with one global budget.")(f)
+                          "layers; that shared budget split equally within each layer; split: --split-share "
+                          "by RMS attention with layer budgets, the rest by the key score with one global budget; "
+                          "or pyramid: PyramidKV's layer budgets, falling linearly from the first layer to the "
+                          "last.")(f)
     f = click.option("--split-share", type=click.FloatRange(0, 1), default=None,
                      help="--budget split: share of the entries chosen by RMS attention (default 0.5).")(f)
     f = click.option("--budget-floor", type=click.FloatRange(0, 1), default=None,
@@ -513,42 +520,75 @@ def echo_streamer(tokenizer):
 
 
 @cli.command(name="eval")
-@click.argument("document", required=False)
-@click.option("--play", default=None, help="A bundled play instead of a path.")
+@click.argument("documents", nargs=-1)
+@click.option("--play", "plays_", multiple=True, help="A bundled play instead of a path (repeatable with --sweep).")
 @click.option("-T", "T", type=click.IntRange(min=2), default=2048, show_default=True, help="Prefix tokens.")
 @click.option("-C", "C", type=click.IntRange(min=1), default=256, show_default=True, help="Continuation tokens.")
-@click.option("--ratios", default="2,5,10,20,50", show_default=True, help="Comma-separated ratios.")
-@click.option("--methods", default=",".join(METHOD_CHOICES), show_default=True, help="Comma-separated methods.")
+@click.option("--ratios", default=None, help="Comma-separated ratios (default 2,5,10,20,50; --sweep: "
+                                             f"{SWEEP_RATIOS}).")
+@click.option("--methods", default=None, help=f"Comma-separated methods of {', '.join(METHOD_CHOICES)} (default "
+                                              f"{','.join(EVAL_METHODS)}; --sweep: all).")
 @click.option("--json", "json_out", type=click.Path(allow_dash=True), default=None,
               help="Also write the rows as JSON to this file; '-' prints only the JSON on stdout (table on stderr).")
-@click.option("--kv-bits", "kv_bits", default="16", show_default=True,
-              help="Comma-separated storages to evaluate, e.g. 16,K4V3,q4_0 (see compress --kv-bits).")
+@click.option("--kv-bits", "kv_bits", default=None,
+              help="Comma-separated storages to evaluate, e.g. 16,K4V3,q4_0 (see compress --kv-bits; default 16; "
+                   f"--sweep: {SWEEP_KV}).")
+@click.option("--sweep", is_flag=True, help="Every method x ratio x storage x document x --lengths into --out: "
+                                            "CSV, Markdown, PNG; resumable (rerun the same command) and seeded.")
+@click.option("--out", "sweep_out", type=click.Path(file_okay=False), default="sweep", show_default=True,
+              help="--sweep: output folder (rows/, sweep.csv, sweep.md, sweep_T<T>.png).")
+@click.option("--lengths", default=None, help="--sweep: comma-separated prefix lengths T (default: -T).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--sweep: (document, T) units measured at once, each in its own process with its own model.")
+@click.option("--model-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="--sweep: model weights (float32 keeps GPU rows comparable with CPU rows).")
 @method_options
 @capture_options
-def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, context, score, ridge, preset,
-             source_weights, beta_floor, beta_ridge, value_anchor, value_fit, selection, omp_keys, omp_refit,
-             model_name, budget, split_share, budget_floor, query_sources, self_study, on_policy, chunk_size,
-             max_queries, repeat_fraction, seed, device, quiet):
-    """Compare AM and the baselines on one document: cKL, recall retention, attention fidelity, bytes."""
+def eval_cmd(documents, plays_, T, C, ratios, methods, json_out, kv_bits, sweep, sweep_out, lengths, jobs,
+             model_dtype, method, context, score, ridge, preset, source_weights, beta_floor, beta_ridge, value_anchor,
+             value_fit, selection, omp_keys, omp_refit, model_name, budget, split_share, budget_floor, query_sources,
+             self_study, on_policy, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
+    """Compare AM and the baselines on one document: cKL, recall retention, attention fidelity, bytes.
+    With --sweep, over many documents, lengths, methods, ratios and storages (the methods take --preset's defaults
+    and budget; the other method and capture options are not used)."""
     from .capture.documents import bundled_play, read_document
     from .evaluation.harness import Evaluator, format_table
     from .models import load_model
     from .capture.prefill import prefill_and_capture
 
-    if bool(document) == bool(play):
-        raise click.UsageError("give exactly one of DOCUMENT or --play")
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = [m.strip() for m in (methods or ",".join(METHOD_CHOICES if sweep else EVAL_METHODS)).split(",")
+             if m.strip()]
     for n in names:
         if n not in METHOD_CHOICES:
             raise click.BadParameter(f"unknown method {n!r}; choose from {', '.join(METHOD_CHOICES)}")
     from .storage.kv_codec import parse_kv_bits
 
-    bits = [b.strip() for b in kv_bits.split(",") if b.strip()]
+    bits = [b.strip() for b in (kv_bits or (SWEEP_KV if sweep else "16")).split(",") if b.strip()]
     for b in bits:
         try:
             parse_kv_bits(b)
         except ValueError as e:
             raise CompactorError(str(e)) from None
+    ratio_list = _ratios(ratios or (SWEEP_RATIOS if sweep else "2,5,10,20,50"))
+    if any(not r >= 1 for r in ratio_list) or not ratio_list:
+        raise CompactorError("--ratios: give ratios >= 1")
+    if sweep:
+        from .evaluation.sweep import SweepSpec, run_sweep
+
+        docs = list(plays_) + list(documents)
+        if not docs:
+            raise click.UsageError("--sweep needs documents or --play names")
+        Ts = list(_int_list(lengths, "--lengths")) if lengths else [T]
+        if not Ts or min(Ts) < 2:
+            raise CompactorError("--lengths: give prefix lengths >= 2")
+        spec = SweepSpec(docs, Ts, names, ratio_list, bits, C=C, seed=seed, model=model_name, dtype=model_dtype,
+                         device=_device(device), preset=preset, max_queries=max_queries)
+        rows = run_sweep(spec, sweep_out, jobs=jobs, progress=not quiet)
+        click.echo(f"{len(rows)} rows in {Path(sweep_out) / 'sweep.csv'}; summary in "
+                   f"{Path(sweep_out) / 'sweep.md'}", err=quiet)
+        return
+    if len(documents) + len(plays_) != 1:
+        raise click.UsageError("give exactly one of DOCUMENT or --play")
     from .pipeline import probe_for
 
     opts = _capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy, split_share)
@@ -557,7 +597,7 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
     ms = [_method(n, seed, context, score, ridge, preset, **am_opts) for n in names]
     probes = {probe_for(m) for m in ms}
     probe = "gradient" if "gradient" in probes else ("attention" if "attention" in probes else "none")
-    doc = bundled_play(play) if play else read_document(document)
+    doc = bundled_play(plays_[0]) if plays_ else read_document(documents[0])
     lm = load_model(model_name, device=_device(device))
     ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
     if ids.numel() < T + C:
@@ -566,7 +606,7 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
                                   repeat_fraction=repeat_fraction, seed=seed, progress=not quiet, probe=probe,
                                   sources=opts.get("sources"), self_study=opts.get("self_study", 4))
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
-    rows = ev.run(ms, _ratios(ratios), opts["budget"], opts["budget_floor"], progress=not quiet, kv_bits=bits,
+    rows = ev.run(ms, ratio_list, opts["budget"], opts["budget_floor"], progress=not quiet, kv_bits=bits,
                   seed=seed, on_policy=opts.get("on_policy", 0), split_share=opts.get("split_share", 0.5))
     to_stderr = json_out == "-"
     click.echo(format_table(rows), err=to_stderr)

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .storage.artifact import Artifact, StoredLayer, write_artifact
-from .fitting.budgets import MODES, global_budgets, layer_budgets, per_head_budget, split_budgets, uniform_budgets
+from .fitting.budgets import (MODES, global_budgets, layer_budgets, per_head_budget, pyramid_budgets, split_budgets,
+                              uniform_budgets)
 from .capture import chat
 from .capture.documents import Document
 from .errors import CompactorError
@@ -149,6 +150,15 @@ def layer_groups(budgets: torch.Tensor, n: int, codecs: list[KVCodec] | None = N
     return groups
 
 
+def window_context(capture: Capture, layer: int, head: int) -> dict:
+    """What the observation-window and query-statistics methods (SnapKV, TOVA, ExpectedAttention) read from the
+    capture for one (layer, KV head): its window queries, the layer's keys and windows (TOVA), RoPE, group size."""
+    window = capture.window_queries
+    return {"window_queries": None if window is None else window[layer][head],
+            "layer_window": None if window is None else window[layer], "layer_keys": capture.keys[layer],
+            "rope": capture.rope, "group": capture.group}
+
+
 def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "layer",
                     budget_floor: float = 0.75, progress: bool = True, codecs: list[KVCodec] | None = None,
                     stored_dtype: str = "bfloat16", seed: int = 0, batched: bool | None = None,
@@ -167,22 +177,27 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     `score_weights` (L, H) multiplies each head's key scores before the budgets are shared (e.g. from
     evaluation/sensitivity.sensitivity_weights); it does not change which keys a head keeps for a given count.
     budget "split": `split_share` of the total by RMS attention with layer budgets, the rest by the method's score
-    with one global budget; each head keeps the union (fitting/budgets.split_budgets)."""
+    with one global budget; each head keeps the union (fitting/budgets.split_budgets). budget "pyramid": PyramidKV's
+    layer budgets (no scores). A method with a `budget_mode` attribute (PyramidKV, KVzip) always gets that rule (and
+    its `budget_floor`)."""
     if budget not in MODES:
         raise ValueError(f"budget must be one of {', '.join(MODES)}")
-    if not method.uses_scores:
+    if getattr(method, "budget_mode", None):  # a method defined by its budget rule (PyramidKV, KVzip)
+        budget = method.budget_mode
+        budget_floor = getattr(method, "budget_floor", budget_floor)
+    elif not method.uses_scores and budget != "pyramid":
         budget = "uniform"
     L, (H, T, _) = len(capture.keys), capture.keys[0].shape
     keep_everything = per_head_budget(T, ratio) >= T  # (also validates the ratio) ratio 1: no score decides
     context = getattr(method, "context", "full")
     quantized = codecs is not None and any(not c.is_raw for c in codecs)
     # scores rank the keys (scored methods), share the budget, and tell the codecs which entries matter most
-    stats = capture.attention_stats(context, progress) if method.uses_scores or budget != "uniform" or quantized \
-        else None
+    scored_budget = budget not in ("uniform", "pyramid")
+    stats = capture.attention_stats(context, progress) if method.uses_scores or scored_budget or quantized else None
     if batched is None:
         batched = use_batched(capture.keys[0].device)
     scores = None
-    if (method.uses_scores or budget != "uniform") and not keep_everything:
+    if (method.uses_scores or scored_budget) and not keep_everything:
         scores = all_scores(getattr(method, "score", "rms"), stats, capture.probe, H)
         if score_weights is not None:
             scores = scores * score_weights.to(scores)[..., None]
@@ -196,6 +211,8 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
         # CPU at T=131k, more than the fits); the per-head path on the CPU, as before
         scores = scores.to(capture.keys[0].device) if batched else scores
         budgets = (global_budgets if budget == "global" else layer_budgets)(scores, ratio, budget_floor).cpu()
+    elif budget == "pyramid":
+        budgets = pyramid_budgets(L, H, T, ratio)
     else:
         budgets = uniform_budgets(L, H, T, ratio)
     copy = None if capture.probe is None else all_scores("kvzip", None, capture.probe, H)
@@ -244,7 +261,8 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
                                         query_source=capture.query_source, scale=capture.scale, stats=head_stats,
                                         head_id=l * H + h, key_transform=key_transform,
                                         scores=None if scores is None else scores[l, h].to(device),
-                                        copy_scores=None if copy is None else copy[l, h].to(device)))
+                                        copy_scores=None if copy is None else copy[l, h].to(device),
+                                        **window_context(capture, l, h)))
         t_max = max(c.keys.shape[0] for c in heads)
         layers.append(LayerKV(
             keys=_pad([c.keys for c in heads], t_max, 0), values=_pad([c.values for c in heads], t_max, 0),
@@ -286,8 +304,9 @@ def artifact_meta(lm: LoadedModel, doc: Document | None, ids: torch.Tensor, meth
         "document_name": doc.name if doc else "tokens", "document_sha256": doc.sha256 if doc else tokens_sha256,
         "tokens_sha256": tokens_sha256,
         "T": int(ids.numel()), "ratio": float(opts.ratio), "method": method.name,
-        "method_params": {**method.params(), "preset": opts.preset, "budget": opts.budget,
-                          "budget_floor": opts.budget_floor,
+        "method_params": {**method.params(), "preset": opts.preset,
+                          "budget": getattr(method, "budget_mode", None) or opts.budget,
+                          "budget_floor": getattr(method, "budget_floor", opts.budget_floor),
                           "probe": probe_for(method, opts.probe, keeps_all(ids, opts)),
                           "query_sources": source_shares(opts.sources, opts.repeat_fraction),
                           "self_study": opts.self_study if (opts.sources or {}).get("self_study") else 0,

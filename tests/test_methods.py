@@ -29,11 +29,23 @@ def dense(queries, keys, values, beta=None):
     return torch.softmax(s, -1) @ values.double(), torch.logsumexp(s, -1), torch.softmax(s, -1)
 
 
+def full_context(keys, queries) -> dict:
+    """What the pipeline passes a head (compact_capture): every method takes what it uses. Group 1, a 16-query
+    observation window, context queries at random positions, RoPE frequencies, reconstruction scores."""
+    g = torch.Generator().manual_seed(9)
+    window = 2.0 * keys[torch.randint(0, T, (16,), generator=g)] + torch.randn(16, D, generator=g)
+    return {"scale": SCALE, "head_id": 3, "window_queries": window, "layer_window": window[None],
+            "layer_keys": keys[None], "group": 1, "query_pos": torch.randint(0, T, (queries.shape[0],), generator=g),
+            "query_source": torch.zeros(queries.shape[0], dtype=torch.int8),
+            "rope": (1.0 / 10000 ** (torch.arange(0, D, 2).float() / D), 1.0),
+            "scores": torch.rand(T, generator=g)}
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 @pytest.mark.parametrize("budget", [1, 7, 40, T, T + 5])
 def test_contract(name, budget):
     keys, values, queries = head()
-    out = make_method(name).compact(keys, values, queries, budget, scale=SCALE, head_id=3)
+    out = make_method(name).compact(keys, values, queries, budget, **full_context(keys, queries))
     t = out.keys.shape[0]
     assert 1 <= t <= min(budget, T)
     assert out.values.shape == (t, D) and out.beta.shape == (t,) and out.positions.shape == (t,)
@@ -41,9 +53,12 @@ def test_contract(name, budget):
     assert torch.isfinite(out.values).all()
     pos = out.positions
     assert (pos[1:] > pos[:-1]).all() and pos.min() >= 0 and pos.max() < T
-    assert torch.equal(out.keys, keys[pos])  # every method keeps original keys
     if budget >= T:  # identity, exactly
         assert torch.equal(out.values, values) and torch.equal(pos, torch.arange(T)) and (out.beta == 0).all()
+    if name == "prototype":  # means of keys and values, beta = log(count) with counts summing to T
+        assert t == min(budget, T) and abs(float(out.beta.double().exp().sum()) - T) < 1e-3
+        return
+    assert torch.equal(out.keys, keys[pos])  # every other method keeps original keys
     if name != "am":
         assert (out.beta == 0).all() and torch.equal(out.values, values[pos])
 

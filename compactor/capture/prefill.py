@@ -39,6 +39,11 @@ class Capture:
     probe: dict | None = None    # reconstruction probe scores {"recon", "wo_norm"[, "recon_grad"]}: (L, Hq, T) each
     repeat_ids: torch.Tensor | None = None   # the ids fed after the document in the repeat pass
     repeat_keep: torch.Tensor | None = None  # (len(repeat_ids),) bool: positions whose queries are REPEAT rows
+    # the observation window (SnapKV, TOVA, PyramidKV): the queries of the last w prefix positions T-w..T-1,
+    # L x (Hkv, g * w, d) post-RoPE, head-major then position (as `queries`)
+    window_queries: list[torch.Tensor] | None = None
+    rope: tuple | None = None    # (inv_freq (d/2,) float32, attention_scaling): to undo/redo RoPE (ExpectedAttention)
+    group: int = 1               # query heads per KV head
     _stats: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -84,17 +89,38 @@ def _sample_positions(count: int, cap: int, generator: torch.Generator) -> torch
 
 
 def _run_chunks(model, ids: torch.Tensor, start: int, cache, recorder: QueryRecorder, keep: torch.Tensor,
-                chunk_size: int, bar) -> None:
-    """Feed ids (n,) at positions start.. in chunks; `keep` (n,) bool marks rows whose queries are recorded."""
+                chunk_size: int, bar, window: tuple[QueryRecorder, torch.Tensor] | None = None) -> None:
+    """Feed ids (n,) at positions start.. in chunks; `keep` (n,) bool marks rows whose queries are recorded
+    (`window`: a second recorder and its own keep mask)."""
     device = next(model.parameters()).device
+    record = recorder
+    if window is not None:
+        def record(layer_idx, query):
+            recorder(layer_idx, query)
+            window[0](layer_idx, query)
     for lo in range(0, ids.numel(), chunk_size):
         hi = min(lo + chunk_size, ids.numel())
         recorder.rows = keep[lo:hi].nonzero().flatten().to(device)  # once per chunk, not once per layer
+        if window is not None:
+            window[0].rows = window[1][lo:hi].nonzero().flatten().to(device)
         pos = torch.arange(start + lo, start + hi, device=device)[None]
         model(input_ids=ids[None, lo:hi].to(device), position_ids=pos, past_key_values=cache, use_cache=True,
-              logits_to_keep=1, compactor_recorder=recorder)
+              logits_to_keep=1, compactor_recorder=record)
         bar.update(hi - lo)
     recorder.rows = None
+    if window is not None:
+        window[0].rows = None
+
+
+def rope_of(model) -> tuple | None:
+    """(inv_freq (d/2,) float32 on the CPU, attention_scaling) of the model's rotary embedding, or None when it has
+    none a head rotates whole (partial rotary)."""
+    emb = getattr(getattr(model, "model", None), "rotary_emb", None)
+    inv = getattr(emb, "inv_freq", None)
+    head_dim = getattr(model.model.layers[0].self_attn, "head_dim", None)
+    if inv is None or head_dim is None or 2 * inv.numel() != head_dim:
+        return None
+    return inv.detach().float().cpu(), float(getattr(emb, "attention_scaling", 1.0))
 
 
 def context_limit(model) -> int:
@@ -126,12 +152,13 @@ def source_shares(sources: dict | None, repeat_fraction: float) -> dict[str, flo
 def prefill_and_capture(model, tokenizer, doc_ids: torch.Tensor, *, chunk_size: int = 512,
                         max_queries: int = 4096, repeat_fraction: float = 0.5, seed: int = 0,
                         progress: bool = True, probe: str = "none", probe_chunk: int = 256,
-                        sources: dict | None = None, self_study: int = 4) -> Capture:
+                        sources: dict | None = None, self_study: int = 4, window: int = 64) -> Capture:
     """Prefill doc_ids (T,) and capture keys, values and up to `max_queries` pooled queries per KV head.
     sources: {name: share} over SOURCES (context, repeat, self_study, random); default context and repeat by
     repeat_fraction. self_study: how many question/answer texts the model writes (capture/query_sources.py).
     probe: "none", "attention" (reconstruction scores, KVzip) or "gradient" (also KVgrad's gradient weighting),
-    see capture/reconstruction.py."""
+    see capture/reconstruction.py. window: the observation window, the last `window` positions whose queries are kept
+    whole (Capture.window_queries)."""
     from transformers import DynamicCache
 
     if chunk_size < 1:
@@ -175,7 +202,10 @@ def prefill_and_capture(model, tokenizer, doc_ids: torch.Tensor, *, chunk_size: 
         ctx_pos = _sample_positions(T, n_ctx_pos, gen)
         rep_pos = _sample_positions(repeat_len, n_rep_pos, gen)
         keep[ctx_pos] = True
-        _run_chunks(model, doc_ids, 0, cache, recorder, keep, chunk_size, bar)
+        win_recorder = QueryRecorder(n_layers, n_kv)
+        win_keep = torch.zeros(T, dtype=torch.bool)
+        win_keep[max(0, T - window):] = True
+        _run_chunks(model, doc_ids, 0, cache, recorder, keep, chunk_size, bar, (win_recorder, win_keep))
         keys = [cache.layers[i].keys[0] for i in range(n_layers)]
         values = [cache.layers[i].values[0] for i in range(n_layers)]
         if repeat_len:
@@ -226,4 +256,6 @@ def prefill_and_capture(model, tokenizer, doc_ids: torch.Tensor, *, chunk_size: 
     if probe != "none":
         probe_scores = reconstruction_scores(model, tokenizer, doc_ids, keys, values, gradient=probe == "gradient",
                                              chunk_size=probe_chunk, progress=progress)
-    return Capture(keys, values, queries, pos, src, float(scale), probe_scores, *repeat)
+    window_queries = [win_recorder.pooled(i) for i in range(n_layers)] if window > 0 else None
+    return Capture(keys, values, queries, pos, src, float(scale), probe_scores, *repeat, window_queries=window_queries,
+                   rope=rope_of(model), group=group)

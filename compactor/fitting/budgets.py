@@ -9,6 +9,12 @@
 - split (`split_budgets`): a share of the total goes by one score with layer budgets (RMS attention: what the
   continuation needs), the rest by another score with a global budget (a reconstruction score: what recall needs);
   each head keeps the union of both choices.
+- pyramid (`pyramid_budgets`, PyramidKV, arXiv 2406.02069): no scores; layer budgets fall linearly from the first
+  layer to the last, the last keeping avg / beta where avg = T / r, the first 2 avg - avg / beta (capped at T, the
+  last then taking the rest), so the total is that of uniform up to rounding; every KV head of a layer keeps its
+  layer's budget. kvpress (and KVCache-Factory) fall back to uniform budgets whenever the smallest layer budget would
+  be below the observation window (64 tokens), which at T = 2048 and beta = 20 means every ratio above ~3; we keep the
+  pyramid at every ratio (the window keys rank first inside each head's budget instead, see methods/snapkv.py).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import math
 
 import torch
 
-MODES = ("uniform", "global", "layer", "split")
+MODES = ("uniform", "global", "layer", "split", "pyramid")
 
 
 def per_head_budget(T: int, ratio: float) -> int:
@@ -30,6 +36,24 @@ def per_head_budget(T: int, ratio: float) -> int:
 def uniform_budgets(n_layers: int, n_heads: int, T: int, ratio: float) -> torch.Tensor:
     """(L, H) int64, all equal to ceil(T / ratio)."""
     return torch.full((n_layers, n_heads), per_head_budget(T, ratio), dtype=torch.int64)
+
+
+def pyramid_budgets(n_layers: int, n_heads: int, T: int, ratio: float, beta: float = 20.0) -> torch.Tensor:
+    """(L, H) int64 PyramidKV budgets: layer l keeps round(first - l * (first - last) / (L - 1)), clamped to [1, T]."""
+    if not beta >= 1:
+        raise ValueError(f"pyramid beta must be >= 1, got {beta}")
+    per_head_budget(T, ratio)  # validates the ratio
+    avg = T / ratio
+    last = avg / beta
+    first = 2 * avg - last
+    if first > T:
+        first, last = float(T), 2 * avg - T
+    if n_layers == 1:
+        per_layer = torch.tensor([math.ceil(avg)], dtype=torch.float64)
+    else:
+        per_layer = first - torch.arange(n_layers, dtype=torch.float64) * (first - last) / (n_layers - 1)
+    per_layer = torch.round(per_layer).clamp(1, T).to(torch.int64)
+    return per_layer[:, None].repeat(1, n_heads)
 
 
 def global_budgets(scores: torch.Tensor, ratio: float, floor_fraction: float = 0.75) -> torch.Tensor:

@@ -1,10 +1,20 @@
 """Compaction methods, all answering `compact(keys, values, queries, budget) -> Compacted`."""
 from .attention_matching import AttentionMatching, Eviction
 from .base import Compacted, Method
+from .expected_attention import ExpectedAttention
+from .h2o import H2O
+from .knorm import KNorm
+from .kvzip import KVzip
+from .prototype_memory import PrototypeMemory
+from .pyramidkv import PyramidKV
 from .random_keep import RandomKeep
+from .snapkv import SnapKV
 from .streaming import StreamingLLM
+from .tova import TOVA
 
-METHODS = {m.name: m for m in (AttentionMatching, Eviction, StreamingLLM, RandomKeep)}
+# the one registry: the CLI's --method/--methods choices and the sweep's method list come from it
+METHODS = {m.name: m for m in (AttentionMatching, Eviction, StreamingLLM, RandomKeep, SnapKV, PyramidKV, H2O, TOVA,
+                               KNorm, ExpectedAttention, KVzip, PrototypeMemory)}
 
 
 def make_method(name: str, **params) -> Method:
@@ -33,5 +43,6 @@ def method_from_options(name: str, seed: int = 0, context: str = "full", score: 
     return make_method(name)
 
 
-__all__ = ["AttentionMatching", "Compacted", "Eviction", "METHODS", "Method", "RandomKeep", "StreamingLLM",
-           "make_method", "method_from_options"]
+__all__ = ["AttentionMatching", "Compacted", "Eviction", "ExpectedAttention", "H2O", "KNorm", "KVzip", "METHODS",
+           "Method", "PrototypeMemory", "PyramidKV", "RandomKeep", "SnapKV", "StreamingLLM", "TOVA", "make_method",
+           "method_from_options"]
