@@ -108,7 +108,7 @@ def v2_content(meta: dict, layers: list[StoredLayer], codebooks: dict[str, np.nd
     fields.update({k: _typed(k, v) for k, v in layout.items()})
     fields.update({"num_layers": len(layers), "model_weights": _typed("model_weights", ident)})
     checked = schema.validate_v2(fields, "refusing to write an artifact")
-    specs = packing.dataset_specs(checked, datasets["lengths"])
+    specs = packing.dataset_specs(checked, datasets["lengths"], datasets.get("phase_lengths"))
     if set(specs) != set(datasets) or any(datasets[k].dtype != specs[k][0] or datasets[k].shape != specs[k][1]
                                           for k in specs):
         raise ValueError("packed datasets disagree with the schema (a bug in packing.py)")
@@ -205,7 +205,16 @@ def _read_v2(f: h5py.File, size: int, meta: dict, where: str, verify: bool) -> A
     if int(lengths.sum(dtype=np.int64)) > meta["budget_total"]:
         raise ArtifactError(f"{where}: heads keep {int(lengths.sum(dtype=np.int64))} entries, more than "
                             f"budget_total {meta['budget_total']}")
-    specs = packing.dataset_specs(meta, lengths)
+    phase_lengths = None
+    if "phases" in meta:
+        if "phase_lengths" not in found:
+            raise ArtifactError(f"{where} has phases but no phase_lengths dataset")
+        h5safe.check_dataset(f["phase_lengths"], f"{where}:phase_lengths", np.dtype("<i4"),
+                             (L, len(meta["phases"]["names"]), H), size)
+        phase_lengths = h5safe.read_dataset(f["phase_lengths"], f"{where}:phase_lengths")
+        if (phase_lengths < 0).any() or (phase_lengths.sum(1, dtype=np.int64) != lengths).any():
+            raise ArtifactError(f"{where}: phase_lengths do not add up to lengths")
+    specs = packing.dataset_specs(meta, lengths, phase_lengths)
     if set(found) != set(specs) or any(kind != "dataset" for kind in found.values()):
         extra, missing = sorted(set(found) - set(specs)), sorted(set(specs) - set(found))
         raise ArtifactError(f"{where}: datasets do not match the attributes (unexpected: {extra[:5]}, "
@@ -261,7 +270,7 @@ def _v1_layer_specs(attrs: dict, lengths: list[int], d: int, exact: int, mean_dt
             raise ArtifactError(f"{where}: {t} stored dtype {stored!r:.40} is not one of {', '.join(STORED_NP)}")
         if part.name == "lloyd" and (attrs[f"{t}_bits"] != part.bits or type(attrs[f"{t}_seed"]) is not int
                                      or not 0 <= attrs[f"{t}_seed"] < 2**63
-                                     or attrs[f"{t}_codebook"] != codebook_name(part.bits, d)):
+                                     or part.codebook or attrs[f"{t}_codebook"] != codebook_name(part.bits, d)):
             raise ArtifactError(f"{where}: {t} lloyd attributes (bits, seed, codebook) are inconsistent")
         specs.update(tensor_specs(t, part, lengths, d, stored, mean_dtype.get(t, "float16")))
     return specs
