@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 RATIO ?= 10
 PLAY ?= macbeth
 TOKENS ?= 2048
+MODEL ?= smollm2-135m
+CORPUS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench calibrate clean
 
 # torch==2.13.0 first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -31,6 +33,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_quant.py
 	$(BIN)/python benchmarks/bench_artifact.py
+
+# once per model: artifacts/calibration/<model>.h5 + report; CORPUS= a folder of .txt/.md or a .jsonl (default: plays)
+calibrate: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[plot]"
+	$(BIN)/compactor calibrate --model $(MODEL) $(if $(CORPUS),--corpus $(CORPUS))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

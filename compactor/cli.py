@@ -25,25 +25,26 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
         raise CompactorError(f"{what}: expected comma-separated integers, got {text!r}") from None
 
 
-def _calibration_bits(path: str | None, model_name: str) -> dict | None:
-    """Per-layer bits from a calibration JSON: the given file, or artifacts/calibration/<model>.json if present."""
+def _load_calibration(path: str | None, disabled: bool, model_name: str):
+    """The calibration file for compress: --calibration PATH, else artifacts/calibration/<model>.h5 when present;
+    None with --no-calibration. Validated (fields, datasets, digest) before use."""
+    from .storage.calibration_file import default_path, read_calibration
+
+    if disabled:
+        if path:
+            raise click.UsageError("--calibration and --no-calibration exclude each other")
+        return None
     if path is None:
-        default = Path("artifacts") / "calibration" / f"{Path(model_name).name}.json"
-        if not default.is_file():
+        found = default_path(model_name)
+        if not found.is_file():
             return None
-        path = str(default)
-        click.echo(f"using per-layer bits from {path}", err=True)
-    try:
-        data = json.loads(Path(path).read_text())
-        layers = data["layers"]
-        if not isinstance(layers, dict):
-            raise TypeError("'layers' must be an object")
-        return {int(k): str(v) for k, v in layers.items()}
-    except FileNotFoundError:
-        raise CompactorError(f"calibration file not found: {path}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CompactorError(f"calibration file {path} is not valid ({e}); expected {{\"layers\": "
-                             f"{{\"0\": \"K8V8\", ...}}}}") from None
+        path = str(found)
+    if Path(path).suffix.lower() == ".json":
+        raise CompactorError(f"{path}: per-layer bits JSON files are no longer read; calibration files are .h5 "
+                             "(make calibrate MODEL=...); for manual per-layer bits use --hi-layers/--hi-bits")
+    cal = read_calibration(path)
+    click.echo(f"using calibration {path} (sha256 {cal.digest[:12]})", err=True)
+    return cal
 
 
 def _method(name: str, seed: int, context: str, score: str, ridge: float):
@@ -133,19 +134,21 @@ def cli():
                                               "at --hi-bits instead.")
 @click.option("--hi-bits", default="K8V8", show_default=True, help="Storage of the --hi-layers.")
 @click.option("--calibration", type=click.Path(), default=None,
-              help="JSON with per-layer bits {\"layers\": {\"0\": \"K8V8\", ...}} (default: "
-                   "artifacts/calibration/<model>.json when present).")
+              help="Calibration file from `make calibrate` (default: artifacts/calibration/<model>.h5 when present): "
+                   "fitted codebooks, measured per-layer/per-phase bits, head budgets.")
+@click.option("--no-calibration", is_flag=True, help="Do not use a calibration file, even the default one.")
 @click.option("--no-clobber", is_flag=True, help="Refuse to overwrite an existing artifact.")
 @method_options
 @capture_options
-def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_bits, hi_layers, hi_bits,
-             calibration, no_clobber, method, context, score, ridge, model_name, budget, budget_floor, chunk_size,
+@click.pass_context
+def compress(ctx, documents, play, ratio, max_tokens, stored_dtype, out, report, kv_bits, hi_layers, hi_bits,
+             calibration, no_calibration, no_clobber, method, context, score, ridge, model_name, budget, budget_floor, chunk_size,
              max_queries, repeat_fraction, seed, device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
     from .storage.artifact import read_meta
     from .capture.documents import bundled_play, read_document
     from .models import load_model
-    from .pipeline import CompressOptions, codec_plan, compress as run_compress, estimate_artifact_bytes, prepare
+    from .pipeline import CompressOptions, compress as run_compress, estimate_artifact_bytes, plan_for, prepare
     from .storage.output import check_outputs
 
     if not documents and not play:
@@ -163,8 +166,15 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
                            max_queries=max_queries, repeat_fraction=repeat_fraction, seed=seed,
                            max_tokens=max_tokens, stored_dtype=stored_dtype, kv_bits=kv_bits,
                            hi_layers=_int_list(hi_layers, "--hi-layers"), hi_bits=hi_bits,
-                           layer_bits=_calibration_bits(calibration, model_name))
+                           calibration=_load_calibration(calibration, no_calibration, model_name))
     lm = load_model(model_name, device=_device(device))
+    if opts.calibration is not None:
+        from .storage.calibration_file import check_calibration_model
+
+        check_calibration_model(opts.calibration, lm)
+        de = opts.calibration.meta["defaults"]
+        if de["head_budgets"] and ctx.get_parameter_source("budget") == click.core.ParameterSource.DEFAULT:
+            opts.budget = de["budget"]
     m = _method(method, seed, context, score, ridge)
     prepared = [prepare(lm, doc, opts) for doc in docs]  # every document is checked before any work starts
     paths = [Path(out) if out and Path(out).suffix == ".h5" else Path(out or "artifacts") / f"{d.name}.h5"
@@ -177,10 +187,10 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, kv_b
                    f"T={capture.length} tokens, {method} at {ratio:g}x)")
         if report:
             seconds = read_meta(written)["seconds"]["compact"]
-            _report(lm, doc, capture, layers, method, ratio, codec_plan(len(layers), opts), opts, seconds)
+            _report(lm, doc, capture, layers, method, ratio, plan_for(lm, doc, capture.length, opts), opts, seconds)
 
 
-def _report(lm, doc, capture, layers, method, ratio, codecs, opts, seconds):
+def _report(lm, doc, capture, layers, method, ratio, plan, opts, seconds):
     from .evaluation.harness import Evaluator, format_table
 
     ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
@@ -190,7 +200,7 @@ def _report(lm, doc, capture, layers, method, ratio, codecs, opts, seconds):
                    "use --max-tokens to hold some back")
         return
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
-    row = ev.score(layers, method, ratio, seconds, codecs, opts.stored_dtype, opts.seed)
+    row = ev.score(layers, method, ratio, seconds, plan.codecs, opts.stored_dtype, opts.seed, plan.codebooks)
     click.echo(f"\nquality report ({doc.name}: T={capture.length}, continuation C={C}):")
     click.echo(format_table([row]))
     click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, compressed {row.ce:.3f}, no prefix {ev.ce_none:.3f}")
@@ -317,6 +327,42 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
     click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, no prefix {ev.ce_none:.3f}")
     if json_out:
         Path(json_out).write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+
+
+@cli.command()
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="Bundled name, local Hugging Face folder, or hub id.")
+@click.option("--corpus", default=None, help="Folder of .txt/.md files or a .jsonl of texts (default: the bundled "
+                                             "plays).")
+@click.option("--traces", "traces_path", default=None, help="A .jsonl of saved reasoning traces to use instead of "
+                                                            "generating them (phases from their markers).")
+@click.option("-o", "--out", default=None, help="Calibration file (default: artifacts/calibration/<model>.h5).")
+@click.option("--report-dir", default=None, help="Report folder (default: beside the file, <model>_report/).")
+@click.option("--docs", type=click.IntRange(min=1), default=None, help="Calibration documents (one more is held out).")
+@click.option("--doc-tokens", type=click.IntRange(min=32), default=None, help="Prefix tokens per document.")
+@click.option("--n-traces", type=click.IntRange(min=2), default=None, help="Reasoning traces to generate.")
+@click.option("--think-tokens", type=click.IntRange(min=1), default=None,
+              help="A forced </think> after this many thinking tokens.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def calibrate(model_name, corpus, traces_path, out, report_dir, docs, doc_tokens, n_traces, think_tokens, seed, device,
+              quiet):
+    """Calibrate a model once: ρ per phase, fitted codebooks, bit allocations, head budgets -> an .h5 file that
+    compress then uses, and a report. Stages are cached: a rerun resumes."""
+    from dataclasses import replace
+
+    from .calibrate import Settings, calibrate as run_calibration
+    from .models import load_model
+
+    s = Settings(seed=seed)
+    for name, value in (("docs", docs), ("doc_tokens", doc_tokens), ("traces", n_traces),
+                        ("think_tokens", think_tokens)):
+        if value is not None:
+            s = replace(s, **{name: value})
+    lm = load_model(model_name, device=_device(device))
+    path, md = run_calibration(lm, corpus, traces_path, out, report_dir, s, progress=not quiet)
+    click.echo(f"wrote {path} ({path.stat().st_size:,} bytes) and {md}")
 
 
 @cli.command()

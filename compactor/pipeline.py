@@ -16,12 +16,14 @@ from .fitting.budgets import MODES, global_budgets, layer_budgets, per_head_budg
 from .capture.documents import Document
 from .errors import CompactorError
 from .fitting.key_selection import score_of
-from .storage.kv_codec import (RAW, KVCodec, check_codec, encode_layer, estimate_entry_bytes, parse_kv_bits,
-                               roundtrip_tensor)
+from .storage.kv_codec import (RAW, KVCodec, PhasedCodec, check_codec, encode_layer, estimate_entry_bytes,
+                               parse_kv_bits, roundtrip_keys)
 from .layer_kv import LayerKV
 from .methods import Method
 from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_identity
+from .capture.phases import Phases, find_phases
 from .capture.prefill import Capture, check_length, prefill_and_capture
+from .storage.calibrated_plan import Plan, calibrated_plan
 
 
 @dataclass
@@ -38,7 +40,8 @@ class CompressOptions:
     kv_bits: str = "16"            # e.g. K4V3 (lloyd), q4_0, q8_0; "16" = unquantized
     hi_layers: tuple = ()          # layer indices (negative from the end) stored at hi_bits instead
     hi_bits: str = "K8V8"
-    layer_bits: dict | None = None  # per-layer overrides {layer index: "K4V3"} (e.g. from a calibration file)
+    layer_bits: dict | None = None  # per-layer overrides {layer index: "K4V3"} (library use)
+    calibration: object = None     # a storage.calibration_file.Calibration for this model, or None
 
 
 def codec_plan(n_layers: int, opts: CompressOptions) -> list[KVCodec]:
@@ -66,11 +69,16 @@ def _pad(items: list[torch.Tensor], length: int, fill) -> torch.Tensor:
 
 
 def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "layer",
-                    budget_floor: float = 0.75, progress: bool = True, codecs: list[KVCodec] | None = None,
-                    stored_dtype: str = "bfloat16", seed: int = 0) -> tuple[list[LayerKV], torch.Tensor]:
+                    budget_floor: float = 0.75, progress: bool = True,
+                    codecs: list[KVCodec | PhasedCodec] | None = None, stored_dtype: str = "bfloat16", seed: int = 0,
+                    score_weights: torch.Tensor | None = None, codebooks: dict | None = None
+                    ) -> tuple[list[LayerKV], torch.Tensor]:
     """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used.
     Methods that do not score keys (StreamingLLM, random) are defined per head and always get uniform budgets.
-    With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded."""
+    With `codecs` (one per layer; a PhasedCodec stores each phase with its own codec), methods that fit (AM) see the
+    keys as they will be stored and loaded (custom codebooks the codecs name come from `codebooks`).
+    `score_weights` (L, H) multiplies each head's key scores before the budgets are shared (e.g. per-head weights
+    from calibration); it does not change which keys a head keeps for a given count."""
     if budget not in MODES:
         raise ValueError(f"budget must be one of {', '.join(MODES)}")
     if not method.uses_scores:
@@ -84,14 +92,16 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
         else None
     if budget in ("global", "layer"):
         scores = torch.stack([score_of(s, getattr(method, "score", "rms")) for s in stats]).cpu()
+        if score_weights is not None:
+            scores = scores * score_weights.to(scores)[..., None]
         budgets = (global_budgets if budget == "global" else layer_budgets)(scores, ratio, budget_floor)
     else:
         budgets = uniform_budgets(L, H, T, ratio)
     layers = []
     for l in tqdm(range(L), desc=f"compact {method.name}", unit="layer", disable=not progress):
         heads = []
-        key_codec = (codecs[l] if codecs else RAW).keys
-        key_transform = lambda k, imp, c=key_codec: roundtrip_tensor(k, c, stored_dtype, seed, imp)  # noqa: E731
+        key_transform = lambda k, imp, pos, c=(codecs[l] if codecs else RAW): roundtrip_keys(  # noqa: E731
+            k, c, pos, imp, stored_dtype, seed, codebooks)
         for h in range(H):
             head_stats = None if stats is None else type(stats[l])(*(x[h] for x in stats[l]))
             heads.append(method.compact(capture.keys[l][h], capture.values[l][h], capture.queries[l][h],
@@ -167,28 +177,51 @@ def estimate_artifact_bytes(lm: LoadedModel, n_tokens: int, opts: CompressOption
     entries = per_head * int(cfg.num_key_value_heads)
     total = sum(entries * estimate_entry_bytes(c, d, opts.stored_dtype) + 4 * int(cfg.num_key_value_heads) * d * 4
                 for c in codec_plan(cfg.num_hidden_layers, opts))
+    if opts.calibration is not None:  # calibrated bits average the same, but a layer may take up to twice
+        total *= 2
     return int(total) + (64 << 10)
+
+
+def document_phases(lm: LoadedModel, doc: Document, T: int, cal) -> Phases | None:
+    """The document's phases (prompt, think, answer) from the calibration's markers, when they are all there."""
+    if cal is None:
+        return None
+    ph = cal.meta["phases"]
+    markers = tuple(tuple(m) for m in ph["markers"])
+    phases = find_phases(doc.text, lm.tokenizer, markers, ph["fallback_fraction"], tuple(ph["names"]))
+    return phases.clipped(T) if phases.by_markers else None
 
 
 def compress(lm: LoadedModel, doc: Document, method: Method, out_path: str | Path, opts: CompressOptions,
              progress: bool = True, ids: torch.Tensor | None = None
              ) -> tuple[Path, list[LayerKV], Capture, torch.Tensor]:
-    """Prefill, capture, compact and write one document. Returns (path, layers, capture, token ids)."""
+    """Prefill, capture, compact and write one document. Returns (path, layers, capture, token ids).
+    With `opts.calibration`, the codecs, codebooks and head weights follow it (storage/calibrated_plan.py)."""
     ids = prepare(lm, doc, opts) if ids is None else ids
     t0 = time.perf_counter()
     capture = prefill_and_capture(lm.model, lm.tokenizer, ids, chunk_size=opts.chunk_size,
                                   max_queries=opts.max_queries, repeat_fraction=opts.repeat_fraction,
                                   seed=opts.seed, progress=progress)
     t1 = time.perf_counter()
-    codecs = codec_plan(len(capture.keys), opts)
+    plan = plan_for(lm, doc, ids.numel(), opts)
     layers, budgets = compact_capture(capture, method, opts.ratio, opts.budget, opts.budget_floor, progress,
-                                      codecs, opts.stored_dtype, opts.seed)
+                                      plan.codecs, opts.stored_dtype, opts.seed, plan.score_weights, plan.codebooks)
     t2 = time.perf_counter()
     meta = artifact_meta(lm, doc, ids, method, opts, budgets,
                          {"prefill": round(t1 - t0, 3), "compact": round(t2 - t1, 3)})
-    books: dict = {}
+    if opts.calibration is not None:
+        meta["calibration_sha256"] = opts.calibration.digest
+        meta["method_params"]["calibration"] = plan.applied
+    books: dict = dict(plan.codebooks)
     stored = [StoredLayer(*encode_layer(layer, codec, opts.stored_dtype, opts.seed, books))
-              for layer, codec in zip(layers, codecs)]
-    meta["kv_bits"] = ",".join(sorted({c.label for c in codecs}))
+              for layer, codec in zip(layers, plan.codecs)]
     path = write_artifact(out_path, meta, stored, books)
     return path, layers, capture, ids
+
+
+def plan_for(lm: LoadedModel, doc: Document, T: int, opts: CompressOptions) -> Plan:
+    """The codecs (per layer or per phase), codebooks and head weights for one document (calibrated_plan)."""
+    head_dim = lm.model.model.layers[0].self_attn.head_dim
+    base = codec_plan(lm.config.num_hidden_layers, opts)
+    return calibrated_plan(base, opts.calibration, document_phases(lm, doc, T, opts.calibration), opts.hi_layers,
+                           head_dim)

@@ -126,15 +126,10 @@ def _write_attr(obj, name: str, value) -> None:
         obj.attrs.create(name, np.int64(value))
 
 
-def write_artifact(path: str | Path, meta: dict, layers: list[StoredLayer],
-                   codebooks: dict[str, np.ndarray] | None = None) -> Path:
-    """Write a v2 artifact atomically. `meta` holds the fields of artifacts/README.md except those this function
-    derives (num_layers, layer_codecs, kv_bits, stored_dtype, rotation_seed, lloyd_*, beta, positions, digest);
-    `model_weights` is `models.weights_identity(model)`. Keys the schema does not know go into `extra`.
-    Raises ArtifactError when the result would not validate or cannot be written, ValueError when the layers
-    disagree (e.g. unsorted positions)."""
-    path = Path(path)
-    attrs, datasets = v2_content(meta, layers, codebooks or {})
+def write_h5(path: Path, attrs: dict, datasets: dict[str, np.ndarray]) -> Path:
+    """The container every compactor .h5 file uses (caches and calibration files): root attributes (ints,
+    fixed-length UTF-8 strings) and contiguous root datasets, written atomically (temporary file in the same folder,
+    fsynced, renamed; removed on any error, Ctrl-C or SIGTERM)."""
     with cleanup_on_sigterm(), atomic_target(path) as tmp:
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
             for name in sorted(datasets):
@@ -142,6 +137,17 @@ def write_artifact(path: str | Path, meta: dict, layers: list[StoredLayer],
             for name in sorted(attrs):
                 _write_attr(f, name, attrs[name])
     return path
+
+
+def write_artifact(path: str | Path, meta: dict, layers: list[StoredLayer],
+                   codebooks: dict[str, np.ndarray] | None = None) -> Path:
+    """Write a v2 artifact atomically. `meta` holds the fields of artifacts/README.md except those this function
+    derives (num_layers, layer_codecs, kv_bits, stored_dtype, rotation_seed, lloyd_*, beta, positions, phases,
+    digest); `model_weights` is `models.weights_identity(model)`. Keys the schema does not know go into `extra`.
+    Raises ArtifactError when the result would not validate or cannot be written, ValueError when the layers
+    disagree (e.g. unsorted positions)."""
+    attrs, datasets = v2_content(meta, layers, codebooks or {})
+    return write_h5(Path(path), attrs, datasets)
 
 
 # ---- reading --------------------------------------------------------------------------------------------------------
@@ -172,8 +178,9 @@ def _meta(f: h5py.File, where: str) -> dict:
     return meta
 
 
-def _guard(path: Path, fn):
-    """Run fn(file, size); any h5py/numpy error on the way is an ArtifactError with one line."""
+def guard(path: Path, fn):
+    """Run fn(file, size) on the file opened read-only; any h5py/numpy error on the way is an ArtifactError with one
+    line (an ArtifactError raised by fn, or a subclass, passes as it is)."""
     f, size = h5safe.open_file(path)
     try:
         with f:
@@ -188,7 +195,7 @@ def read_meta(path: str | Path) -> dict:
     """Root attributes, validated (types, ranges, closed sets, consistency); no dataset is read, so the digest is
     NOT checked here: use read_artifact / load_cache before trusting the cache."""
     path = Path(path)
-    meta = _guard(path, lambda f, size: _meta(f, str(path)))
+    meta = guard(path, lambda f, size: _meta(f, str(path)))
     meta.pop("_fields", None)
     return meta
 
@@ -365,6 +372,6 @@ def read_artifact(path: str | Path, verify: bool = True, limits: ModelLimits | N
             limits.check(meta, where)
         return (_read_v1 if meta["format_version"] == 1 else _read_v2)(f, size, meta, where, verify)
 
-    art = _guard(path, read)
+    art = guard(path, read)
     art.path = path
     return art

@@ -210,8 +210,15 @@ def digest_v2(meta: dict, datasets: dict[str, np.ndarray]) -> str:
     """sha256 of DIGEST_PREFIX, the canonical JSON of {"format", "format_version", "meta": the meta object}, a
     newline, then per dataset in name order `name|dtype|shape|` (dtype as numpy's str, e.g. <f4; shape as
     comma-separated ints) and its bytes in C order."""
-    h = hashlib.sha256(DIGEST_PREFIX)
-    h.update(canonical_json({"format": FORMAT, "format_version": VERSION, "meta": meta}).encode())
+    return container_digest(FORMAT, VERSION, meta, datasets)
+
+
+def container_digest(fmt: str, version: int, meta: dict, datasets: dict[str, np.ndarray]) -> str:
+    """The digest of any compactor .h5 container (caches: compactor-kv/2; calibration files: compactor-calibration/1):
+    sha256 of `<format>/<version>\n`, the canonical JSON of {format, format_version, meta}, a newline, then each
+    dataset in name order as `name|dtype|shape|` and its bytes in C order."""
+    h = hashlib.sha256(f"{fmt}/{version}\n".encode())
+    h.update(canonical_json({"format": fmt, "format_version": version, "meta": meta}).encode())
     h.update(b"\n")
     for name in sorted(datasets):
         arr = datasets[name]
