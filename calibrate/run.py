@@ -60,20 +60,24 @@ class Settings:
     continuation: int = 64        # held-out continuation tokens after each prefix
     traces: int = 4               # reasoning traces (generated unless given; one batch of 4 costs about one)
     heldout_traces: int = 2
+    passage_tokens: int = 128     # the passage each trace's question is about
     think_tokens: int = 128       # a forced </think> after this many thinking tokens
     answer_tokens: int = 96
     min_answer_tokens: int = 64
     trace_continuation: int = 32  # the last tokens of each trace are its held-out continuation
     window: int = 32              # length-matched ρ: tokens per window
-    codebook_bits: tuple = (1, 2, 3, 4, 5, 6)
+    codebook_bits: tuple = (2, 3, 4, 5)
     phase_gain: float = 0.05      # a per-phase codebook is used when it lowers held-out MSE by this share
+    phase_codebook_bits: int = 4  # per-phase codebooks up to this width (wider ones need more trace data)
     bit_options: tuple = (2, 3, 4, 5, 6, 8)
     avg_bits: tuple = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
     ref_bits: int = 3             # bit width at which layer weights are measured
-    weight_docs: int = 2
+    cost_docs: int = 2            # documents whose unit costs are measured
+    weight_docs: int = 1          # documents whose layer weights are measured (2 model passes per layer)
     taqg_b_low: int = 4
     head_ratio: float = 10.0
     head_shrink: float = 0.5
+    head_continuation: int = 32   # continuation tokens of the per-head sensitivity scores
     check_ratio: float = 10.0
     check_bits: str = "K4V4"
     max_queries: int = 2048       # reference queries per KV head for the compaction stages
@@ -163,15 +167,22 @@ class Calibrator:
                                          + tokenizer_fingerprint(lm.tokenizer)).encode()).hexdigest()
         self.stages = StageCache(cache_dir, _log)
         self.corpus_digest = hashlib.sha256("".join(d.sha256 for d in corpus).encode()).hexdigest()
-        self._docs = self._traces = None
+        self._docs = self._traces = self._picked = None
         self.timings: dict[str, float] = {}
 
     # ---- inputs ----------------------------------------------------------------------------------------------------
+    def picked(self) -> list[tuple]:
+        """[(name, ids)] of the calibration documents, the held-out one last."""
+        if self._picked is None:
+            s = self.s
+            self._picked = _pick_docs(self.corpus, s.docs, self.lm, s.doc_tokens + s.continuation, s.seed)
+        return self._picked
+
     def docs(self) -> list[Sample]:
         """Captured documents; the last one is held out."""
         if self._docs is None:
             s = self.s
-            picked = _pick_docs(self.corpus, s.docs, self.lm, s.doc_tokens + s.continuation, s.seed)
+            picked = self.picked()
             self._docs = [capture_sample(self.lm, name, ids, s.doc_tokens, torch.zeros(s.doc_tokens, dtype=torch.long))
                           for name, ids in tqdm(picked, desc="capture documents", unit="doc",
                                                 disable=not self.progress)]
@@ -195,15 +206,16 @@ class Calibrator:
     # the settings each stage reads (beyond what its upstream stages digest)
     DOCS = ("docs", "doc_tokens", "continuation", "seed")
     STAGE_SETTINGS = {
-        "traces": ("traces", "think_tokens", "answer_tokens", "min_answer_tokens", "markers", "fallback_fraction",
-                   "trace_continuation", "heldout_traces", "seed"),
+        "traces": ("traces", "passage_tokens", "think_tokens", "answer_tokens", "min_answer_tokens", "markers",
+                   "fallback_fraction", "trace_continuation", "heldout_traces", "seed"),
         "rho": DOCS + ("window", "trace_continuation"),
-        "codebooks": DOCS + ("codebook_bits", "phase_gain", "heldout_traces", "trace_continuation"),
-        "costs": DOCS + ("bit_options", "heldout_traces", "trace_continuation"),
+        "codebooks": DOCS + ("codebook_bits", "phase_gain", "phase_codebook_bits", "heldout_traces",
+                             "trace_continuation"),
+        "costs": DOCS + ("bit_options", "cost_docs", "heldout_traces", "trace_continuation"),
         "weights": DOCS + ("ref_bits", "weight_docs"),
         "allocation": ("avg_bits", "bit_options"),
         "policies": ("taqg_b_low", "heldout_traces", "trace_continuation", "seed"),
-        "heads": DOCS + ("head_ratio", "head_shrink", "max_queries"),
+        "heads": DOCS + ("head_ratio", "head_shrink", "head_continuation", "max_queries"),
         "check": DOCS + ("check_ratio", "check_bits", "max_queries"),
     }
 
@@ -241,7 +253,8 @@ class Calibrator:
             found = traces.given_traces(self.lm.tokenizer, self.given, s.markers, s.fallback_fraction)
         else:
             found = traces.generate_traces(self.lm.model, self.lm.tokenizer, self.corpus, s.traces, s.think_tokens,
-                                           s.answer_tokens, s.min_answer_tokens, markers=s.markers,
+                                           s.answer_tokens, s.min_answer_tokens, s.passage_tokens,
+                                           markers=s.markers,
                                            fallback_fraction=s.fallback_fraction, seed=s.seed,
                                            progress=self.progress)
         keep = [t for t in found if t.phases.bounds[-1] - s.trace_continuation > t.phases.bounds[-2]]
@@ -314,7 +327,7 @@ class Calibrator:
                 mse[l, ti, bi] = [codebooks.codebook_mse(held, c) for c in (book, ana["beta"], ana["gaussian"])]
                 for p, (pf, ph) in enumerate(zip(phase_fit, phase_held)):
                     out[f"phase_codebook_{t}_b{b}"][p, l] = book
-                    if pf.numel() < 8 * 2 ** b or ph.numel() == 0:  # too little data to fit or judge
+                    if b > s.phase_codebook_bits or pf.numel() < 64 * 2 ** b or ph.numel() == 0:  # too little data
                         continue
                     pbook = codebooks.fit_codebook(pf, b, self.d, s.seed)
                     ours, theirs = codebooks.codebook_mse(ph, pbook), codebooks.codebook_mse(ph, book)
@@ -331,7 +344,7 @@ class Calibrator:
 
     def stage_costs(self, tr: dict, book_of: dict) -> dict:
         s = self.s
-        docs = self.docs()[:-1]
+        docs = self.docs()[:-1][: s.cost_docs]
         ts = self.trace_samples(tr)[:-s.heldout_traces]
         opts = list(s.bit_options)
         doc_err = np.zeros((len(docs), self.L, 1, 2, len(opts)))
@@ -456,17 +469,20 @@ class Calibrator:
                                                   smp.scale)[1])
         return keys, values, kls
 
-    def _compaction_capture(self, name: str, ids: torch.Tensor):
+    def _compaction_capture(self, ids: torch.Tensor, C: int, n_spans: int, span_len: int):
+        """Capture (with reference queries, as compress makes it) and evaluator of a document."""
         s = self.s
         cap = prefill_and_capture(self.lm.model, self.lm.tokenizer, ids[: s.doc_tokens], max_queries=s.max_queries,
                                   seed=s.seed, progress=False)
-        span = min(64, max(2, s.doc_tokens // 4))
-        return Evaluator(self.lm.model, self.lm.tokenizer, cap, ids, C=s.continuation, n_spans=4, span_len=span)
+        span = min(span_len, max(2, s.doc_tokens // 4))
+        return Evaluator(self.lm.model, self.lm.tokenizer, cap, ids, C=min(C, ids.numel() - s.doc_tokens),
+                         n_spans=n_spans, span_len=span)
 
     def stage_heads(self) -> dict:
         s = self.s
-        picked = _pick_docs(self.corpus, s.docs, self.lm, s.doc_tokens + s.continuation, s.seed)
-        ev = self._compaction_capture(*picked[0])
+        picked = self.picked()
+        # one score per head: a shorter continuation and two recall spans keep the 90 model passes of SmolLM2 cheap
+        ev = self._compaction_capture(picked[0][1], s.head_continuation, 2, 32)
         method = make_method("am")
         w, d_ckl, d_ret = head_weights(ev, method, s.head_ratio, s.head_shrink, progress=self.progress)
         return {"head_weights": w.numpy().astype(np.float32), "head_d_ckl": d_ckl.numpy().astype(np.float32),
@@ -475,8 +491,8 @@ class Calibrator:
     def stage_check(self, draft: Calibration, pol: dict) -> dict:
         """Held-out document at check_ratio: each calibrated part added in turn, kept when it lowers cKL."""
         s = self.s
-        picked = _pick_docs(self.corpus, s.docs, self.lm, s.doc_tokens + s.continuation, s.seed)
-        ev = self._compaction_capture(*picked[-1])
+        picked = self.picked()
+        ev = self._compaction_capture(picked[-1][1], s.continuation, 4, 64)
         method = make_method("am")
         base = [parse_kv_bits(s.check_bits)] * self.L
         rows, budgets = [], {}
@@ -509,7 +525,8 @@ class Calibrator:
         if tries[mode] < best:
             best, chosen = tries[mode], {**chosen, "head_budgets": True, "budget": mode}
         by_name = {r["policy"]: r["ckl"] for r in pol["rows"]}
-        chosen["phase_bits"] = bool(by_name["measured, per layer and phase"] < by_name["measured, per layer (no phases)"])
+        chosen["phase_bits"] = bool(by_name["measured, per layer and phase"]
+                                    < by_name["measured, per layer (no phases)"])
         return {"rows": rows, "defaults": chosen, **budgets}
 
     # ---- output ----------------------------------------------------------------------------------------------------
@@ -561,6 +578,7 @@ def calibrate(lm: LoadedModel, corpus: str | None = None, traces_path: str | Non
     meta = {k: v for k, v in final.meta.items() if k not in ("digest_sha256", "path")}
     seconds = round(time.perf_counter() - t0, 1)
     meta["summary"] = report.summary(results, cal.timings, seconds, cal.stages.resumed)
+    meta["summary"]["documents"] = [name for name, _ in cal.picked()]
     path = write_calibration(out_path, meta, final.arrays)
     rdir = Path(report_dir) if report_dir else out_path.parent / f"{out_path.stem}_report"
     md = report.write_report(rdir, lm.model_id, results, final.arrays, meta, s)

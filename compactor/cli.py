@@ -142,7 +142,8 @@ def cli():
 @capture_options
 @click.pass_context
 def compress(ctx, documents, play, ratio, max_tokens, stored_dtype, out, report, kv_bits, hi_layers, hi_bits,
-             calibration, no_calibration, no_clobber, method, context, score, ridge, model_name, budget, budget_floor, chunk_size,
+             calibration, no_calibration, no_clobber, method, context, score, ridge, model_name, budget, budget_floor,
+             chunk_size,
              max_queries, repeat_fraction, seed, device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
     from .storage.artifact import read_meta

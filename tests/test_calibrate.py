@@ -113,7 +113,8 @@ def test_fitted_codebook_beats_beta_on_keys_with_an_outlier_channel():
     for b in (2, 3):
         fitted = fit_codebook(coords[:half], b, 64)
         assert np.all(np.diff(fitted) > 0) and np.abs(fitted).max() <= 1
-        assert codebook_mse(coords[half:], fitted) < 0.8 * codebook_mse(coords[half:], analytic_codebooks(b, 64)["beta"])
+        beta = analytic_codebooks(b, 64)["beta"]
+        assert codebook_mse(coords[half:], fitted) < 0.8 * codebook_mse(coords[half:], beta)
 
 
 def test_find_phases(tiny_llama):
@@ -194,3 +195,22 @@ def test_rerun_resumes_finished_stages(tiny_calibration):
                            replace(s, window=4), progress=False, cache_dir=str(path.parent / ".stages" / "tiny"))
     resumed = read_calibration(changed).meta["summary"]["resumed_stages"]
     assert "traces" in resumed and "rho" not in resumed  # only what depends on the window is redone
+
+
+def test_batched_quantizer_matches_the_stored_codec():
+    """calibrate's batched lloyd round trip equals kv_codec's per-head stored path (float32 storage), with the Beta
+    codebook and with a fitted one, exact rows by importance and by position."""
+    from compactor.calibrate.distortion import lloyd, quantize_heads
+    from compactor.storage.kv_codec import roundtrip_tensor
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 40, 16, generator=g) * torch.linspace(0.2, 3, 16) + 0.5
+    imp = torch.rand(3, 40, generator=g)
+    book = np.sort(np.random.default_rng(0).uniform(-0.9, 0.9, 8)).astype(np.float32)
+    for spec in (lloyd(3, None), lloyd(3, book)):
+        for importance in (None, imp):
+            got = quantize_heads(x, spec, importance, seed=7)
+            for h in range(3):
+                want = roundtrip_tensor(x[h], spec[0], "float32", 7, None if importance is None else importance[h],
+                                        spec[1])
+                assert torch.allclose(got[h], want, atol=1e-5), (spec[0], importance is None, h)

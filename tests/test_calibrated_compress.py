@@ -133,3 +133,12 @@ def test_refusals(tmp_path, tiny_llama, tiny_models, cal, doc):
     r = run("compress", doc, "--model", tiny_llama, "--calibration", broken, "-o", tmp_path)
     assert r.exit_code == 1 and r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1
     assert not list(tmp_path.glob("*.h5")) or all(p.name == "broken.h5" for p in tmp_path.glob("*.h5"))
+
+
+def test_pinned_layers_of_a_phased_document_keep_their_codec(tmp_path, tiny_llama, cal):
+    doc = tmp_path / "trace.txt"
+    doc.write_text(TRACE)
+    art = compress(doc, tiny_llama, tmp_path / "t.h5", "--calibration", cal, "--ratio", 2, "--hi-layers", "-1",
+                   "--hi-bits", "K8V8")
+    last = art.meta["layer_codecs"].split(",")[-1]
+    assert last == "K8V8/K8V8/K8V8" and "phases" in art.meta

@@ -66,11 +66,10 @@ def calibrated_plan(base: list[KVCodec], cal: Calibration | None, phases: Phases
             plan.applied.append(f"layer bits (avg {avg:g})")
     if phased and avg is not None and de["phase_bits"]:
         bits = cal.bits(avg, phased=True)
-        if bits is not None:
-            plan.codecs = [c if l in pinned else PhasedCodec(tuple(_with_bits(base[l], *bits[l, p])
-                                                                   for p in range(len(phases.names))),
-                                                             phases.bounds, phases.names)
-                           for l, c in enumerate(plan.codecs)]
+        if bits is not None:  # every layer of a file is phased or none is: pinned layers keep one codec throughout
+            P = len(phases.names)
+            plan.codecs = [PhasedCodec(tuple(c if l in pinned else _with_bits(base[l], *bits[l, p]) for p in range(P)),
+                                       phases.bounds, phases.names) for l, c in enumerate(plan.codecs)]
             plan.applied.append(f"phase bits (avg {avg:g})")
     if de["codebooks"]:
         plan.codecs = [_fitted(c, l, cal, plan.codebooks) for l, c in enumerate(plan.codecs)]

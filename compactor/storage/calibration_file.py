@@ -205,8 +205,8 @@ def read_calibration(path: str | Path, verify: bool = True) -> Calibration:
         found = h5safe.members(f, where)
         specs = dataset_specs(meta)
         if set(found) != set(specs) or any(kind != "dataset" for kind in found.values()):
-            raise CalibrationError(f"{where}: datasets do not match the meta (unexpected: "
-                                   f"{sorted(set(found) - set(specs))[:5]}, missing: {sorted(set(specs) - set(found))[:5]})")
+            extra, missing = sorted(set(found) - set(specs))[:5], sorted(set(specs) - set(found))[:5]
+            raise CalibrationError(f"{where}: datasets do not match the meta (unexpected: {extra}, missing: {missing})")
         for name, (dtype, shape) in specs.items():
             h5safe.check_dataset(f[name], f"{where}:{name}", dtype, shape, size)
         data = {name: h5safe.read_dataset(f[name], f"{where}:{name}") for name in sorted(specs)}

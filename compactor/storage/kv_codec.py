@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from ..layer_kv import LayerKV
-from ..quant import (BLOCK_BYTES, Codebook, LloydCode, beta_codebook, lloyd_decode, lloyd_encode, packed_size, q4_0_decode,
+from ..quant import (BLOCK_BYTES, Codebook, LloydCode, beta_codebook, lloyd_decode, lloyd_encode, packed_size,
+                     q4_0_decode,
                      q4_0_encode, q8_0_decode, q8_0_encode)
 
 STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
