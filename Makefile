@@ -9,7 +9,12 @@ TOKENS ?= 2048
 MODEL ?= smollm2-135m
 CORPUS ?=
 
-.PHONY: install demo test bench calibrate clean
+# the GPU benchmark runs with the venv's python where there is one, else $(PY) (e.g. on a machine without pip, with
+# the package layout on PYTHONPATH); BENCH_ARGS=--quick for the short version
+BENCH_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+BENCH_ARGS ?=
+
+.PHONY: install demo test bench bench-gpu calibrate clean
 
 # torch==2.13.0 first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -38,6 +43,9 @@ bench: $(STAMP)
 calibrate: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[plot]"
 	$(BIN)/compactor calibrate --model $(MODEL) $(if $(CORPUS),--corpus $(CORPUS))
+
+bench-gpu:
+	$(BENCH_PY) benchmarks/bench_compaction_gpu.py --out benchmarks/results_gpu.md --json benchmarks/results_gpu.json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

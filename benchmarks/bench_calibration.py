@@ -90,7 +90,8 @@ def main() -> None:
                 plan = calibrated_plan([parse_kv_bits(bits)] * L, c, None, (), d)
                 t0 = time.perf_counter()
                 layers, _ = compact_capture(cap, method, ratio, plan.budget or "layer", 0.75, False, plan.codecs,
-                                            "bfloat16", args.seed, plan.score_weights, plan.codebooks)
+                                            "bfloat16", args.seed, score_weights=plan.score_weights,
+                                            codebooks=plan.codebooks)
                 r = ev.score(layers, "am", ratio, time.perf_counter() - t0, plan.codecs, "bfloat16", args.seed,
                              plan.codebooks)
                 rows.append({"play": play, "ratio": ratio, "config": label, "ckl": r.ckl, "retention": r.retention,

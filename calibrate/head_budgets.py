@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # the one implementation, from issue 9 (quality mode)
-    from ..evaluation.sensitivity import measure_sensitivity, sensitivity_weights
-except ImportError:  # SEAM until issue 9 is merged: delete this branch and calibrate/_sensitivity_seam.py then
-    from ._sensitivity_seam import measure_sensitivity, sensitivity_weights
+from ..evaluation.sensitivity import measure_sensitivity, sensitivity_weights  # the one implementation (issue 9)
 
 
 def head_weights(evaluator, method, ratio: float, shrink: float = 0.5, budget: str = "layer",

@@ -502,7 +502,8 @@ class Calibrator:
             plan = calibrated_plan(base, cal, None, (), self.d)
             budget = plan.budget or "layer"
             layers, used = compact_capture(ev.capture, method, s.check_ratio, budget, 0.75, False, plan.codecs,
-                                           "bfloat16", s.seed, plan.score_weights, plan.codebooks)
+                                           "bfloat16", s.seed, score_weights=plan.score_weights,
+                                           codebooks=plan.codebooks)
             budgets[f"budgets_{'heads_' + budget if defaults['head_budgets'] else 'base_' + budget}"] = \
                 used.numpy().astype(np.int64)
             row = ev.score(layers, "am", s.check_ratio, 0.0, plan.codecs, "bfloat16", s.seed, plan.codebooks)

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
 
 from .errors import CompactorError
+from .fitting.presets import DEFAULT_PRESET, PRESETS
 
 METHOD_CHOICES = ["am", "eviction", "streaming", "random"]
+SCORE_CHOICES = ("rms", "max", "kvzip", "kvzip_wo", "kvgrad", "kvzip_rms", "kvzip_wo_rms", "kvgrad_rms")
 
 
 def _ratios(value: str) -> list[float]:
@@ -47,16 +50,57 @@ def _load_calibration(path: str | None, disabled: bool, model_name: str):
     return cal
 
 
-def _method(name: str, seed: int, context: str, score: str, ridge: float):
-    from .methods import make_method
+def _shares(text: str | None, what: str) -> dict | None:
+    """'context=0.5,repeat=0.5' -> {"context": 0.5, "repeat": 0.5}."""
+    if text is None:
+        return None
+    out = {}
+    try:
+        for part in text.split(","):
+            if part.strip():
+                name, value = part.split("=")
+                out[name.strip()] = float(value)
+    except ValueError:
+        raise CompactorError(f"{what}: expected name=number pairs separated by commas, got {text!r}") from None
+    return out
 
-    if name == "am":
-        return make_method("am", score=score, context=context, ridge=ridge)
-    if name == "eviction":
-        return make_method("eviction", score=score, context=context)
-    if name == "random":
-        return make_method("random", seed=seed)
-    return make_method(name)
+
+def _method(name: str, seed: int, context: str, score: str | None, ridge: float, preset_name: str = "fast",
+            **am_options):
+    from .methods import method_from_options
+
+    try:
+        return method_from_options(name, seed, context, score, ridge, preset_name, **am_options)
+    except ValueError as e:
+        raise CompactorError(str(e)) from None
+
+
+def _capture_opts(preset_name, budget, budget_floor, query_sources, self_study, on_policy, split_share) -> dict:
+    """CompressOptions fields from the preset, overridden by the options given explicitly (not None)."""
+    from .fitting.presets import preset
+
+    opts = {"preset": preset_name, **preset(preset_name)["options"]}
+    given = {"budget": budget, "budget_floor": budget_floor, "sources": _shares(query_sources, "--query-sources"),
+             "self_study": self_study, "on_policy": on_policy, "split_share": split_share}
+    opts.update({k: v for k, v in given.items() if v is not None})
+    opts.setdefault("budget", "layer")
+    opts.setdefault("budget_floor", 0.75)
+    if opts.get("sources") is not None:
+        from .capture.prefill import source_shares
+
+        try:
+            source_shares(opts["sources"], 0.5)
+        except ValueError as e:
+            raise CompactorError(f"--query-sources: {e}") from None
+    return opts
+
+
+def _am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
+                beta_ridge=None) -> dict:
+    return {"source_weights": _shares(source_weights, "--source-weights"), "beta_floor": beta_floor,
+            "beta_ridge": beta_ridge,
+            "value_anchor": value_anchor, "value_fit": value_fit, "selection": selection, "omp_keys": omp_keys,
+            "omp_refit": omp_refit}
 
 
 def _device(name: str):
@@ -74,21 +118,53 @@ def method_options(f):
                      help="Compaction method (am = Attention Matching; the others are baselines).")(f)
     f = click.option("--context", type=click.Choice(["full", "causal"]), default="full", show_default=True,
                      help="AM: whether a document query is matched over the whole prefix or its causal past.")(f)
-    f = click.option("--score", type=click.Choice(["rms", "max"]), default="rms", show_default=True,
-                     help="Key score: RMS or max over reference queries of the attention weight.")(f)
+    f = click.option("--preset", type=click.Choice(list(PRESETS)), default=DEFAULT_PRESET,
+                     show_default=True, help="Defaults for the options below: fast = highest RMS attention and "
+                                             "layer budgets; quality = the best recall + continuation combination "
+                                             "(benchmarks/results_quality.md). Explicit options override.")(f)
+    f = click.option("--score", type=click.Choice(list(SCORE_CHOICES)), default=None,
+                     help="Key score (default: the preset's): rms/max over reference queries; kvzip, kvzip_wo, "
+                          "kvgrad from a reconstruction probe; *_rms mixes with rms.")(f)
     f = click.option("--ridge", type=float, default=1e-3, show_default=True,
                      help="AM value fit: relative ridge strength (toward the original values).")(f)
+    f = click.option("--source-weights", default=None,
+                     help="AM fits: per-source query weights, e.g. repeat=2,context=1.")(f)
+    f = click.option("--beta-ridge", type=click.FloatRange(min=0), default=None,
+                     help="AM: pull the NNLS weights toward 1 (beta toward 0), relative strength (quality: 0.01).")(f)
+    f = click.option("--beta-floor", type=float, default=None,
+                     help="AM: keep every selected key with beta >= this (default: drop keys with weight 0).")(f)
+    f = click.option("--value-anchor", type=float, default=None,
+                     help="AM: extra ridge toward the original values of copy-like keys (needs a probe score).")(f)
+    f = click.option("--value-fit", type=click.Choice(["all", "check", "select", "none"]), default=None,
+                     help="AM: refit values everywhere, only where held-out queries improve (check; select also "
+                          "falls back to eviction of the same keys where that is better), or never.")(f)
+    f = click.option("--selection", type=click.Choice(["top", "omp"]), default=None,
+                     help="AM key selection: highest score, or OMP on the attention mass.")(f)
+    f = click.option("--omp-keys", type=click.IntRange(min=1), default=None, help="OMP: keys added per step.")(f)
+    f = click.option("--omp-refit", type=click.IntRange(min=1), default=None, help="OMP: NNLS refit every N steps.")(f)
     return f
 
 
 def capture_options(f):
     f = click.option("--model", "model_name", default="smollm2-135m", show_default=True,
                      help="Bundled name, local Hugging Face folder, or hub id.")(f)
-    f = click.option("--budget", type=click.Choice(["uniform", "global", "layer"]), default="layer",
-                     show_default=True, help="Per-head budgets: equal; one budget shared by all heads and layers; "
-                                             "or that shared budget split equally within each layer.")(f)
-    f = click.option("--budget-floor", type=click.FloatRange(0, 1), default=0.75, show_default=True,
-                     help="global/layer budgets: share of the uniform budget every head keeps at least.")(f)
+    f = click.option("--budget", type=click.Choice(["uniform", "global", "layer", "split"]), default=None,
+                     help="Per-head budgets (default: the preset's): equal; one budget shared by all heads and "
+                          "layers; that shared budget split equally within each layer; or split: --split-share "
+                          "by RMS attention with layer budgets, the rest by the key score with one global budget.")(f)
+    f = click.option("--split-share", type=click.FloatRange(0, 1), default=None,
+                     help="--budget split: share of the entries chosen by RMS attention (default 0.5).")(f)
+    f = click.option("--budget-floor", type=click.FloatRange(0, 1), default=None,
+                     help="global/layer budgets: share of the uniform budget every head keeps at least "
+                          "(default: the preset's).")(f)
+    f = click.option("--query-sources", default=None,
+                     help="Reference-query shares, e.g. context=0.4,repeat=0.4,self_study=0.2,random=0 "
+                          "(default: the preset's, else context/repeat by --repeat-fraction).")(f)
+    f = click.option("--self-study", type=click.IntRange(min=0), default=None,
+                     help="Question/answer texts the model writes for self_study queries (default 4).")(f)
+    f = click.option("--on-policy", type=click.IntRange(min=0), default=None,
+                     help="AM: refit in N layer groups on queries recaptured through the compacted earlier layers "
+                          "(0 = off).")(f)
     f = click.option("--chunk-size", type=click.IntRange(min=1), default=512, show_default=True,
                      help="Prefill chunk (tokens).")(f)
     f = click.option("--max-queries", type=click.IntRange(min=1), default=4096, show_default=True,
@@ -128,6 +204,10 @@ def cli():
 @click.option("-o", "--out", "out", type=click.Path(), default=None,
               help="Output file (one document) or folder (default: artifacts/).")
 @click.option("--report", is_flag=True, help="Print a quality report (cKL, recall retention, fidelity, bytes).")
+@click.option("--chat", is_flag=True, help="Wrap each document in the model's chat template as the opening of the "
+                                           "first user turn, for `generate --question` (see README, Chat).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (artifacts, sizes, timings) instead "
+                                                      "of text.")
 @click.option("--kv-bits", default="16", show_default=True,
               help="Quantize stored keys/values: K<b>V<b> Lloyd-Max bits (e.g. K4V3), q4_0, q8_0; 16 = none.")
 @click.option("--hi-layers", default="", help="Comma-separated layers (negative from the end, e.g. 0,-1) stored "
@@ -140,13 +220,13 @@ def cli():
 @click.option("--no-clobber", is_flag=True, help="Refuse to overwrite an existing artifact.")
 @method_options
 @capture_options
-@click.pass_context
-def compress(ctx, documents, play, ratio, max_tokens, stored_dtype, out, report, kv_bits, hi_layers, hi_bits,
-             calibration, no_calibration, no_clobber, method, context, score, ridge, model_name, budget, budget_floor,
-             chunk_size,
-             max_queries, repeat_fraction, seed, device, quiet):
+def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat, as_json, kv_bits, hi_layers,
+             hi_bits, calibration, no_calibration, no_clobber, method, context, score, ridge, preset, source_weights,
+             beta_floor, beta_ridge, value_anchor, value_fit, selection, omp_keys, omp_refit, model_name, budget,
+             split_share, budget_floor, query_sources, self_study, on_policy, chunk_size, max_queries,
+             repeat_fraction, seed, device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
-    from .storage.artifact import read_meta
+    from .storage.artifact import read_artifact, read_meta
     from .capture.documents import bundled_play, read_document
     from .models import load_model
     from .pipeline import CompressOptions, compress as run_compress, estimate_artifact_bytes, plan_for, prepare
@@ -163,88 +243,139 @@ def compress(ctx, documents, play, ratio, max_tokens, stored_dtype, out, report,
                              "compress them in separate calls with -o")
     if out and len(docs) > 1 and Path(out).suffix == ".h5":
         raise CompactorError("-o names one file but several documents were given; pass a folder")
-    opts = CompressOptions(ratio=ratio, budget=budget, budget_floor=budget_floor, chunk_size=chunk_size,
-                           max_queries=max_queries, repeat_fraction=repeat_fraction, seed=seed,
-                           max_tokens=max_tokens, stored_dtype=stored_dtype, kv_bits=kv_bits,
+    opts = CompressOptions(ratio=ratio, chunk_size=chunk_size, max_queries=max_queries,
+                           repeat_fraction=repeat_fraction, seed=seed, max_tokens=max_tokens,
+                           stored_dtype=stored_dtype, kv_bits=kv_bits,
                            hi_layers=_int_list(hi_layers, "--hi-layers"), hi_bits=hi_bits,
-                           calibration=_load_calibration(calibration, no_calibration, model_name))
+                           calibration=_load_calibration(calibration, no_calibration, model_name), chat=chat,
+                           **_capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy,
+                                           split_share))
+    m = _method(method, seed, context, score, ridge, preset,
+                **_am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
+                             beta_ridge))
     lm = load_model(model_name, device=_device(device))
     if opts.calibration is not None:
+        from .pipeline import calibrated_budget_mode
         from .storage.calibration_file import check_calibration_model
 
         check_calibration_model(opts.calibration, lm)
-        de = opts.calibration.meta["defaults"]
-        if de["head_budgets"] and ctx.get_parameter_source("budget") == click.core.ParameterSource.DEFAULT:
-            opts.budget = de["budget"]
-    m = _method(method, seed, context, score, ridge)
+        if budget is None:  # the preset's mode, which the calibration's head budgets may replace
+            opts.budget = calibrated_budget_mode(opts.calibration, opts.budget)
     prepared = [prepare(lm, doc, opts) for doc in docs]  # every document is checked before any work starts
     paths = [Path(out) if out and Path(out).suffix == ".h5" else Path(out or "artifacts") / f"{d.name}.h5"
              for d in docs]
     existing = check_outputs(paths, [estimate_artifact_bytes(lm, ids.numel(), opts) for ids in prepared],
                              clobber=not no_clobber)  # and every output location
+    results = []
     for doc, doc_ids, path in zip(docs, prepared, paths):
+        t0 = time.perf_counter()
         written, layers, capture, ids = run_compress(lm, doc, m, path, opts, progress=not quiet, ids=doc_ids)
-        click.echo(f"{'overwrote' if path in existing else 'wrote'} {written} ({written.stat().st_size:,} bytes; "
-                   f"T={capture.length} tokens, {method} at {ratio:g}x)")
+        wall = time.perf_counter() - t0
+        if not as_json:
+            click.echo(f"{'overwrote' if path in existing else 'wrote'} {written} ({written.stat().st_size:,} bytes; "
+                       f"T={capture.length} tokens, {method} at {ratio:g}x{', chat-wrapped' if chat else ''})")
+        row = None
         if report:
             seconds = read_meta(written)["seconds"]["compact"]
-            _report(lm, doc, capture, layers, method, ratio, plan_for(lm, doc, capture.length, opts), opts, seconds)
+            row = _report(lm, doc, capture, layers, method, ratio, plan_for(lm, doc, capture.length, opts), opts,
+                          seconds, echo=not as_json)
+        if as_json:
+            summary = _artifact_summary(read_artifact(written, verify=False), written)
+            summary["seconds"]["total"] = round(wall, 3)
+            results.append({**summary, "report": row.as_dict() if row is not None else None})
+    if as_json:
+        click.echo(json.dumps({"artifacts": results}, indent=2))
 
 
-def _report(lm, doc, capture, layers, method, ratio, plan, opts, seconds):
+def _artifact_summary(art, path) -> dict:
+    """Sizes and layout of an artifact: file, stored payload (by kind), the full 16-bit cache of the same prefix,
+    and the serving memory (16-bit keys/values padded per layer + float32 beta)."""
+    from .evaluation.metrics import full_cache_bytes
+    from .serving.loader import decode_layers
+    from .storage.kv_codec import byte_breakdown
+
+    meta = art.meta
+    layers = decode_layers(art)  # also checks that every layer decodes
+    lengths = [int(x) for layer in layers for x in layer.lengths]
+    full = full_cache_bytes(len(layers), int(meta["num_kv_heads"]), art.T, int(meta["head_dim"]))
+    return {
+        "path": str(path), "document": meta.get("document_name"), "model_id": meta["model_id"],
+        "T": art.T, "ratio": meta["ratio"], "method": meta["method"], "kv_bits": meta.get("kv_bits"),
+        "chat": meta.get("chat") is not None,
+        "bytes": {"file": Path(path).stat().st_size, "payload": art.payload_bytes,
+                  "payload_by_kind": byte_breakdown(art), "full_cache": full,
+                  "memory": max(1, sum(layer.memory_bytes() for layer in layers))},  # heads keeping nothing: no 0
+        "kept_per_head": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths),
+                          "total": sum(lengths)},
+        "seconds": dict(meta.get("seconds") or {}),
+    }
+
+
+def _report(lm, doc, capture, layers, method, ratio, plan, opts, seconds, echo=True):
     from .evaluation.harness import Evaluator, format_table
 
     ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
     C = min(256, ids.numel() - capture.length)
+    if opts.chat:
+        click.echo("report: not measured for a chat-wrapped document (the continuation follows the plain text)",
+                   err=not echo)
+        return None
     if C < 16:
         click.echo("report: the document has no text after the compressed prefix, so cKL cannot be measured; "
-                   "use --max-tokens to hold some back")
-        return
+                   "use --max-tokens to hold some back", err=not echo)
+        return None
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
     row = ev.score(layers, method, ratio, seconds, plan.codecs, opts.stored_dtype, opts.seed, plan.codebooks)
-    click.echo(f"\nquality report ({doc.name}: T={capture.length}, continuation C={C}):")
-    click.echo(format_table([row]))
-    click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, compressed {row.ce:.3f}, no prefix {ev.ce_none:.3f}")
+    if echo:
+        click.echo(f"\nquality report ({doc.name}: T={capture.length}, continuation C={C}):")
+        click.echo(format_table([row]))
+        click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, compressed {row.ce:.3f}, no prefix "
+                   f"{ev.ce_none:.3f}")
+    return row
 
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("--no-verify", is_flag=True, help="Forensics: skip the digest comparison (structure, sizes and "
               "attributes are still checked; the cache may have been altered).")
-@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata, sizes and integrity verdict as JSON "
+                                                      "(exit status 1 when the integrity check fails).")
 def inspect(artifact, no_verify, as_json):
     """Summarise an artifact and verify its integrity (digest over every attribute and dataset)."""
     from .storage.artifact import read_artifact
-    from .evaluation.metrics import full_cache_bytes
 
-    art = read_artifact(artifact, verify=not no_verify)
+    checked = ("digest over every attribute and dataset" if not no_verify
+               else "structure and sizes only (digest NOT checked: the content may have been altered)")
+    try:
+        art = read_artifact(artifact, verify=not no_verify)
+        summary = _artifact_summary(art, artifact)
+    except CompactorError as e:
+        if not as_json:
+            raise
+        click.echo(json.dumps({"path": str(artifact), "integrity": {"ok": False, "checked": checked,
+                                                                     "error": str(e)}}, indent=2))
+        raise SystemExit(1) from None
     meta = art.meta
     if as_json:
         shown = {k: v for k, v in meta.items() if k not in ("model_weights_signature", "codecs")}
         if "model_weights" in shown:
             shown["model_weights"] = {k: v for k, v in shown["model_weights"].items() if k != "kept"}
-        click.echo(json.dumps(shown, indent=2, default=str))
+        click.echo(json.dumps({**summary, "integrity": {"ok": True, "checked": checked}, "meta": shown},
+                              indent=2, default=str))
         return
-    from .storage.kv_codec import byte_breakdown
-    from .serving.loader import decode_layers
-
-    layers = decode_layers(art)  # also checks that every layer decodes
-    lengths = [int(x) for layer in layers for x in layer.lengths]
-    memory = max(1, sum(layer.memory_bytes() for layer in layers))  # a cache whose heads keep nothing: no 0 division
-    full = full_cache_bytes(len(layers), int(meta["num_kv_heads"]), art.T, int(meta["head_dim"]))
-    size = Path(artifact).stat().st_size
-    payload = art.payload_bytes
+    size, payload, full, memory = (summary["bytes"][k] for k in ("file", "payload", "full_cache", "memory"))
+    kept = summary["kept_per_head"]
     click.echo(f"{artifact}: {meta['format']} v{meta['format_version']} (compactor {meta['compactor_version']}, "
                f"{meta['created']})")
     click.echo(f"  model      {meta['model_id']} ({meta.get('model_type', '?')}), config sha256 "
                f"{meta['model_config_sha256'][:12]}, tokenizer sha256 {meta['tokenizer_sha256'][:12]}")
     click.echo(f"  document   {meta.get('document_name', '?')} sha256 {meta['document_sha256'][:12]}, "
-               f"T={art.T} tokens")
+               f"T={art.T} tokens" + (", chat-wrapped (first user turn)" if summary["chat"] else ""))
     click.echo(f"  method     {meta['method']} at {meta['ratio']:g}x {json.dumps(meta['method_params'])}")
-    click.echo(f"  layout     {len(layers)} layers x {meta['num_kv_heads']} KV heads x d={meta['head_dim']}, "
-               f"K/V stored as {meta.get('kv_bits', '?')}; kept per head min {min(lengths)} / mean "
-               f"{sum(lengths) / len(lengths):.1f} / max {max(lengths)} ({sum(lengths)} entries)")
-    parts = ", ".join(f"{k} {v:,}" for k, v in byte_breakdown(art).items())
+    click.echo(f"  layout     {len(art.layers)} layers x {meta['num_kv_heads']} KV heads x d={meta['head_dim']}, "
+               f"K/V stored as {meta.get('kv_bits', '?')}; kept per head min {kept['min']} / mean "
+               f"{kept['mean']:.1f} / max {kept['max']} ({kept['total']} entries)")
+    parts = ", ".join(f"{k} {v:,}" for k, v in summary["bytes"]["payload_by_kind"].items())
     click.echo(f"  stored     {payload:,} bytes ({parts}); file {size:,} bytes")
     click.echo(f"  vs full    full 16-bit cache {full:,} bytes: {full / payload:.1f}x smaller stored, "
                f"{full / size:.1f}x on disk, {full / memory:.1f}x in memory when served "
@@ -261,23 +392,57 @@ def inspect(artifact, no_verify, as_json):
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--prompt", required=True, help="Text that follows the document.")
+@click.option("--prompt", "prompts", multiple=True, help="Raw text that continues the document (repeatable).")
+@click.option("--question", "questions", multiple=True,
+              help="A user question (repeatable): after a --chat artifact it continues the document's user turn, "
+                   "followed by the assistant header; after a raw-text artifact it opens a chat of its own.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 100), default=0.0, show_default=True,
+              help="Sampling temperature; 0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling (with --temperature > 0).")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--no-stream", is_flag=True, help="Print each answer when it is complete instead of token by token.")
 @click.option("--model", "model_name", default=None,
               help="Model (default: the artifact's model, only when that is a bundled name).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def generate(artifact, prompt, max_new_tokens, model_name, device):
-    """Continue after the compacted document with PROMPT (greedy) and print the continuation."""
+def generate(artifact, prompts, questions, max_new_tokens, temperature, top_p, seed, no_stream, model_name, device):
+    """Continue after the compacted document with each --prompt / --question (one model load) and print the
+    answers as they are generated."""
     from .storage.artifact import read_meta
     from .models import load_model
+    from .serving.answer import Sampling, generate as run_generate, is_chat, messages_ids, text_ids
     from .serving.loader import artifact_model, load_cache
 
-    lm = load_model(artifact_model(read_meta(artifact), model_name), device=_device(device))
-    cache = load_cache(artifact, lm.model, lm.tokenizer)
-    ids = lm.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(lm.device)
-    out = lm.model.generate(**cache.generation_inputs(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=lm.tokenizer.eos_token_id)
-    click.echo(lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    if not prompts and not questions:
+        raise click.UsageError("give at least one --prompt or --question")
+    meta = read_meta(artifact)
+    if questions and not is_chat(meta):
+        click.echo("note: this artifact holds raw text; a question opens a chat of its own after it. Compress with "
+                   "--chat to ask questions about the document in its own user turn.", err=True)
+    lm = load_model(artifact_model(meta, model_name), device=_device(device))
+    cache = load_cache(artifact, lm.model, lm.tokenizer)  # checked against the model, digest verified
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed).check()
+    jobs = [(p, text_ids(lm.tokenizer, p)) for p in prompts]
+    jobs += [(q, messages_ids(cache.metadata, lm.tokenizer, [{"role": "user", "content": q}])) for q in questions]
+    for i, (text, ids) in enumerate(jobs):
+        if len(jobs) > 1:
+            click.echo(("\n" if i else "") + f"### {text.strip()}")
+        streamer = None if no_stream else echo_streamer(lm.tokenizer)
+        result = run_generate(lm.model, lm.tokenizer, cache, ids, sampling, streamer=streamer)
+        if no_stream:
+            click.echo(result.text)
+
+
+def echo_streamer(tokenizer):
+    """transformers' TextStreamer, printing through click (so it lands wherever click's output goes)."""
+    from transformers import TextStreamer
+
+    class EchoStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            click.echo(text, nl=stream_end)
+
+    return EchoStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 @cli.command(name="eval")
@@ -287,13 +452,16 @@ def generate(artifact, prompt, max_new_tokens, model_name, device):
 @click.option("-C", "C", type=click.IntRange(min=1), default=256, show_default=True, help="Continuation tokens.")
 @click.option("--ratios", default="2,5,10,20,50", show_default=True, help="Comma-separated ratios.")
 @click.option("--methods", default=",".join(METHOD_CHOICES), show_default=True, help="Comma-separated methods.")
-@click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the rows as JSON here.")
+@click.option("--json", "json_out", type=click.Path(allow_dash=True), default=None,
+              help="Also write the rows as JSON to this file; '-' prints only the JSON on stdout (table on stderr).")
 @click.option("--kv-bits", "kv_bits", default="16", show_default=True,
               help="Comma-separated storages to evaluate, e.g. 16,K4V3,q4_0 (see compress --kv-bits).")
 @method_options
 @capture_options
-def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, context, score, ridge, model_name,
-             budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed, device, quiet):
+def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, context, score, ridge, preset,
+             source_weights, beta_floor, beta_ridge, value_anchor, value_fit, selection, omp_keys, omp_refit,
+             model_name, budget, split_share, budget_floor, query_sources, self_study, on_policy, chunk_size,
+             max_queries, repeat_fraction, seed, device, quiet):
     """Compare AM and the baselines on one document: cKL, recall retention, attention fidelity, bytes."""
     from .capture.documents import bundled_play, read_document
     from .evaluation.harness import Evaluator, format_table
@@ -314,20 +482,64 @@ def eval_cmd(document, play, T, C, ratios, methods, json_out, kv_bits, method, c
             parse_kv_bits(b)
         except ValueError as e:
             raise CompactorError(str(e)) from None
+    from .pipeline import probe_for
+
+    opts = _capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy, split_share)
+    am_opts = _am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
+                          beta_ridge)
+    ms = [_method(n, seed, context, score, ridge, preset, **am_opts) for n in names]
+    probes = {probe_for(m) for m in ms}
+    probe = "gradient" if "gradient" in probes else ("attention" if "attention" in probes else "none")
     doc = bundled_play(play) if play else read_document(document)
     lm = load_model(model_name, device=_device(device))
     ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
     if ids.numel() < T + C:
         raise CompactorError(f"document {doc.name!r} has {ids.numel()} tokens; eval needs T+C={T + C}")
     capture = prefill_and_capture(lm.model, lm.tokenizer, ids[:T], chunk_size=chunk_size, max_queries=max_queries,
-                                  repeat_fraction=repeat_fraction, seed=seed, progress=not quiet)
+                                  repeat_fraction=repeat_fraction, seed=seed, progress=not quiet, probe=probe,
+                                  sources=opts.get("sources"), self_study=opts.get("self_study", 4))
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
-    rows = ev.run([_method(n, seed, context, score, ridge) for n in names], _ratios(ratios), budget, budget_floor,
-                  progress=not quiet, kv_bits=bits, seed=seed)
-    click.echo(format_table(rows))
-    click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, no prefix {ev.ce_none:.3f}")
+    rows = ev.run(ms, _ratios(ratios), opts["budget"], opts["budget_floor"], progress=not quiet, kv_bits=bits,
+                  seed=seed, on_policy=opts.get("on_policy", 0), split_share=opts.get("split_share", 0.5))
+    to_stderr = json_out == "-"
+    click.echo(format_table(rows), err=to_stderr)
+    click.echo(f"recall CE (nats/token): full {ev.ce_full:.3f}, no prefix {ev.ce_none:.3f}", err=to_stderr)
     if json_out:
-        Path(json_out).write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+        text = json.dumps([r.as_dict() for r in rows], indent=2)
+        if to_stderr:
+            click.echo(text)
+        else:
+            Path(json_out).write_text(text)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(), default="artifacts")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="The one model served; artifacts made for another are refused (409).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-documents", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Artifacts kept loaded in memory (least recently used evicted first).")
+@click.option("--max-memory-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Also evict while the loaded caches hold more than this (MiB of keys, values and beta).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Largest max_tokens a request may ask for.")
+def serve(folder, host, port, model_name, device, max_documents, max_memory_mb, max_new_tokens):
+    """Serve the artifacts of FOLDER over an OpenAI-compatible HTTP API (see README, Server)."""
+    import uvicorn
+
+    from .models import load_model
+    from .serving.loader import prepare_model
+    from .serving.server import DocumentStore, create_app
+
+    lm = load_model(model_name, device=_device(device))
+    prepare_model(lm.model)
+    max_bytes = None if max_memory_mb is None else int(max_memory_mb * 2**20)
+    store = DocumentStore(folder, lm.model, lm.tokenizer, max_documents, max_bytes)
+    click.echo(f"serving {len(store.names())} document(s) from {store.folder} with {model_name} on "
+               f"http://{host}:{port}", err=True)
+    uvicorn.run(create_app(store, model_name, max_new_tokens), host=host, port=port, log_level="warning")
 
 
 @cli.command()

@@ -33,13 +33,20 @@ def tiny_config(family: str, vocab_size: int = 320, **overrides):
     return AutoConfig.for_model(family, **kw)
 
 
+# a minimal chat template (role tags, <eos> closing each turn), so chat wrapping is testable on the tiny models
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 def tiny_tokenizer():
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([CORPUS] * 4, vocab_size=300, min_frequency=1, special_tokens=["<eos>"])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<eos>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<eos>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 def make_tiny_model(folder: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:

@@ -288,8 +288,18 @@ def test_writer_refuses_what_the_reader_would(tmp_path):
 
 def test_unknown_meta_keys_kept_in_extra(tmp_path):
     stored, books = layers()
-    path = write_artifact(tmp_path / "a.h5", {**META, "chat": {"template": "x"}}, stored, books)
-    assert read_artifact(path).meta["extra"] == {"chat": {"template": "x"}}
+    path = write_artifact(tmp_path / "a.h5", {**META, "notes": {"source": "x"}}, stored, books)
+    assert read_artifact(path).meta["extra"] == {"notes": {"source": "x"}}
+
+
+def test_chat_field_is_validated(tmp_path):
+    stored, books = layers()
+    chat = {"template_sha256": "ab" * 32, "separator": "\n\n"}
+    path = write_artifact(tmp_path / "a.h5", {**META, "chat": chat}, stored, books)
+    assert read_artifact(path).meta["chat"] == chat
+    for bad in ({"template": "x"}, {**chat, "template_sha256": "xyz"}, {**chat, "separator": 3}):
+        with pytest.raises(ArtifactError, match="chat"):
+            write_artifact(tmp_path / "b.h5", {**META, "chat": bad}, stored, books)
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):

@@ -19,20 +19,22 @@ def prefix_kv(model, ids):
     return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
 
 
-def identity_layers(kv, dup=None):
-    """LayerKV per layer keeping every key; dup=(pos, copies) duplicates one key `copies` extra times."""
+def identity_layers(kv, dup=None, drop=0):
+    """LayerKV per layer keeping every key; dup=(pos, copies) duplicates one key `copies` extra times; drop=n
+    removes keys 1..n (so a prefix with duplicates still has no more slots than the T tokens it stands for)."""
     layers = []
     for k, v in kv:
         H, T, _ = k.shape
         pos = torch.arange(T).expand(H, T)
-        beta = torch.zeros(H, T)
         if dup is not None:
             j, copies = dup
             k = torch.cat([k] + [k[:, j:j + 1]] * copies, 1)
             v = torch.cat([v] + [v[:, j:j + 1]] * copies, 1)
             pos = torch.cat([pos] + [pos[:, j:j + 1]] * copies, 1)
-            beta = torch.zeros(H, k.shape[1])
-        layers.append(LayerKV(k, v, beta, pos.clone(), torch.full((H,), k.shape[1])))
+        if drop:
+            keep = torch.cat([torch.arange(1), torch.arange(drop + 1, k.shape[1])])
+            k, v, pos = k[:, keep], v[:, keep], pos[:, keep]
+        layers.append(LayerKV(k, v, torch.zeros(H, k.shape[1]), pos.clone(), torch.full((H,), k.shape[1])))
     return layers
 
 
@@ -52,17 +54,18 @@ def test_identity_cache_reproduces_full_logits(tiny_models, doc_text, family):
 
 
 def test_beta_is_log_multiplicity(tiny_llama, doc_text):
-    """A key stored once with beta = log 3 attends exactly like the same key stored three times."""
+    """A key stored once with beta = log 3 attends exactly like the same key stored three times (keys 1 and 2
+    dropped from both)."""
     lm = load_model(str(tiny_llama))
     ids = lm.tokenizer(doc_text, return_tensors="pt").input_ids[0][:120]
     T, j = 100, 37
     kv = prefix_kv(lm.model, ids[:T])
-    dup = cache_from_layers(identity_layers(kv, dup=(j, 2)), T, lm.model)
-    layers = identity_layers(kv)
+    dup = cache_from_layers(identity_layers(kv, dup=(j, 2), drop=2), T, lm.model)
+    layers = identity_layers(kv, drop=2)
     for layer in layers:
-        layer.beta[:, j] = torch.log(torch.tensor(3.0))
+        layer.beta[:, j - 2] = torch.log(torch.tensor(3.0))
     beta = cache_from_layers(layers, T, lm.model)
-    plain = cache_from_layers(identity_layers(kv), T, lm.model)
+    plain = cache_from_layers(identity_layers(kv, drop=2), T, lm.model)
     with torch.no_grad():
         a = lm.model(ids[None, T:], past_key_values=dup).logits
         b = lm.model(ids[None, T:], past_key_values=beta).logits
@@ -138,10 +141,10 @@ def test_beta_in_bf16_on_cuda(tiny_llama, doc_text):
     ids = lm.tokenizer(doc_text, return_tensors="pt").input_ids[0][:120].cuda()
     T, j = 100, 37
     kv = [(k.float().cpu(), v.float().cpu()) for k, v in prefix_kv(lm.model, ids[:T])]
-    dup = cache_from_layers(identity_layers(kv, dup=(j, 6)), T, lm.model)
-    layers = identity_layers(kv)
+    dup = cache_from_layers(identity_layers(kv, dup=(j, 6), drop=6), T, lm.model)
+    layers = identity_layers(kv, drop=6)
     for layer in layers:
-        layer.beta[:, j] = torch.log(torch.tensor(7.0))
+        layer.beta[:, j - 6] = torch.log(torch.tensor(7.0))
     beta = cache_from_layers(layers, T, lm.model)
     with torch.no_grad():
         a = lm.model(ids[None, T:], past_key_values=dup).logits.float()

@@ -51,9 +51,12 @@ def test_calibration_applied_and_recorded(tmp_path, tiny_llama, cal, doc, lm):
     art = compress(doc, tiny_llama, tmp_path / "a.h5", "--calibration", cal)
     c = read_calibration(cal)
     assert art.meta["calibration_sha256"] == c.digest
-    assert art.meta["method_params"]["calibration"] == ["layer bits (avg 4)", "fitted codebooks",
-                                                        "head budgets (global)"]
-    assert art.meta["method_params"]["budget"] == "global"  # the calibration's mode, as --budget was not given
+    assert art.meta["method_params"]["calibration"] == ["layer bits (avg 4)", "fitted codebooks", "head budgets"]
+    # the default (quality) preset's split budgets stay; the fast preset's layer budgets give way to the
+    # calibration's mode, as --budget was not given
+    assert art.meta["method_params"]["budget"] == "split" and art.meta["method_params"]["preset"] == "quality"
+    fast = compress(doc, tiny_llama, tmp_path / "f.h5", "--calibration", cal, "--preset", "fast")
+    assert fast.meta["method_params"]["budget"] == "global"
     # per-layer bits at the same average (layer 0 keys +1, last layer's keys -1) with each layer's fitted codebook
     assert art.meta["layer_codecs"] == "K5V4@v0b4,K3@k1b3V4@v1b4"
     assert np.array_equal(art.codebooks["k1b3"], c.codebook("keys", 1, 3))
@@ -86,15 +89,18 @@ def test_head_budgets_follow_the_weights(tmp_path, tiny_llama, doc, lm):
     write_synthetic_calibration(heavy, lm, defaults={"codebooks": False, "layer_bits": False, "phase_bits": False,
                                                      "head_budgets": True, "budget": "global"})
     c = read_calibration(heavy)
-    base = compress(doc, tiny_llama, tmp_path / "b.h5", "--no-calibration", "--budget", "global", "--kv-bits", "16")
-    cal = compress(doc, tiny_llama, tmp_path / "c.h5", "--calibration", heavy, "--kv-bits", "16")
-    n_base, n_cal = base.meta["budget_total"], cal.meta["budget_total"]
-    assert n_base == n_cal
     w = torch.from_numpy(c.arrays["head_weights"])
     top = int(w.flatten().argmax())
     lengths = lambda a: np.stack([layer.arrays["lengths"] for layer in a.layers]).reshape(-1)  # noqa: E731
-    assert lengths(cal)[top] >= lengths(base)[top]
-    assert not np.array_equal(lengths(cal), lengths(base))
+    for preset, mode in (("fast", "global"), ("quality", "split")):  # split: the weights rank its global part
+        base = compress(doc, tiny_llama, tmp_path / f"b{preset}.h5", "--no-calibration", "--preset", preset,
+                        "--budget", mode, "--kv-bits", "16")
+        cal = compress(doc, tiny_llama, tmp_path / f"c{preset}.h5", "--calibration", heavy, "--preset", preset,
+                       "--kv-bits", "16")
+        assert cal.meta["method_params"]["budget"] == mode
+        assert base.meta["budget_total"] == cal.meta["budget_total"]
+        assert lengths(cal)[top] > lengths(base)[top]
+        assert not np.array_equal(lengths(cal), lengths(base))
 
 
 def test_trace_with_markers_is_stored_per_phase(tmp_path, tiny_llama, cal, lm):

@@ -179,6 +179,16 @@ def same_cache(a, b) -> bool:
         for x, y in zip(a.layers, b.layers))
 
 
+def _json_refusal(output: str) -> bool:
+    """inspect --json's verdict on a refused file: valid JSON, integrity not ok, a one-line error message."""
+    try:
+        verdict = json.loads(output)["integrity"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return verdict.get("ok") is False and isinstance(verdict.get("error"), str) and "\n" not in verdict["error"] \
+        and bool(verdict["error"])
+
+
 def outcome(path: Path, ref, model, tokenizer, kind: str) -> tuple[str, str]:
     """('rejected' | 'identical' | 'other', detail) for one corrupted file, through every read path: inspect
     --no-verify's read (without the digest, decode, count bytes: may show altered data, must not crash),
@@ -199,7 +209,11 @@ def outcome(path: Path, ref, model, tokenizer, kind: str) -> tuple[str, str]:
         for args in (["inspect", str(path)], ["inspect", str(path), "--no-verify"], ["inspect", str(path), "--json"]):
             r = CliRunner().invoke(cli, args)
             lines = r.output.strip().splitlines()
-            if r.exit_code not in (0, 1) or r.exit_code == 1 and not (lines and lines[-1].startswith("Error:")) \
+            if "--json" in args:  # a refusal is the JSON verdict {"integrity": {"ok": false, "error": one line}}
+                refused_ok = r.exit_code == 1 and _json_refusal(r.output)
+            else:
+                refused_ok = r.exit_code == 1 and bool(lines) and lines[-1].startswith("Error:")
+            if r.exit_code not in (0, 1) or r.exit_code == 1 and not refused_ok \
                     or r.exception is not None and not isinstance(r.exception, SystemExit):
                 return "other", f"inspect {args[2:]}: exit {r.exit_code} {r.exception!r} {r.output[-200:]}"
     try:

@@ -18,9 +18,12 @@ from tqdm.auto import tqdm
 from ..serving.attention import using_compactor_attention
 from ..errors import DocumentError
 from ..fitting.key_selection import key_stats
+from .reconstruction import reconstruction_scores
 
 REPEAT_PROMPT = "\n\nRepeat the text above, word for word.\n\n"
-CONTEXT, REPEAT = 0, 1
+SOURCES = ("context", "repeat", "self_study", "random")  # index = query_source label
+CONTEXT, REPEAT, SELF_STUDY, RANDOM = 0, 1, 2, 3
+PROBES = ("none", "attention", "gradient")
 
 
 @dataclass
@@ -31,8 +34,11 @@ class Capture:
     values: list[torch.Tensor]   # L x (Hkv, T, d)
     queries: list[torch.Tensor]  # L x (Hkv, n, d), post-RoPE
     query_pos: torch.Tensor      # (n,) int64: a context query at position p saw keys 0..p; repeat queries: T-1
-    query_source: torch.Tensor   # (n,) int8: CONTEXT or REPEAT
+    query_source: torch.Tensor   # (n,) int8: CONTEXT, REPEAT, SELF_STUDY or RANDOM
     scale: float                 # softmax scale of the model's attention (usually d**-0.5)
+    probe: dict | None = None    # reconstruction probe scores {"recon", "wo_norm"[, "recon_grad"]}: (L, Hq, T) each
+    repeat_ids: torch.Tensor | None = None   # the ids fed after the document in the repeat pass
+    repeat_keep: torch.Tensor | None = None  # (len(repeat_ids),) bool: positions whose queries are REPEAT rows
     _stats: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -83,7 +89,7 @@ def _run_chunks(model, ids: torch.Tensor, start: int, cache, recorder: QueryReco
     device = next(model.parameters()).device
     for lo in range(0, ids.numel(), chunk_size):
         hi = min(lo + chunk_size, ids.numel())
-        recorder.rows = keep[lo:hi].nonzero().flatten()
+        recorder.rows = keep[lo:hi].nonzero().flatten().to(device)  # once per chunk, not once per layer
         pos = torch.arange(start + lo, start + hi, device=device)[None]
         model(input_ids=ids[None, lo:hi].to(device), position_ids=pos, past_key_values=cache, use_cache=True,
               logits_to_keep=1, compactor_recorder=recorder)
@@ -101,15 +107,40 @@ def check_length(model, n_tokens: int, what: str = "document") -> None:
         raise DocumentError(f"{what} is {n_tokens} tokens but the model's context is {limit} tokens")
 
 
+def source_shares(sources: dict | None, repeat_fraction: float) -> dict[str, float]:
+    """Shares of the reference queries per source (summing to 1); None: context and repeat by repeat_fraction."""
+    if sources is None:
+        return {"context": 1.0 - repeat_fraction, "repeat": repeat_fraction}
+    for name, share in sources.items():
+        if name not in SOURCES:
+            raise ValueError(f"unknown query source {name!r}; choose from {', '.join(SOURCES)}")
+        if not share >= 0:
+            raise ValueError(f"query source {name!r}: share must be >= 0, got {share}")
+    total = sum(sources.values())
+    if not total > 0:
+        raise ValueError("query sources: at least one share must be > 0")
+    return {name: share / total for name, share in sources.items()}
+
+
 @torch.no_grad()
 def prefill_and_capture(model, tokenizer, doc_ids: torch.Tensor, *, chunk_size: int = 512,
                         max_queries: int = 4096, repeat_fraction: float = 0.5, seed: int = 0,
-                        progress: bool = True) -> Capture:
-    """Prefill doc_ids (T,) and capture keys, values and up to `max_queries` pooled queries per KV head."""
+                        progress: bool = True, probe: str = "none", probe_chunk: int = 256,
+                        sources: dict | None = None, self_study: int = 4) -> Capture:
+    """Prefill doc_ids (T,) and capture keys, values and up to `max_queries` pooled queries per KV head.
+    sources: {name: share} over SOURCES (context, repeat, self_study, random); default context and repeat by
+    repeat_fraction. self_study: how many question/answer texts the model writes (capture/query_sources.py).
+    probe: "none", "attention" (reconstruction scores, KVzip) or "gradient" (also KVgrad's gradient weighting),
+    see capture/reconstruction.py."""
     from transformers import DynamicCache
 
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {', '.join(PROBES)}, not {probe!r}")
+    shares = source_shares(sources, repeat_fraction)
+    if shares.get("random", 0.0) >= 1.0:
+        raise ValueError("random queries take their norms from the other sources: give at least one more source")
     cfg = model.config
     n_layers, n_kv, n_q = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.num_attention_heads
     group = n_q // n_kv
@@ -119,17 +150,30 @@ def prefill_and_capture(model, tokenizer, doc_ids: torch.Tensor, *, chunk_size: 
 
     prompt = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids[0]
     room = context_limit(model) - T - prompt.numel() if context_limit(model) else T
-    repeat_len = max(0, min(T, room)) if repeat_fraction > 0 else 0
-    n_rep_pos = min(repeat_len, math.ceil(max_queries * repeat_fraction / group)) if repeat_len else 0
-    n_ctx_pos = min(T, math.ceil((max_queries - n_rep_pos * group) / group))
-    ctx_pos = _sample_positions(T, n_ctx_pos, gen)
-    rep_pos = _sample_positions(repeat_len, n_rep_pos, gen)
+    share_rep = shares.get("repeat", 0.0)
+    repeat_len = max(0, min(T, room)) if share_rep > 0 else 0
+    n_rep_pos = min(repeat_len, math.ceil(max_queries * share_rep / group)) if repeat_len else 0
+    n_rand = round(max_queries * shares.get("random", 0.0))
 
     recorder = QueryRecorder(n_layers, n_kv)
-    cache = DynamicCache(config=cfg)
+    # no config: every layer keeps all T keys (with one, sliding-window layers would keep only the last window;
+    # the model's masks still apply its window to the attention itself)
+    cache = DynamicCache()
     total = T + (prompt.numel() + repeat_len if repeat_len else 0)
     with using_compactor_attention(model), tqdm(total=total, desc="prefill", unit="tok", disable=not progress) as bar:
+        share_ss = shares.get("self_study", 0.0)
+        n_ss_pos = n_ctx_pos = 0
+        room_ss = 0
         keep = torch.zeros(T, dtype=torch.bool)
+        # context positions are drawn after the other sources' counts are known (context takes the rest)
+        if share_ss > 0 and self_study > 0:
+            room_ss = (context_limit(model) or 10 ** 9) - T
+            n_ss_pos = math.ceil(max_queries * share_ss / group)
+        if shares.get("context", 0.0) > 0:
+            n_ctx_pos = min(T, math.ceil((max_queries - n_rep_pos * group - n_ss_pos * group - n_rand) / group))
+            n_ctx_pos = max(n_ctx_pos, 0)
+        ctx_pos = _sample_positions(T, n_ctx_pos, gen)
+        rep_pos = _sample_positions(repeat_len, n_rep_pos, gen)
         keep[ctx_pos] = True
         _run_chunks(model, doc_ids, 0, cache, recorder, keep, chunk_size, bar)
         keys = [cache.layers[i].keys[0] for i in range(n_layers)]
@@ -139,9 +183,47 @@ def prefill_and_capture(model, tokenizer, doc_ids: torch.Tensor, *, chunk_size: 
             keep = torch.zeros(rep_ids.numel(), dtype=torch.bool)
             keep[prompt.numel() + rep_pos] = True
             _run_chunks(model, rep_ids, T, cache, recorder, keep, chunk_size, bar)
-    del cache
+            repeat = (rep_ids, keep)
+        else:
+            repeat = (None, None)
+        del cache
+        ss_pos = torch.zeros(0, dtype=torch.int64)
+        if n_ss_pos:
+            from .query_sources import SELF_STUDY_PROMPT, self_study_texts
+            from .reconstruction import _doc_cache
+
+            ss_texts = self_study_texts(model, tokenizer, lambda: _doc_cache(keys, values, cfg), T, self_study,
+                                        seed=seed)
+            n_prompt = tokenizer(SELF_STUDY_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.shape[1]
+            ss_texts = [t[:max(0, room_ss)] for t in ss_texts]
+            spans = [t.numel() - n_prompt for t in ss_texts]  # generated tokens of each text
+            n_ss_pos = min(n_ss_pos, sum(max(0, x) for x in spans))
+            picked = _sample_positions(sum(max(0, x) for x in spans), n_ss_pos, gen)
+            offset = 0
+            for t, n_gen in zip(ss_texts, spans):
+                n_gen = max(0, n_gen)
+                mine = picked[(picked >= offset) & (picked < offset + n_gen)] - offset
+                offset += n_gen
+                if mine.numel() == 0:
+                    continue
+                keep = torch.zeros(t.numel(), dtype=torch.bool)
+                keep[n_prompt + mine] = True
+                _run_chunks(model, t, T, _doc_cache(keys, values, cfg), recorder, keep, chunk_size, bar)
+            ss_pos = picked
     queries = [recorder.pooled(i) for i in range(n_layers)]
-    pos = torch.cat([ctx_pos, torch.full((rep_pos.numel(),), T - 1)])
-    src = torch.cat([torch.full((ctx_pos.numel(),), CONTEXT), torch.full((rep_pos.numel(),), REPEAT)]).to(torch.int8)
+    pos = torch.cat([ctx_pos, torch.full((rep_pos.numel() + ss_pos.numel(),), T - 1)])
+    src = torch.cat([torch.full((ctx_pos.numel(),), CONTEXT), torch.full((rep_pos.numel(),), REPEAT),
+                     torch.full((ss_pos.numel(),), SELF_STUDY)]).to(torch.int8)
+    pos, src = pos.repeat(group), src.repeat(group)
+    if n_rand:
+        from .query_sources import random_queries
+
+        queries = [torch.cat([q, random_queries(q, n_rand, seed + 1000 * l)], 1) for l, q in enumerate(queries)]
+        pos = torch.cat([pos, torch.full((n_rand,), T - 1)])
+        src = torch.cat([src, torch.full((n_rand,), RANDOM, dtype=torch.int8)])
     scale = model.model.layers[0].self_attn.scaling
-    return Capture(keys, values, queries, pos.repeat(group), src.repeat(group), float(scale))
+    probe_scores = None
+    if probe != "none":
+        probe_scores = reconstruction_scores(model, tokenizer, doc_ids, keys, values, gradient=probe == "gradient",
+                                             chunk_size=probe_chunk, progress=progress)
+    return Capture(keys, values, queries, pos, src, float(scale), probe_scores, *repeat)

@@ -110,16 +110,22 @@ class Evaluator:
 
     def run(self, methods: list[Method], ratios: list[float], budget: str = "layer", budget_floor: float = 0.75,
             progress: bool = True, kv_bits: list[str] = ("16",), stored_dtype: str = "bfloat16",
-            seed: int = 0) -> list[EvalRow]:
-        """Every method x ratio x storage; ratio 1 means no compaction (quantization only)."""
+            seed: int = 0, on_policy: int = 0, split_share: float = 0.5) -> list[EvalRow]:
+        """Every method x ratio x storage; ratio 1 means no compaction (quantization only). on_policy > 1: AM
+        refits in that many layer groups on recaptured queries (capture/on_policy.py)."""
+        from ..capture.on_policy import OnPolicyQueries
+
         rows = []
         jobs = [(m, r, k) for m in methods for r in ratios for k in kv_bits]
         L = len(self.capture.keys)
         for method, ratio, bits in tqdm(jobs, desc="evaluate", unit="run", disable=not progress):
             codecs = [parse_kv_bits(bits)] * L
             t0 = time.perf_counter()
+            op = OnPolicyQueries(self.model, self.capture, on_policy) if on_policy > 1 and method.name == "am" \
+                else None
             layers, _ = compact_capture(self.capture, method, ratio, budget, budget_floor, progress=False,
-                                        codecs=codecs, stored_dtype=stored_dtype, seed=seed)
+                                        codecs=codecs, stored_dtype=stored_dtype, seed=seed, on_policy=op,
+                                        split_share=split_share)
             rows.append(self.score(layers, method.name, ratio, time.perf_counter() - t0, codecs, stored_dtype, seed))
         return rows
 

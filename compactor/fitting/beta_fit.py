@@ -71,12 +71,20 @@ def nnls_active_set(gram: torch.Tensor, rhs: torch.Tensor, jitter: float = 1e-12
 ACTIVE_SET_MIN_T = 256
 
 
-def fit_mass_weights(A: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-    """w >= 0 (t,) minimising ||A w - target||^2 for A (n, t); target defaults to all ones. float64, on A's
-    device."""
+def fit_mass_weights(A: torch.Tensor, target: torch.Tensor | None = None,
+                     weights: torch.Tensor | None = None, ridge: float = 0.0) -> torch.Tensor:
+    """w >= 0 (t,) minimising sum_i u_i (A_i w - target_i)^2 + mu ||w - 1||^2 for A (n, t); target defaults to
+    all ones, the query weights u (n,) >= 0 to all ones; mu = ridge * trace(A^T U A) / t pulls w toward 1
+    (beta toward 0: the plain key), which matters when t is large against the number of reference queries.
+    float64, on A's device."""
     A = A.double()
     y = torch.ones(A.shape[0], dtype=A.dtype, device=A.device) if target is None else target.double()
-    gram, rhs = A.T @ A, A.T @ y
+    Au = A if weights is None else A * weights.to(A.device, A.dtype)[:, None]
+    gram, rhs = Au.T @ A, Au.T @ y
+    if ridge > 0:
+        mu = ridge * float(torch.trace(gram)) / max(gram.shape[0], 1)
+        gram = gram + mu * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        rhs = rhs + mu
     if A.is_cuda or A.shape[1] > ACTIVE_SET_MIN_T:
         w = nnls_active_set(gram, rhs)
         if w is not None:

@@ -14,6 +14,7 @@ from ..storage.artifact import Artifact, ModelLimits, read_artifact
 from ..storage.kv_codec import decode_layer
 from .attention import use_compactor_attention
 from .cache import CompactedCache, CompactedLayer
+from .generation import enable_generate
 
 
 def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -47,14 +48,24 @@ def cache_from_layers(layers: list[LayerKV], logical_length: int, model, metadat
     """CompactedCache on the model's device and dtype; padded slots get beta = -inf."""
     device, dtype = _device_dtype(model)
     cache_layers = []
-    for layer in layers:
+    for i, layer in enumerate(layers):
+        if int(layer.lengths.max()) > logical_length:
+            raise ArtifactError(f"layer {i} keeps {int(layer.lengths.max())} entries per head for a prefix of "
+                                f"{logical_length} tokens")
         slots = torch.arange(layer.keys.shape[1])
         pad = slots[None, :] >= layer.lengths[:, None]
         beta = layer.beta.float().masked_fill(pad, float("-inf"))
         cache_layers.append(CompactedLayer(layer.keys.to(device, dtype), layer.values.to(device, dtype),
                                            beta.to(device), logical_length))
-    use_compactor_attention(model)
+    prepare_model(model)
     return CompactedCache(cache_layers, logical_length, metadata)
+
+
+def prepare_model(model) -> None:
+    """What serving a compacted cache needs of a model (idempotent): the "compactor" attention, which is sdpa's
+    whenever no compacted prefix is present, and a `generate` that takes a CompactedCache."""
+    use_compactor_attention(model)
+    enable_generate(model)
 
 
 def check_compatible(meta: dict, model, tokenizer=None, where: str = "artifact") -> None:
@@ -90,15 +101,20 @@ def decode_layers(art: Artifact) -> list[LayerKV]:
     return out
 
 
+def cache_from_artifact(art: Artifact, model) -> CompactedCache:
+    """The cache an (already checked) artifact serves, decoded to the model's device and dtype."""
+    return cache_from_layers(decode_layers(art), art.T, model, art.meta)
+
+
 def load_cache(path: str | Path | Artifact, model, tokenizer=None, verify: bool = True) -> CompactedCache:
-    """Load an .h5 artifact as a CompactedCache for `model` (switching it to the compactor attention).
+    """Load an .h5 artifact as a CompactedCache for `model` (prepared with `prepare_model`).
 
     The file is checked against the model before any dataset is read (layers, KV heads, head dim, T within the
     context), its digest verified, and the model's config, weights identity and (when given) tokenizer compared
     with the artifact's. verify=False skips the digest only; do not serve a cache loaded that way.
-    Position ids continue at the logical length T. Use `model(ids, past_key_values=cache)` or
-    `model.generate(**cache.generation_inputs(ids), ...)`; `cache.fork()` before reusing the prefix.
+    Position ids continue at the logical length T. Use `model(ids, past_key_values=cache)` (appends to the cache)
+    or `model.generate(ids, past_key_values=cache, ...)` (runs on a fork: the cache can be reused as is).
     """
     art = path if isinstance(path, Artifact) else read_artifact(path, verify=verify, limits=model_limits(model))
     check_compatible(art.meta, model, tokenizer, where=str(art.path or "artifact"))
-    return cache_from_layers(decode_layers(art), art.T, model, art.meta)
+    return cache_from_artifact(art, model)

@@ -9,7 +9,9 @@ applies the parts the calibration's own held-out check found to help (its `defau
 - codebooks: every lloyd tensor whose bit width has a fitted codebook uses it (its layer's, or its phase's where
   that paid); the codebook travels in the artifact under its own id, so the file decodes without the calibration;
 - head budgets: per-head multipliers of the key scores (from measured sensitivity), and the budget mode to share
-  the total with, unless the user chose one.
+  the total with (`plan.budget`); compress uses that mode in place of a preset's "layer"/"global" unless the user
+  chose one, and keeps "split" (the quality preset), whose global part the weights then rank
+  (pipeline.calibrated_budget_mode).
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def calibrated_plan(base: list[KVCodec], cal: Calibration | None, phases: Phases
     if de["head_budgets"]:
         plan.score_weights = torch.from_numpy(np.asarray(cal.arrays["head_weights"], dtype=np.float32))
         plan.budget = de["budget"]
-        plan.applied.append(f"head budgets ({de['budget']})")
+        plan.applied.append("head budgets")
     return plan
 
 

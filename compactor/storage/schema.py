@@ -60,9 +60,10 @@ V2_FIELDS = {
     "lloyd_mean_dtype": _s(choices=tuple(MEAN_NP)), "beta": _s(choices=BETA), "positions": _s(choices=POSITIONS),
     "seconds": OBJECT,
 }
-# extra: caller metadata the schema does not interpret (still digested); phases: per-phase storage of a document with
-# phases (names, bounds); calibration_sha256: digest of the calibration file compress used (informative).
-V2_OPTIONAL = {"extra": OBJECT, "phases": OBJECT, "calibration_sha256": HEX}
+# extra: caller metadata the schema does not interpret (still digested); chat: the document was wrapped as the first
+# user turn of this chat template; phases: per-phase storage of a document with phases (names, bounds);
+# calibration_sha256: digest of the calibration file compress used (informative).
+V2_OPTIONAL = {"extra": OBJECT, "chat": OBJECT, "phases": OBJECT, "calibration_sha256": HEX}
 MAX_PHASES = 16
 _PHASE_NAME = re.compile(r"[a-z0-9_]{1,32}")
 
@@ -153,6 +154,8 @@ def validate_v2(meta: dict, where: str) -> dict:
         raise ArtifactError(f"{where} lacks required meta fields: {', '.join(missing)}")
     meta = {k: check_value(k, v, {**V2_FIELDS, **V2_OPTIONAL}[k], where) for k, v in meta.items()}
     check_identity(meta["model_weights"], where)
+    if "chat" in meta:
+        check_chat(meta["chat"], where)
     if not all(type(v) in (int, float) for v in meta["seconds"].values()):
         raise ArtifactError(f"{where}: seconds must map names to numbers")
     T, L = meta["T"], meta["num_layers"]
@@ -199,6 +202,14 @@ def _check_phases(meta: dict, where: str) -> int:
         raise ArtifactError(f"{where}: phases must be {{names: 1..{MAX_PHASES} distinct [a-z0-9_] names, bounds: "
                             "one more non-decreasing integer from 0 to T}")
     return len(names)
+
+
+def check_chat(chat: dict, where: str) -> None:
+    """The optional chat object: {template_sha256: hex digest of the chat template, separator: str}."""
+    if set(chat) != {"template_sha256", "separator"}:
+        raise ArtifactError(f"{where}: chat must hold exactly template_sha256 and separator")
+    check_value("chat.template_sha256", chat["template_sha256"], HEX, where)
+    check_value("chat.separator", chat["separator"], _s(64), where)
 
 
 def root_attrs(meta: dict) -> dict:

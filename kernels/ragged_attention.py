@@ -1,0 +1,733 @@
+"""Attention over a ragged, beta-biased, possibly quantized compacted prefix followed by dense appended tokens.
+
+For a batch of B sequences that all continue one compacted document (a `RaggedPrefix`, shared), query head
+hq = h*G + g (GQA: the G query heads of KV head h share it), query i of the last Lq appended tokens:
+
+    keys seen  = the prefix entries of head h (offsets[h]:offsets[h+1]) with score q.k*scale + beta_j,
+                 the exact segment of head h (score q.k*scale + exact_beta),
+                 the appended tokens j of sequence b with j <= L_app - Lq + i (causal, aligned bottom-right)
+                 and app_mask[b, j] true (left padding);
+    out        = softmax over all of them, times the values.
+A query that sees no key at all (an empty head and everything else masked) gets out = 0.
+
+Entry points, one signature ``(queries, prefix, app_keys=None, app_values=None, app_mask=None, scale=None)``:
+- :func:`ragged_attention_torch`: plain-torch reference, float32 math: dequantize the prefix, then attend.
+- :func:`ragged_attention_triton`: the Triton kernels (below).
+- :func:`ragged_attention`: dispatch, Triton for CUDA tensors (or everywhere with COMPACTOR_TRITON=1, which on
+  CPU also needs TRITON_INTERPRET=1), torch otherwise; COMPACTOR_TRITON=0 forces torch.
+
+Shapes: queries (B, Hq, Lq, d) float32/float16/bfloat16 (any strides, last dim contiguous);
+app_keys/app_values (B, Hkv, L_app, d) in the queries' dtype (any strides: views of a larger static cache are
+read in place), L_app >= Lq; app_mask (B, L_app) bool (True = a real token) or None. Returns (B, Lq, Hq, d) in
+the queries' dtype: the layout a transformers attention function returns.
+
+Triton, one online-softmax pass per split, then a combine (flash-decoding style split-K):
+1. `_partial_kernel`, grid (row tiles, Hkv, slots). A KV head's query rows are (b, i, g) flattened, G query
+   heads of one position next to each other, so one tile holds every query head of its group. Slots are
+   - prefix chunks of `chunk` entries of head h: ONE program reads its chunk for the rows of EVERY sequence of
+     the batch (the prefix is read once per KV head and row tile, never once per sequence);
+   - the exact segment of head h (all sequences);
+   - chunks of `chunk` appended tokens of one sequence (its own rows only).
+   Each writes (running max, sum, accumulator) per row. Codes are read as stored and dequantized in registers
+   to the queries' dtype for tl.dot (float32 accumulation), as the loader would have dequantized them:
+   * lloyd keys: the query is rotated instead of the keys, exact since R is orthogonal:
+     q.(mean + g R^T c) = q.mean + g (R q).c; R q comes from `_rotate_kernel` (float32) just before;
+   * lloyd values: sum_j p_j g_j c_j is accumulated in rotated space (g folded into p) and un-rotated once in
+     the combine step, plus mean * sum_j p_j;
+   * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them.
+2. `_combine_kernel`, grid (row tiles, Hkv): merges a row's slots (log-sum-exp), un-rotates lloyd values with
+   a float32 (rows x d) @ (d x d) product (`_rot_cols` output columns at a time), normalises and writes (B, Lq, Hq, d).
+Decode (Lq = 1) and prefill (Lq = hundreds) are the same kernels with different tiles: `chunk` is chosen so
+the grid holds about two programs per SM (`_pick_config`).
+
+Numerics: scores and softmax in float32 (log2 domain); dot operands in the queries' dtype (16-bit queries: keys,
+values and p rounded to it as in flash attention; float32 queries: TF32 on the GPU, COMPACTOR_TF32=0 for 3xTF32;
+exact float32 under the interpreter); beta added in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from .ragged_prefix import CODECS, RaggedPrefix
+
+try:  # triton is optional: CPU-only installs run the torch reference.
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+    _jit = triton.jit
+
+    def _jit_sizes(*names):
+        """triton.jit that does not specialise on the sizes `names` (appended length, batch, splits change from
+        call to call: no recompilation when they do)."""
+        return triton.jit(do_not_specialize=list(names))
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    _HAS_TRITON = False
+
+    class tl:  # noqa: N801 - stub so the annotations below still evaluate
+        constexpr = None
+
+    def _jit(fn):
+        return fn
+
+    def _jit_sizes(*names):
+        return _jit
+
+__all__ = ["ragged_attention", "ragged_attention_torch", "ragged_attention_triton"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CODEC_ID = {name: i for i, name in enumerate(CODECS)}  # raw 0, lloyd 1, q8_0 2, q4_0 3
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# input checking
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(queries, prefix, app_keys, app_values, app_mask, scale):
+    """Validate; returns (B, Hq, Lq, d, Hkv, L_app, scale)."""
+    if not isinstance(queries, torch.Tensor) or queries.dim() != 4:
+        raise ValueError(f"queries must be a 4-D tensor (B, Hq, Lq, d), got {getattr(queries, 'shape', queries)}")
+    if queries.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"queries have dtype {queries.dtype}; expected float32, float16 or bfloat16")
+    B, Hq, Lq, d = queries.shape
+    if min(B, Hq, Lq, d) < 1:
+        raise ValueError(f"empty queries {tuple(queries.shape)}")
+    if prefix is None and app_keys is None:
+        raise ValueError("nothing to attend to: no prefix and no appended tokens")
+    Hkv = None
+    if prefix is not None:
+        if not isinstance(prefix, RaggedPrefix):
+            raise ValueError(f"prefix must be a RaggedPrefix, got {type(prefix).__name__}")
+        if prefix.head_dim != d:
+            raise ValueError(f"head-dim mismatch: queries d={d}, prefix d={prefix.head_dim}")
+        if prefix.device != queries.device:
+            raise ValueError(f"prefix is on {prefix.device}, queries on {queries.device}")
+        Hkv = prefix.num_kv_heads
+    L_app = 0
+    if (app_keys is None) != (app_values is None):
+        raise ValueError("app_keys and app_values go together")
+    if app_keys is not None:
+        if app_keys.dim() != 4 or app_keys.shape != app_values.shape:
+            raise ValueError(f"app_keys {tuple(app_keys.shape)} and app_values {tuple(app_values.shape)} must both be"
+                             " (B, Hkv, L_app, d)")
+        if app_keys.shape[0] != B or app_keys.shape[-1] != d or (Hkv is not None and app_keys.shape[1] != Hkv):
+            raise ValueError(f"app_keys {tuple(app_keys.shape)} do not match queries {tuple(queries.shape)}"
+                             + ("" if Hkv is None else f" and the prefix's {Hkv} KV heads"))
+        if app_keys.dtype != queries.dtype or app_values.dtype != queries.dtype:
+            raise ValueError(f"appended keys/values must have the queries' dtype {queries.dtype}")
+        if app_keys.device != queries.device or app_values.device != queries.device:
+            raise ValueError("appended keys/values must be on the queries' device")
+        Hkv, L_app = app_keys.shape[1], app_keys.shape[2]
+        if L_app < Lq:
+            raise ValueError(f"the {Lq} queries must be the last of the {L_app} appended tokens (L_app >= Lq)")
+    if app_mask is not None:
+        if app_keys is None:
+            raise ValueError("app_mask without appended tokens")
+        if tuple(app_mask.shape) != (B, L_app):
+            raise ValueError(f"app_mask has shape {tuple(app_mask.shape)}, expected ({B}, {L_app})")
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    scale = d ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return B, Hq, Lq, d, Hkv, L_app, scale
+
+
+# ----------------------------------------------------------------------------------------------
+# plain-torch reference
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ragged_attention_torch(queries: torch.Tensor, prefix: Optional[RaggedPrefix], app_keys=None, app_values=None,
+                           app_mask=None, scale: Optional[float] = None) -> torch.Tensor:
+    """Reference: dequantize the prefix to float32 and attend one KV head at a time in float32."""
+    B, Hq, Lq, d, Hkv, L_app, scale = _check_inputs(queries, prefix, app_keys, app_values, app_mask, scale)
+    G, dev = Hq // Hkv, queries.device
+    out = torch.zeros(B, Lq, Hq, d, dtype=torch.float32, device=dev)
+    if prefix is not None:
+        keys, values = prefix.dequantize()
+        offsets = prefix.host_offsets()
+    if L_app:
+        i = torch.arange(Lq, device=dev)[:, None] + (L_app - Lq)
+        visible = torch.arange(L_app, device=dev)[None, :] <= i  # (Lq, L_app)
+        visible = visible.expand(B, Lq, L_app)
+        if app_mask is not None:
+            visible = visible & app_mask.to(device=dev, dtype=torch.bool)[:, None, :]
+        app_bias = torch.zeros(B, 1, Lq, L_app, device=dev).masked_fill(~visible[:, None], float("-inf"))
+    for h in range(Hkv):
+        q = queries[:, h * G:(h + 1) * G].float()  # (B, G, Lq, d)
+        s_parts, v_parts = [], []
+        if prefix is not None:
+            lo, hi = offsets[h], offsets[h + 1]
+            k, v, beta = keys[lo:hi], values[lo:hi], prefix.beta[lo:hi]
+            if prefix.num_exact:
+                k = torch.cat([k, prefix.exact_keys[h]])
+                v = torch.cat([v, prefix.exact_values[h]])
+                beta = torch.cat([beta, prefix.exact_beta[h]])
+            s_parts.append(q @ k.T * scale + beta)
+            v_parts.append(v[None, None].expand(B, G, -1, d))
+        if L_app:
+            ka, va = app_keys[:, h].float(), app_values[:, h].float()  # (B, L_app, d)
+            s_parts.append(q @ ka[:, None].transpose(-1, -2) * scale + app_bias)
+            v_parts.append(va[:, None].expand(B, G, L_app, d))
+        s = torch.cat(s_parts, dim=-1)  # (B, G, Lq, n_keys)
+        if s.shape[-1] == 0:  # an empty head and nothing appended: out stays 0
+            continue
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        l = p.sum(-1, keepdim=True)
+        o = (p @ torch.cat(v_parts, dim=-2)) / torch.where(l > 0, l, torch.ones_like(l))
+        out[:, :, h * G:(h + 1) * G] = o.transpose(1, 2)
+    return out.to(queries.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@_jit
+def _dot_operand(x, DOT_TY: tl.constexpr, UPCAST: tl.constexpr):
+    """Round to the dot dtype; under the interpreter (which multiplies bf16 bit patterns) go back to float32."""
+    x = x.to(DOT_TY)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@_jit
+def _dequant_tile(X, XS, CENT, rows, row_ok, offs_d, d_ok, row_stride, CODEC: tl.constexpr, BITS: tl.constexpr):
+    """(BLOCK_N, BLOCK_D) tile of stored rows `rows`: raw values (stored dtype), lloyd centroids (float32, gain
+    not applied), q8_0/q4_0 dequantized (float32). X points at the data (int8 view for q8_0), XS at the same
+    bytes viewed as float16 (block scales); row_stride in elements of X."""
+    r = rows.to(tl.int64)[:, None] * row_stride
+    ok = row_ok[:, None] & d_ok[None, :]
+    c = offs_d[None, :]
+    if CODEC == 0:
+        x = tl.load(X + r + c, mask=ok, other=0.0)
+    elif CODEC == 1:
+        bit = c * BITS
+        byte = bit // 8
+        shift = bit % 8
+        word = tl.load(X + r + byte, mask=ok, other=0).to(tl.int32)
+        if 8 % BITS != 0:  # codes may straddle two bytes
+            hi = tl.load(X + r + byte + 1, mask=ok & (shift + BITS > 8), other=0).to(tl.int32)
+            word = word | (hi << 8)
+        code = (word >> shift) & ((1 << BITS) - 1)
+        x = tl.load(CENT + code, mask=ok, other=0.0)
+    elif CODEC == 2:  # q8_0: 34-byte blocks = fp16 scale + 32 int8
+        blk = c // 32
+        q = tl.load(X + r + blk * 34 + 2 + (c % 32), mask=ok, other=0).to(tl.float32)
+        sc = tl.load(XS + r // 2 + blk * 17, mask=ok, other=0.0).to(tl.float32)
+        x = q * sc
+    else:  # q4_0: 18-byte blocks = fp16 scale + 16 bytes, byte j = q_j | q_{j+16} << 4
+        blk = c // 32
+        w = c % 32
+        byte = tl.load(X + r + blk * 18 + 2 + (w % 16), mask=ok, other=0).to(tl.int32)
+        q = ((byte >> ((w // 16) * 4)) & 15) - 8
+        sc = tl.load(XS + r // 2 + blk * 9, mask=ok, other=0.0).to(tl.float32)
+        x = q.to(tl.float32) * sc
+    return x
+
+
+@_jit
+def _softmax_step(s, m_i, l_i):
+    """One online-softmax step in the log2 domain; returns (p, alpha, m_new, l_new). Safe when a whole row of s
+    is -inf (masked) and m_i is still -inf."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_new = l_i * alpha + tl.sum(p, axis=1)
+    return p, alpha, m_new, l_new
+
+
+@_jit
+def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, VS, VGAIN, VCENT, v_stride,
+                  offs_d, d_ok, qk_scale2,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
+                  DOT_TY: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over prefix entries lo:hi (global rows) for one row tile."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ok = cols < hi
+        k = _dequant_tile(KX, KS, KCENT, cols, ok, offs_d, d_ok, k_stride, K_CODEC, K_BITS)
+        s = tl.dot(q_dot, tl.trans(_dot_operand(k, DOT_TY, UPCAST)), input_precision=DOT_PRECISION)
+        if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
+            gk = tl.load(KGAIN + cols, mask=ok, other=0.0).to(tl.float32)
+            s = s * gk[None, :] + qm[:, None]
+        beta = tl.load(BETA + cols, mask=ok, other=float("-inf"))
+        s = s * qk_scale2 + beta[None, :] * 1.4426950408889634
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        v = _dequant_tile(VX, VS, VCENT, cols, ok, offs_d, d_ok, v_stride, V_CODEC, V_BITS)
+        if V_CODEC == 1:  # accumulate sum p g c in rotated space; the combine un-rotates
+            gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
+            p = p * gv[None, :]
+        pv = tl.dot(_dot_operand(p, DOT_TY, UPCAST), _dot_operand(v, DOT_TY, UPCAST), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+    return m_i, l_i, acc
+
+
+@_jit
+def _dense_chunk(q_dot, last_key, lo, hi, K, V, BETA, MASK, k_stride, v_stride, offs_d, d_ok, qk_scale2,
+                 HAS_BETA: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_TY: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over dense keys lo:hi (rows of K/V with the given row strides); row r of the tile sees key
+    j only if j <= last_key[r] (CAUSAL) and MASK[j] != 0 (HAS_MASK); beta added if HAS_BETA."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ok = cols < hi
+        tile_ok = ok[:, None] & d_ok[None, :]
+        k = tl.load(K + cols.to(tl.int64)[:, None] * k_stride + offs_d[None, :], mask=tile_ok, other=0.0)
+        s = tl.dot(q_dot, tl.trans(_dot_operand(k, DOT_TY, UPCAST)), input_precision=DOT_PRECISION)
+        s = s * qk_scale2
+        if HAS_BETA:
+            beta = tl.load(BETA + cols, mask=ok, other=float("-inf"))
+            s = s + beta[None, :] * 1.4426950408889634
+        vis = ok[None, :]
+        if CAUSAL:
+            vis = vis & (cols[None, :] <= last_key[:, None])
+        if HAS_MASK:
+            keep = tl.load(MASK + cols, mask=ok, other=0)
+            vis = vis & (keep != 0)[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        v = tl.load(V + cols.to(tl.int64)[:, None] * v_stride + offs_d[None, :], mask=tile_ok, other=0.0)
+        pv = tl.dot(_dot_operand(p, DOT_TY, UPCAST), _dot_operand(v, DOT_TY, UPCAST), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+    return m_i, l_i, acc
+
+
+@_jit_sizes("B", "Lq", "L_app", "E", "n_pre", "n_shared", "n_app", "chunk", "n_buf", "M_all")
+def _partial_kernel(
+    Q, QROT, OFFS, BETA,
+    KX, KS, KGAIN, KMEAN, KCENT, VX, VS, VGAIN, VCENT,
+    EK, EV, EBETA,
+    AK, AV, AMASK,
+    PM, PL, PACC,
+    B, Lq, L_app, E, n_pre, n_shared, n_app, chunk, n_buf, M_all, qk_scale2,
+    s_qb, s_qh, s_qi, s_rb, s_rh, s_ri,
+    k_stride, v_stride, s_km,
+    s_akb, s_akh, s_akl, s_avb, s_avh, s_avl, s_mb,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (row tile, KV head, slot): partial (max, sum, acc) of its rows over its slot's keys."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.program_id(2)
+    DOT_TY: tl.constexpr = Q.dtype.element_ty
+    rows_per_seq = G * Lq
+    if slot < n_shared:  # prefix chunk or exact segment: the rows of every sequence
+        seq = 0
+        row0 = 0
+        n_rows = M_all
+        buf = slot
+    else:  # appended chunk `a` of sequence `seq`: that sequence's rows only
+        seq = (slot - n_shared) // n_app
+        row0 = seq * rows_per_seq
+        n_rows = rows_per_seq
+        buf = n_shared + (slot - n_shared) % n_app
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local < n_rows
+    r = row0 + local
+    b = r // rows_per_seq
+    i = (r // G) % Lq
+    hq = h * G + r % G
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q_off = b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh + i.to(tl.int64) * s_qi
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+
+    if slot < n_pre:
+        start = tl.load(OFFS + h)
+        end = tl.load(OFFS + h + 1)
+        lo = start + slot * chunk
+        hi = tl.minimum(lo + chunk, end)
+        if K_CODEC == 1:
+            r_off = b.to(tl.int64) * s_rb + hq.to(tl.int64) * s_rh + i.to(tl.int64) * s_ri
+            q_rot = tl.load(QROT + r_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+            mean = tl.load(KMEAN + h * s_km + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            qm = tl.sum(q.to(tl.float32) * mean[None, :], axis=1)
+            q_dot = _dot_operand(q_rot, DOT_TY, UPCAST)
+        else:
+            qm = tl.zeros([BLOCK_M], dtype=tl.float32)
+            q_dot = _dot_operand(q, DOT_TY, UPCAST)
+        m_i, l_i, acc = _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride,
+                                      VX, VS, VGAIN, VCENT, v_stride, offs_d, d_ok, qk_scale2,
+                                      BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, V_CODEC, V_BITS,
+                                      DOT_TY, UPCAST, DOT_PRECISION)
+    elif slot < n_shared:  # the exact segment of head h: E dense float32 entries with their beta
+        last = tl.zeros([BLOCK_M], dtype=tl.int32)
+        m_i, l_i, acc = _dense_chunk(_dot_operand(q, DOT_TY, UPCAST), last, 0, E,
+                                     EK + h * E * D, EV + h * E * D, EBETA + h * E, AMASK, D, D,
+                                     offs_d, d_ok, qk_scale2, True, False, False,
+                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_TY, UPCAST, DOT_PRECISION)
+    else:  # appended tokens of sequence `seq`, causal (bottom-right) and padding-masked
+        a = (slot - n_shared) % n_app
+        last = L_app - Lq + i
+        lo = a * chunk
+        hi = tl.minimum(tl.minimum(lo + chunk, L_app), tl.max(tl.where(row_ok, last, 0), axis=0) + 1)
+        m_i, l_i, acc = _dense_chunk(_dot_operand(q, DOT_TY, UPCAST), last, lo, hi,
+                                     AK + seq.to(tl.int64) * s_akb + h * s_akh,
+                                     AV + seq.to(tl.int64) * s_avb + h * s_avh,
+                                     BETA, AMASK + seq.to(tl.int64) * s_mb, s_akl, s_avl,
+                                     offs_d, d_ok, qk_scale2, False, True, HAS_MASK,
+                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_TY, UPCAST, DOT_PRECISION)
+
+    p_off = (h * n_buf + buf).to(tl.int64) * M_all + r
+    tl.store(PM + p_off, m_i, mask=row_ok)
+    tl.store(PL + p_off, l_i, mask=row_ok)
+    tl.store(PACC + p_off[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@_jit
+def _rotate_kernel(Q, ROT, QROT, n_rows, Hq, Lq, s_qb, s_qh, s_qi,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """QROT[row] = R @ Q[row] in float32 for the rows (b, hq, i) of queries (B, Hq, Lq, d); QROT contiguous.
+    Output columns in chunks of BLOCK_C, so only a (d x BLOCK_C) slice of R is on chip at a time."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < n_rows
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    b = r // (Hq * Lq)
+    hq = (r // Lq) % Hq
+    i = r % Lq
+    q_off = b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh + i.to(tl.int64) * s_qi
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < D
+        # row form: (R q)^T = q^T R^T with R^T[k, c] = R[c, k]
+        rt = tl.load(ROT + cols[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+        qr = tl.dot(q, rt, input_precision="ieee")
+        tl.store(QROT + r.to(tl.int64)[:, None] * D + cols[None, :], qr, mask=row_ok[:, None] & c_ok[None, :])
+
+
+@_jit_sizes("Lq", "n_rot", "n_buf", "M_all")
+def _combine_kernel(
+    PM, PL, PACC, VMEAN, ROT, OUT,
+    Lq, n_rot, n_buf, M_all,
+    s_vm, s_ob, s_oi, s_oh,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    V_LLOYD: tl.constexpr,
+):
+    """Merge the slots of a row tile of KV head h, un-rotate lloyd values, normalise, write (B, Lq, Hq, d).
+
+    Pass 1 finds each row's max and normaliser over all slots; pass 2 (lloyd values) sums the coded slots in
+    rotated space; pass 3 writes BLOCK_C output columns at a time: the other slots' columns plus the
+    un-rotated (acc_rot @ R[:, cols]) part, so only a (d x BLOCK_C) slice of R is on chip at a time."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < M_all
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    base = h.to(tl.int64) * n_buf * M_all + r
+    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_rot = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(0, n_buf):
+        m = tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf"))
+        l = tl.load(PL + base + s * M_all, mask=row_ok, other=0.0)
+        m_new = tl.maximum(m_run, m)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_safe)
+        w = tl.exp2(m - m_safe)
+        l_run = l_run * alpha + w * l
+        if V_LLOYD:
+            l_rot = l_rot * alpha + tl.where(s < n_rot, w * l, 0.0)
+        m_run = m_new
+    m_fin = tl.where(m_run == float("-inf"), 0.0, m_run)
+    inv_l = 1.0 / tl.where(l_run > 0, l_run, 1.0)
+    acc_rot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    first_raw = 0
+    if V_LLOYD:
+        first_raw = n_rot
+        for s in range(0, n_rot):
+            w = tl.exp2(tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf")) - m_fin)
+            a = tl.load(PACC + (base + s * M_all)[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
+                        other=0.0)
+            acc_rot += w[:, None] * a
+    b = r // (G * Lq)
+    i = (r // G) % Lq
+    hq = h * G + r % G
+    o_off = b.to(tl.int64) * s_ob + i.to(tl.int64) * s_oi + hq.to(tl.int64) * s_oh
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < D
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for s in range(first_raw, n_buf):
+            w = tl.exp2(tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf")) - m_fin)
+            a = tl.load(PACC + (base + s * M_all)[:, None] * BLOCK_D + cols[None, :], mask=row_ok[:, None],
+                        other=0.0)
+            acc += w[:, None] * a
+        if V_LLOYD:  # x = mean + R^T y  ->  rows: acc_rot @ R + l_rot * mean
+            rc = tl.load(ROT + offs_d[:, None] * D + cols[None, :], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+            mean = tl.load(VMEAN + h * s_vm + cols, mask=c_ok, other=0.0).to(tl.float32)
+            acc += tl.dot(acc_rot, rc, input_precision="ieee") + l_rot[:, None] * mean[None, :]
+        tl.store(OUT + o_off[:, None] + cols[None, :], (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & c_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _env_flag(name: str) -> Optional[bool]:
+    v = os.environ.get(name)
+    if v is None or v.strip() == "":
+        return None
+    return v.strip().lower() not in ("0", "false", "no", "off")
+
+
+def _interpret_mode() -> bool:
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # older triton without knobs
+        return bool(_env_flag("TRITON_INTERPRET"))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """A 1-element buffer passed for pointers a launch does not use (one per device, no kernel per call)."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
+def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch.device,
+                 block_m=None, block_n=None, chunk=None, programs_per_sm: float = 2.0):
+    """(BLOCK_M, BLOCK_N, chunk, num_warps, num_stages). Decode (few rows): one tile of 16..64 rows and chunks
+    small enough for ~`programs_per_sm` programs per SM; prefill: 64-row tiles and longer chunks."""
+    bm = block_m or min(64, max(16, _next_pow2(M_all)))
+    bn = block_n or (64 if d <= 128 else 32)
+    n_tiles = -(-M_all // bm)
+    if chunk is None:
+        target = max(1, int(programs_per_sm * _num_sms(device)))
+        want = -(-n_entries * n_tiles // target)  # entries per program for ~target programs
+        chunk = max(bn, -(-want // bn) * bn)
+    chunk = max(bn, -(-int(chunk) // bn) * bn)
+    # 8 warps from d = 128: with 4, the 64 x 128 dequantized tiles and their addresses spill registers (ptxas for
+    # sm_90: 110-210 registers per thread at 8 warps, no spills, for every codec, decode and prefill tiles)
+    warps = 8 if d > 64 else 4
+    return bm, bn, chunk, warps, 2
+
+
+def _rot_cols(block_d: int) -> int:
+    """Output columns per step of the float32 (rows x d) @ (d x d) rotation products: all of them up to d = 128
+    (no register spills for sm_90), 64 beyond (a whole 256 x 256 float32 slice of R exceeds shared memory)."""
+    return block_d if block_d <= 128 else 64
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Partial and output buffers (tests replace this with a NaN fill to check every element read was written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=None, app_values=None, app_mask=None,
+                            scale: Optional[float] = None, *, block_m: Optional[int] = None,
+                            block_n: Optional[int] = None, chunk: Optional[int] = None,
+                            num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+    """Triton implementation; same contract as :func:`ragged_attention_torch`. Keyword-only tuning knobs:
+    block_m (query rows per tile), block_n (keys per inner step), chunk (keys per split), num_warps/num_stages."""
+    if not _HAS_TRITON:
+        raise RuntimeError("ragged_attention_triton needs the `triton` package, which is not importable here")
+    B, Hq, Lq, d, Hkv, L_app, scale = _check_inputs(queries, prefix, app_keys, app_values, app_mask, scale)
+    dev = queries.device
+    interpret = _interpret_mode()
+    if dev.type != "cuda" and not interpret:
+        raise RuntimeError(f"ragged_attention_triton got {dev.type} tensors: Triton needs CUDA tensors, "
+                           "or TRITON_INTERPRET=1 to run the interpreter on CPU")
+    for name, blk in (("block_m", block_m), ("block_n", block_n)):
+        if blk is not None and (blk < 16 or blk & (blk - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
+    G = Hq // Hkv
+    M_all = B * Lq * G
+    n_entries = prefix.num_entries if prefix is not None else 0
+    bm, bn, chunk, warps, stages = _pick_config(M_all, n_entries + (L_app if L_app else 0), Hkv, d, dev,
+                                                block_m, block_n, chunk)
+    warps, stages = num_warps or warps, num_stages or stages
+    BD = max(16, _next_pow2(d))
+    if queries.stride(-1) != 1:
+        queries = queries.contiguous()
+
+    placeholder = _placeholder(dev)
+    K_CODEC = V_CODEC = 0
+    K_BITS = V_BITS = 8
+    n_pre, E = 0, 0
+    kx = ks = kg = km = kc = vx = vs = vg = vc = offs = beta = placeholder
+    ek = ev = eb = rot = vmean = placeholder
+    q_rot = queries
+    k_stride = v_stride = s_km = s_vm = 0
+    if prefix is not None and prefix.max_length:
+        n_pre = -(-prefix.max_length // chunk)
+        offs, beta = prefix.offsets, prefix.beta
+        pk, pv = prefix.keys, prefix.values
+        K_CODEC, V_CODEC = _CODEC_ID[pk.codec], _CODEC_ID[pv.codec]
+        kx, ks, k_stride = _data_views(pk)
+        vx, vs, v_stride = _data_views(pv)
+        if pk.codec == "lloyd":
+            K_BITS, kg, km, kc = pk.bits, pk.gains, pk.mean, pk.centroids
+            s_km = km.stride(0)
+            q_rot = _alloc((B, Hq, Lq, d), torch.float32, dev)  # R q, filled by _rotate_kernel below
+        if pv.codec == "lloyd":
+            V_BITS, vg, vmean, vc, rot = pv.bits, pv.gains, pv.mean, pv.centroids, pv.rotation
+            s_vm = vmean.stride(0)
+    if prefix is not None and prefix.num_exact:
+        E = prefix.num_exact
+        ek, ev, eb = prefix.exact_keys.contiguous(), prefix.exact_values.contiguous(), prefix.exact_beta.contiguous()
+    n_shared = n_pre + (1 if E else 0)
+    n_app = -(-L_app // chunk) if L_app else 0
+    if L_app:
+        ak, av = app_keys, app_values
+        if ak.stride(-1) != 1:
+            ak = ak.contiguous()
+        if av.stride(-1) != 1:
+            av = av.contiguous()
+        if app_mask is None:
+            mask = placeholder
+        else:  # a bool mask is read in place (same bytes as int8)
+            mask = app_mask.view(torch.int8) if app_mask.dtype == torch.bool else (app_mask != 0).view(torch.int8)
+            if mask.stride(-1) != 1:
+                mask = mask.contiguous()
+    else:
+        ak = av = mask = placeholder
+    n_buf = n_shared + n_app
+    n_slots = n_shared + B * n_app
+    V_LLOYD = V_CODEC == 1
+
+    pm = _alloc((Hkv, n_buf, M_all), torch.float32, dev)
+    pl = _alloc((Hkv, n_buf, M_all), torch.float32, dev)
+    pacc = _alloc((Hkv, n_buf, M_all, BD), torch.float32, dev)
+    out = _alloc((B, Lq, Hq, d), queries.dtype, dev)
+
+    if queries.dtype == torch.float32:
+        if dev.type != "cuda":
+            dot_precision = "ieee"
+        elif _env_flag("COMPACTOR_TF32") is False:
+            dot_precision = "tf32x3"
+        else:
+            dot_precision = "tf32"
+    else:
+        dot_precision = "tf32"  # only affects float32 operands
+    upcast = bool(interpret and queries.dtype == torch.bfloat16)
+
+    ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+    with ctx:
+        n_tiles = -(-M_all // bm)
+        if K_CODEC == 1:
+            n_q = B * Hq * Lq
+            # 16 rows x 8 warps: the float32 (exact-FMA) d x d product fits the registers without spilling
+            _rotate_kernel[(-(-n_q // 16),)](queries, prefix.keys.rotation, q_rot, n_q, Hq, Lq,
+                                             queries.stride(0), queries.stride(1), queries.stride(2),
+                                             D=d, BLOCK_M=16, BLOCK_D=BD, BLOCK_C=_rot_cols(BD), num_warps=8)
+        if n_slots:
+            _partial_kernel[(n_tiles, Hkv, n_slots)](
+                queries, q_rot, offs, beta,
+                kx, ks, kg, km, kc, vx, vs, vg, vc,
+                ek, ev, eb,
+                ak, av, mask,
+                pm, pl, pacc,
+                B, Lq, L_app, E, n_pre, n_shared, max(n_app, 1), chunk, n_buf, M_all, scale * _LOG2E,
+                queries.stride(0), queries.stride(1), queries.stride(2),
+                q_rot.stride(0), q_rot.stride(1), q_rot.stride(2),
+                k_stride, v_stride, s_km,
+                ak.stride(0) if L_app else 0, ak.stride(1) if L_app else 0, ak.stride(2) if L_app else 0,
+                av.stride(0) if L_app else 0, av.stride(1) if L_app else 0, av.stride(2) if L_app else 0,
+                mask.stride(0) if app_mask is not None else 0,
+                G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, K_CODEC=K_CODEC, K_BITS=K_BITS, V_CODEC=V_CODEC,
+                V_BITS=V_BITS, HAS_MASK=app_mask is not None, UPCAST=upcast, DOT_PRECISION=dot_precision,
+                num_warps=warps, num_stages=stages,
+            )
+        # combine tiles of 32 rows x 8 warps: lloyd's float32 un-rotation (rows x d) @ (d x d) does not spill
+        # registers for sm_90 up to d = 128 (16-row tiles do; benchmarks/check_ragged_compile.py)
+        cm = 32
+        _combine_kernel[(-(-M_all // cm), Hkv)](
+            pm, pl, pacc, vmean, rot, out,
+            Lq, n_pre, n_buf, M_all,
+            s_vm, out.stride(0), out.stride(1), out.stride(2),
+            G=G, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=_rot_cols(BD), V_LLOYD=V_LLOYD, num_warps=8,
+        )
+    return out
+
+
+def _data_views(part) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(data pointer tensor, float16 view for block scales, row stride in elements of the first)."""
+    x = part.data
+    if part.codec == "raw":
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        return x, x, x.stride(0)
+    x = x.contiguous()
+    if part.codec == "q8_0":
+        return x.view(torch.int8), x.view(torch.float16), x.shape[1]
+    if part.codec == "q4_0":
+        return x, x.view(torch.float16), x.shape[1]
+    return x, x, x.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatcher
+# ----------------------------------------------------------------------------------------------
+
+_WARNED: set = set()
+
+
+def _use_triton(queries: torch.Tensor) -> bool:
+    forced = _env_flag("COMPACTOR_TRITON")
+    if forced is False:
+        return False
+    if not _HAS_TRITON:
+        if forced or (isinstance(queries, torch.Tensor) and queries.is_cuda):
+            if "no-triton" not in _WARNED:
+                _WARNED.add("no-triton")
+                warnings.warn("triton is not importable; ragged_attention uses the torch reference", RuntimeWarning,
+                              stacklevel=3)
+        return False
+    return bool(forced) or (isinstance(queries, torch.Tensor) and queries.is_cuda)
+
+
+def ragged_attention(queries: torch.Tensor, prefix: Optional[RaggedPrefix], app_keys=None, app_values=None,
+                     app_mask=None, scale: Optional[float] = None) -> torch.Tensor:
+    """Attention over a compacted ragged prefix and the appended tokens; see the module docstring.
+
+    queries (B, Hq, Lq, d); prefix a RaggedPrefix (shared by the B sequences) or None; app_keys/app_values
+    (B, Hkv, L_app, d) or None; app_mask (B, L_app) bool or None. Returns (B, Lq, Hq, d) in the queries' dtype.
+    Triton on CUDA (or with COMPACTOR_TRITON=1), torch otherwise."""
+    if _use_triton(queries):
+        return ragged_attention_triton(queries, prefix, app_keys, app_values, app_mask, scale)
+    return ragged_attention_torch(queries, prefix, app_keys, app_values, app_mask, scale)

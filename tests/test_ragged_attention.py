@@ -1,0 +1,458 @@
+"""ragged_attention: the torch reference against a float64 dense attention over compactor's own decoded cache, and
+the Triton kernels against the reference under the interpreter (TRITON_INTERPRET=1, CPU).
+
+The float64 side is built independently of kernels/: keys/values are encoded by compactor.storage.kv_codec and
+decoded by its decode_layer (exact entries overwritten there), beta is the stored beta, and the causal and
+padding masks are an explicit bias, one query head at a time. The interpreter cases run in a child pytest with
+TRITON_INTERPRET=1 set before triton is imported (as in test_attention_stats.py), unless this process already is
+one.
+"""
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from compactor.layer_kv import LayerKV
+from compactor.storage.kv_codec import KVCodec, TensorCodec, decode_layer, encode_layer, parse_kv_bits
+
+attn_mod = importlib.import_module("compactor.kernels.ragged_attention")
+from compactor.kernels.ragged_attention import ragged_attention, ragged_attention_torch, ragged_attention_triton  # noqa: E402
+from compactor.kernels.ragged_prefix import RaggedPrefix  # noqa: E402
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_CHILD_ENV = "COMPACTOR_RAGGED_CHILD"
+
+
+def _interpreter_active() -> bool:
+    if not _HAS_TRITON or os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("", "0", "false", "off", "no"):
+        return False
+    import triton.language as tl
+
+    return type(tl.zeros).__name__ == "InterpretedFunction"
+
+
+_INTERP = _interpreter_active()
+if os.environ.get(_CHILD_ENV) == "1" and not _INTERP:
+    raise RuntimeError("child run: TRITON_INTERPRET=1 was set but triton is not in interpreter mode")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def codec_of(label: str) -> KVCodec:
+    if label.endswith("-noexact"):  # lloyd without exact entries
+        c = parse_kv_bits(label[: -len("-noexact")])
+        return KVCodec(TensorCodec(c.keys.name, c.keys.bits, 0), TensorCodec(c.values.name, c.values.bits, 0))
+    if label.startswith("raw"):
+        return KVCodec()
+    return parse_kv_bits(label)
+
+
+def make_layer(lens, d, seed, neg_inf_beta=False) -> LayerKV:
+    """Keys with a shared offset (what the lloyd mean is for), values, betas in [-2, 2], an importance score."""
+    g = torch.Generator().manual_seed(seed)
+    H, t = len(lens), max(max(lens), 1)
+    keys = torch.randn(H, t, d, generator=g) * 1.5 + torch.randn(H, 1, d, generator=g)
+    values = torch.randn(H, t, d, generator=g)
+    beta = 4 * torch.rand(H, t, generator=g) - 2
+    if neg_inf_beta:  # a few entries nobody may attend to, and one head of only such entries
+        beta[torch.rand(H, t, generator=g) < 0.2] = float("-inf")
+        beta[0] = float("-inf")
+    valid = torch.arange(t)[None, :] < torch.tensor(lens)[:, None]
+    keys, values, beta = keys * valid[..., None], values * valid[..., None], beta.masked_fill(~valid, 0.0)
+    pos = torch.where(valid, torch.arange(t).expand(H, t), -1)
+    return LayerKV(keys, values, beta, pos, torch.tensor(lens), torch.rand(H, t, generator=g))
+
+
+def stored(label: str, lens, d, seed=0, stored_dtype="bfloat16", neg_inf_beta=False):
+    """(arrays, attrs, codebooks) of one layer as the artifact stores it."""
+    books = {}
+    arrays, attrs = encode_layer(make_layer(lens, d, seed, neg_inf_beta), codec_of(label), stored_dtype, 7, books)
+    return arrays, attrs, books
+
+
+def make_queries(seed, B, Hq, Lq, L_app, Hkv, d, dtype, pad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, d, generator=g) * (0.5 + 1.5 * torch.rand(B, Hq, Lq, 1, generator=g))
+    if not L_app:
+        return q.to(dtype), None, None, None
+    ak = torch.randn(B, Hkv, L_app, d, generator=g)
+    av = torch.randn(B, Hkv, L_app, d, generator=g)
+    mask = None
+    if pad:  # left padding: sequence b starts after b*(L_app - Lq)//B tokens (at most before the queries)
+        mask = torch.ones(B, L_app, dtype=torch.bool)
+        for b in range(B):
+            mask[b, : b * (L_app - Lq) // max(B - 1, 1)] = False
+    return q.to(dtype), ak.to(dtype), av.to(dtype), mask
+
+
+def dense_float64(q, arrays, attrs, books, d, ak, av, mask, scale):
+    """Independent float64 attention over the cache as compactor's own codec decodes it; (B, Lq, Hq, d)."""
+    B, Hq, Lq, _ = q.shape
+    out = torch.zeros(B, Lq, Hq, d, dtype=torch.float64)
+    lens = [int(n) for n in arrays["lengths"]] if arrays is not None else []
+    if arrays is not None:
+        dec = decode_layer(arrays, attrs, books, d)
+        beta = torch.from_numpy(np.asarray(arrays["beta"])).double()
+        starts = np.concatenate([[0], np.cumsum(lens)])
+    Hkv = len(lens) if arrays is not None else ak.shape[1]
+    L_app = 0 if ak is None else ak.shape[2]
+    for b in range(B):
+        for hq in range(Hq):
+            h = hq // (Hq // Hkv)
+            ks, vs, bias = [], [], []
+            if arrays is not None:
+                n = lens[h]
+                ks.append(dec.keys[h, :n].double())
+                vs.append(dec.values[h, :n].double())
+                bias.append(beta[starts[h]:starts[h] + n].expand(Lq, n))
+            if L_app:
+                ks.append(ak[b, h].double())
+                vs.append(av[b, h].double())
+                allowed = torch.zeros(Lq, L_app, dtype=torch.bool)
+                for i in range(Lq):
+                    allowed[i, : L_app - Lq + i + 1] = True
+                if mask is not None:
+                    allowed &= mask[b][None, :]
+                bias.append(torch.zeros(Lq, L_app, dtype=torch.float64).masked_fill(~allowed, float("-inf")))
+            k, v, bias = torch.cat(ks), torch.cat(vs), torch.cat(bias, dim=1)
+            s = q[b, hq].double() @ k.T * scale + bias
+            seen = torch.isfinite(s).any(dim=1)
+            p = torch.softmax(torch.where(seen[:, None], s, torch.zeros_like(s)), dim=1) * seen[:, None]
+            p = torch.where(torch.isfinite(s), p, torch.zeros_like(p))
+            out[b, :, hq] = p @ v
+    return out
+
+
+def rel_err(got, ref):
+    got, ref = got.double(), ref.double()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# case: (label, lens, d, B, G, Lq, L_app, pad, qdtype, stored_dtype, neg_inf_beta)
+REFERENCE_CASES = [
+    ("raw", [5, 0, 1, 23], 32, 2, 2, 3, 6, True, torch.float32, "bfloat16", False),
+    ("raw", [9, 3], 64, 1, 8, 1, 4, False, torch.float32, "float16", True),
+    ("raw", [4, 7, 2], 48, 3, 1, 2, 2, False, torch.float32, "float32", False),
+    ("K4V4", [17, 1, 30, 5], 64, 2, 3, 2, 5, True, torch.float32, "bfloat16", False),
+    ("K3V5", [12, 2], 48, 1, 4, 1, 3, False, torch.float32, "bfloat16", True),
+    ("K1V8", [6, 9], 32, 2, 2, 1, 1, False, torch.float32, "float16", False),
+    ("K8V2-noexact", [11, 4], 64, 1, 2, 4, 0, False, torch.float32, "bfloat16", False),
+    ("q8_0", [7, 0, 13], 64, 2, 2, 2, 4, True, torch.float32, "bfloat16", False),
+    ("q4_0", [3, 18], 32, 1, 4, 3, 3, False, torch.float32, "bfloat16", True),
+    ("K6Vq4_0", [10, 5], 64, 2, 1, 1, 2, False, torch.float32, "float32", False),
+    ("Kq8_0V7", [8, 8], 32, 1, 2, 2, 5, True, torch.float32, "bfloat16", False),
+]
+
+
+def _rid(c):
+    label, lens, d, B, G, Lq, L_app, pad, qd, sd, ninf = c
+    return (f"{label}-d{d}-l{'_'.join(map(str, lens))}-B{B}G{G}Lq{Lq}La{L_app}{'-pad' if pad else ''}"
+            f"-{sd}{'-ninf' if ninf else ''}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the torch reference and the served layout (run everywhere)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=_rid)
+def test_reference_matches_float64_over_compactor_decoder(case):
+    label, lens, d, B, G, Lq, L_app, pad, qdtype, sdtype, ninf = case
+    arrays, attrs, books = stored(label, lens, d, seed=len(lens) * d + B, stored_dtype=sdtype, neg_inf_beta=ninf)
+    prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+    Hkv = len(lens)
+    q, ak, av, mask = make_queries(d + Lq, B, Hkv * G, Lq, L_app, Hkv, d, qdtype, pad)
+    scale = 0.7 * d ** -0.5
+    got = ragged_attention_torch(q, prefix, ak, av, mask, scale)
+    ref = dense_float64(q, arrays, attrs, books, d, ak, av, mask, scale)
+    assert got.shape == (B, Lq, Hkv * G, d) and got.dtype == qdtype
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("label", ["K4V4", "K3V5", "K7V1", "q8_0", "q4_0", "K2Vq8_0", "raw"])
+def test_served_prefix_decodes_like_kv_codec(label):
+    """Every ragged row the prefix keeps coded decodes to compactor's own decode; the exact segment holds the
+    rows kv_codec overwrites with the stored exact entries, with their beta, and masks the coded copies."""
+    lens, d = [9, 1, 14], 64
+    arrays, attrs, books = stored(label, lens, d, seed=3)
+    prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+    dec = decode_layer(arrays, attrs, books, d)
+    keys, values = prefix.dequantize()
+    beta = torch.from_numpy(arrays["beta"])
+    n_exact = 0
+    for h, n in enumerate(lens):
+        lo = int(prefix.offsets[h])
+        coded = torch.isfinite(prefix.beta[lo:lo + n])
+        exact_rows = (~coded).nonzero().flatten()
+        n_exact += exact_rows.numel()
+        torch.testing.assert_close(keys[lo:lo + n][coded], dec.keys[h, :n][coded], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(values[lo:lo + n][coded], dec.values[h, :n][coded], rtol=1e-6, atol=1e-6)
+        for j, r in enumerate(exact_rows.tolist()):
+            torch.testing.assert_close(prefix.exact_keys[h, j], dec.keys[h, r], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(prefix.exact_values[h, j], dec.values[h, r], rtol=1e-6, atol=1e-6)
+            assert prefix.exact_beta[h, j] == beta[lo + r]
+        if prefix.num_exact:
+            assert torch.isinf(prefix.exact_beta[h, exact_rows.numel():]).all()
+    expected = 0 if label in ("raw", "q8_0", "q4_0") else sum(min(2, min(lens)) for _ in lens)
+    assert n_exact == expected
+
+
+@pytest.mark.parametrize("label", ["raw", "K4V4", "K2V3", "q4_0", "q8_0"])
+def test_served_bytes_are_the_stored_bytes(label):
+    """What the served prefix allocates = the stored arrays it keeps (codes, gains, means, beta; not the positions
+    or the lengths) + the int32 offsets + the codebooks + the exact segment, exactly."""
+    lens, d = [40, 3, 17, 9], 64
+    arrays, attrs, books = stored(label, lens, d)
+    prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+    kept = sum(a.nbytes for name, a in arrays.items() if name not in ("positions", "lengths")
+               and not name.endswith(("_exact", "_exact_rows")))
+    used_books = sum(books[attrs[f"{t}_codebook"]].nbytes for t in ("keys", "values") if f"{t}_codebook" in attrs)
+    H, E = len(lens), prefix.num_exact
+    assert prefix.nbytes() == kept + 4 * (H + 1) + used_books + H * E * (2 * d * 4 + 4)
+
+
+def test_reference_without_prefix_or_without_appended():
+    d, Hkv, G = 32, 2, 2
+    q, ak, av, _ = make_queries(1, 2, Hkv * G, 3, 5, Hkv, d, torch.float32)
+    got = ragged_attention_torch(q, None, ak, av)
+    ref = dense_float64(q, None, None, None, d, ak, av, None, d ** -0.5)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    empty = RaggedPrefix.from_heads([torch.zeros(0, d)] * Hkv, [torch.zeros(0, d)] * Hkv, [torch.zeros(0)] * Hkv)
+    torch.testing.assert_close(ragged_attention_torch(q, empty, ak, av), got, rtol=0, atol=0)
+    # prefix only; a query that sees nothing (empty head 1) gets 0
+    arrays, attrs, books = stored("q4_0", [6, 0], d)  # (kv_codec cannot lloyd-encode an empty head)
+    prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+    out = ragged_attention_torch(q, prefix)
+    ref = dense_float64(q, arrays, attrs, books, d, None, None, None, d ** -0.5)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert not out[:, :, G:].any()
+
+
+def test_bad_inputs_raise_value_error():
+    d = 32
+    arrays, attrs, books = stored("K4V4", [5, 3], d)
+    prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+    q, ak, av, mask = make_queries(0, 2, 4, 2, 4, 2, d, torch.float32, pad=True)
+    bad = [
+        dict(queries=q[0]),  # not 4-D
+        dict(queries=q.double()),  # dtype
+        dict(queries=q[:, :3]),  # 3 query heads over 2 KV heads
+        dict(queries=q[..., :16]),  # head dim
+        dict(app_keys=ak[:, :, :1], app_values=av[:, :, :1]),  # fewer appended tokens than queries
+        dict(app_values=None),  # keys without values
+        dict(app_keys=ak[:, :1], app_values=av[:, :1]),  # KV heads disagree with the prefix
+        dict(app_keys=ak.half(), app_values=av.half()),  # dtype differs from the queries
+        dict(app_mask=mask[:, :3]),  # mask shape
+        dict(prefix=None, app_keys=None, app_values=None, app_mask=None),  # nothing to attend to
+        dict(scale=float("nan")),
+    ]
+    for override in bad:
+        args = dict(queries=q, prefix=prefix, app_keys=ak, app_values=av, app_mask=mask, scale=None)
+        args.update(override)
+        with pytest.raises(ValueError):
+            ragged_attention_torch(**args)
+
+
+def test_from_stored_rejects_inconsistent_arrays():
+    d = 32
+    arrays, attrs, books = stored("K4V4", [5, 3], d)
+
+    def broken(**changes):
+        a, t = dict(arrays), dict(attrs)
+        for k, v in changes.items():
+            (t if k in attrs else a)[k] = v
+        return a, t
+
+    cases = [
+        broken(lengths=np.array([5, 4], dtype=np.int32)),  # lengths disagree with the rows
+        broken(lengths=np.array([9, -1], dtype=np.int32)),
+        broken(beta=np.full(8, np.nan, dtype=np.float32)),
+        broken(keys_codes=arrays["keys_codes"][:, :-1]),  # wrong packed width
+        broken(keys_gains=arrays["keys_gains"].astype(np.float32)),
+        broken(values_mean=arrays["values_mean"][:1]),
+        broken(keys_bits=3),  # codes of 4 bits read as 3: width and codebook disagree
+        broken(keys_codebook="nope"),
+        broken(keys_exact_rows=np.array([[0, 7], [0, 1]], dtype=np.int32)),  # row 7 beyond head 0's 5 entries
+        broken(keys_exact_rows=np.array([[1, 1], [0, 1]], dtype=np.int32)),  # repeated row
+        broken(keys_codec="zstd"),
+    ]
+    for a, t in cases:
+        with pytest.raises(ValueError):
+            RaggedPrefix.from_stored(a, t, books, d)
+    with pytest.raises(ValueError):
+        RaggedPrefix.from_stored(arrays, attrs, {k: v[:3] for k, v in books.items()}, d)  # short codebook
+    q8, q8_attrs, _ = stored("q8_0", [5, 3], d)
+    with pytest.raises(ValueError):
+        RaggedPrefix.from_stored({**q8, "keys_blocks": q8["keys_blocks"][:, :-2]}, q8_attrs, {}, d)
+
+
+def test_dispatch_cpu_uses_torch(monkeypatch):
+    arrays, attrs, books = stored("q4_0", [4, 2], 32)
+    prefix = RaggedPrefix.from_stored(arrays, attrs, books, 32)
+    q, ak, av, _ = make_queries(2, 1, 2, 1, 2, 2, 32, torch.float32)
+    called = []
+    monkeypatch.setattr(attn_mod, "ragged_attention_triton", lambda *a, **kw: called.append(1))
+    for env in (None, "0"):
+        if env is None:
+            monkeypatch.delenv("COMPACTOR_TRITON", raising=False)
+        else:
+            monkeypatch.setenv("COMPACTOR_TRITON", env)
+        out = ragged_attention(q, prefix, ak, av)
+        assert not called
+        torch.testing.assert_close(out, ragged_attention_torch(q, prefix, ak, av), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter
+# ----------------------------------------------------------------------------------------------
+
+# (label, lens, d, B, G, Lq, L_app, pad, qdtype, stored dtype, -inf betas, chunk)
+KERNEL_CASES = [
+    # raw prefixes in each stored dtype; GQA groups 1..8; decode (Lq=1) and prefill-like (Lq>1)
+    ("raw", [17, 0, 1, 40], 64, 2, 2, 1, 6, True, torch.float32, "bfloat16", False, 16),
+    ("raw", [33, 5], 64, 3, 1, 4, 9, True, torch.float32, "float16", True, 16),
+    ("raw", [20, 16, 3], 32, 1, 3, 5, 5, False, torch.float32, "float32", False, 32),
+    ("raw", [50, 7], 64, 2, 8, 1, 3, False, torch.bfloat16, "bfloat16", False, 16),
+    ("raw", [18, 2], 48, 1, 4, 2, 2, False, torch.float16, "float16", False, 16),
+    # lloyd: every bit width for keys and for values, exact entries, d = 48 (seeded orthogonal rotation)
+    ("K1V8", [17, 1, 30], 64, 2, 2, 1, 4, False, torch.float32, "bfloat16", False, 16),
+    ("K2V7", [9, 21], 64, 1, 4, 2, 3, True, torch.float32, "bfloat16", False, 16),
+    ("K3V6", [25, 4], 48, 2, 1, 1, 2, False, torch.float32, "bfloat16", True, 16),
+    ("K4V5", [40, 13, 2], 64, 1, 2, 3, 7, True, torch.float32, "bfloat16", False, 32),
+    ("K5V4", [19, 33], 48, 2, 3, 1, 3, False, torch.float32, "float16", False, 16),
+    ("K6V3", [7, 2], 64, 1, 8, 2, 2, False, torch.float32, "bfloat16", False, 16),
+    ("K7V2", [31, 6], 32, 3, 2, 1, 5, True, torch.float32, "bfloat16", False, 16),
+    ("K8V1", [12, 45], 64, 1, 2, 4, 4, False, torch.float32, "bfloat16", False, 16),
+    ("K4V4-noexact", [29, 3], 64, 2, 4, 1, 1, False, torch.float32, "bfloat16", False, 16),
+    ("K4V4", [37, 11, 60, 1], 64, 2, 4, 1, 8, True, torch.bfloat16, "bfloat16", False, 16),
+    ("K3V2", [22, 14], 48, 1, 2, 3, 3, False, torch.float16, "float16", True, 16),
+    # llama.cpp blocks, and mixtures with lloyd (exact rows of one tensor only)
+    ("q8_0", [21, 0, 3], 64, 2, 2, 1, 5, True, torch.float32, "bfloat16", False, 16),
+    ("q4_0", [16, 35], 32, 1, 4, 3, 3, False, torch.float32, "bfloat16", True, 16),
+    ("q4_0", [64, 9], 64, 2, 4, 1, 4, False, torch.bfloat16, "bfloat16", False, 32),
+    ("q8_0", [27, 8], 32, 1, 2, 2, 2, False, torch.float16, "float16", False, 16),
+    ("K4Vq4_0", [18, 26], 64, 2, 2, 1, 3, False, torch.float32, "bfloat16", False, 16),
+    ("Kq8_0V3", [15, 2], 64, 1, 4, 2, 6, True, torch.float32, "float32", False, 16),
+    ("Kq4_0V4", [40, 20], 64, 1, 2, 1, 2, False, torch.bfloat16, "bfloat16", False, 16),
+    # d = 96 and 128 (head-dim tile 128) and 256 (the rotation products in two and four column steps)
+    ("K4V3", [23, 9], 96, 1, 2, 2, 3, True, torch.float32, "bfloat16", False, 16),
+    ("K5V2", [17, 30], 128, 2, 1, 1, 2, False, torch.float32, "bfloat16", False, 16),
+    ("K2V6", [11, 5], 256, 1, 2, 1, 1, False, torch.float32, "bfloat16", False, 16),
+    ("q4_0", [26, 3], 96, 1, 3, 1, 2, False, torch.float32, "bfloat16", False, 16),
+]
+
+
+def _kid(c):
+    return _rid(c[:11]) + f"-{str(c[8]).split('.')[-1]}-c{c[11]}"
+
+
+def _tolerance(qdtype):
+    return 2e-6 if qdtype == torch.float32 else 2e-2  # 16-bit: dot operands rounded as on the GPU
+
+
+def _poison(monkeypatch):
+    monkeypatch.setattr(attn_mod, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                      device=device))
+
+
+if _INTERP:
+
+    @pytest.mark.parametrize("case", KERNEL_CASES, ids=_kid)
+    def test_interp_kernel_matches_reference(case, monkeypatch):
+        """Small blocks (16 keys) and chunks so heads span several splits with ragged tails."""
+        label, lens, d, B, G, Lq, L_app, pad, qdtype, sdtype, ninf, chunk = case
+        _poison(monkeypatch)
+        arrays, attrs, books = stored(label, lens, d, seed=sum(lens) + d, stored_dtype=sdtype, neg_inf_beta=ninf)
+        prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+        Hkv = len(lens)
+        q, ak, av, mask = make_queries(sum(lens) + Lq, B, Hkv * G, Lq, L_app, Hkv, d, qdtype, pad)
+        got = ragged_attention_triton(q, prefix, ak, av, mask, 0.9 * d ** -0.5, block_n=16, chunk=chunk)
+        ref = ragged_attention_torch(q, prefix, ak, av, mask, 0.9 * d ** -0.5)
+        assert got.shape == ref.shape and got.dtype == qdtype
+        assert torch.isfinite(got).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+        err = rel_err(got, ref)
+        assert err < _tolerance(qdtype), f"relative L2 error {err:.2e}"
+        if qdtype == torch.float32:  # and against the independent float64 attention directly
+            ref64 = dense_float64(q, arrays, attrs, books, d, ak, av, mask, 0.9 * d ** -0.5)
+            assert rel_err(got, ref64) < 2e-6
+
+    @pytest.mark.parametrize("with_prefix", ["none", "empty", "prefix-only"])
+    def test_interp_kernel_without_prefix_or_appended(with_prefix, monkeypatch):
+        _poison(monkeypatch)
+        d, Hkv, G = 32, 2, 2
+        q, ak, av, mask = make_queries(5, 2, Hkv * G, 3, 7, Hkv, d, torch.float32, pad=True)
+        if with_prefix == "none":
+            prefix = None
+        elif with_prefix == "empty":
+            prefix = RaggedPrefix.from_heads([torch.zeros(0, d)] * Hkv, [torch.zeros(0, d)] * Hkv,
+                                             [torch.zeros(0)] * Hkv)
+        else:
+            arrays, attrs, books = stored("Kq4_0Vq8_0", [21, 0], d)
+            prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+            ak = av = mask = None
+        got = ragged_attention_triton(q, prefix, ak, av, mask, block_n=16, chunk=16)
+        ref = ragged_attention_torch(q, prefix, ak, av, mask)
+        assert torch.isfinite(got).all()
+        assert rel_err(got, ref) < 2e-6
+        if with_prefix == "prefix-only":
+            assert not got[:, :, G:].any()  # queries of the empty head see nothing: 0
+
+    def test_interp_default_config_and_strided_appended(monkeypatch):
+        """The launcher's own tiles and chunks; appended keys/values read in place from a larger static cache."""
+        _poison(monkeypatch)
+        d, lens, G, B = 64, [300, 77, 1, 150], 4, 2
+        arrays, attrs, books = stored("K4V4", lens, d, seed=9)
+        prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+        g = torch.Generator().manual_seed(4)
+        big = torch.randn(2, B, 4, 64, d, generator=g)
+        ak, av = big[0, :, :, :20], big[1, :, :, :20]  # (B, 4, 20, d) with the strides of a 64-slot cache
+        q = torch.randn(B, 4 * G, 1, d, generator=g)
+        got = ragged_attention_triton(q, prefix, ak, av)
+        assert rel_err(got, ragged_attention_torch(q, prefix, ak, av)) < 2e-6
+        q = torch.randn(B, 4 * G, 20, d, generator=g)  # prefill: several row tiles
+        got = ragged_attention_triton(q, prefix, ak, av)
+        assert rel_err(got, ragged_attention_torch(q, prefix, ak, av)) < 2e-6
+
+    def test_interp_dispatcher_routes_to_triton(monkeypatch):
+        monkeypatch.setenv("COMPACTOR_TRITON", "1")
+        arrays, attrs, books = stored("q4_0", [10, 4], 32)
+        prefix = RaggedPrefix.from_stored(arrays, attrs, books, 32)
+        q, ak, av, _ = make_queries(3, 1, 4, 1, 3, 2, 32, torch.float32)
+        seen = []
+        real = attn_mod.ragged_attention_triton
+
+        def spy(*a, **kw):
+            seen.append(1)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(attn_mod, "ragged_attention_triton", spy)
+        out = ragged_attention(q, prefix, ak, av)
+        assert seen == [1]
+        assert rel_err(out, ragged_attention_torch(q, prefix, ak, av)) < 2e-6
+
+
+_N_INTERP = len(KERNEL_CASES) + 3 + 1 + 1
+
+
+@pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
+@pytest.mark.skipif(_INTERP, reason="the interpreter cases already run in this process")
+def test_triton_kernels_under_interpreter():
+    """Run the test_interp_* cases in a child pytest with the interpreter enabled from the start."""
+    env = dict(os.environ)
+    env.update({"TRITON_INTERPRET": "1", "COMPACTOR_TRITON": "1", _CHILD_ENV: "1"})
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_interp_"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"interpreter tests failed (rc={proc.returncode}):\n{tail}"
+    assert f"{_N_INTERP} passed" in proc.stdout, f"expected {_N_INTERP} interpreter cases to pass:\n{tail}"
+    assert "skipped" not in proc.stdout.splitlines()[-1], tail
