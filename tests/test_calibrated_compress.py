@@ -148,3 +148,19 @@ def test_pinned_layers_of_a_phased_document_keep_their_codec(tmp_path, tiny_llam
                    "--hi-bits", "K8V8")
     last = art.meta["layer_codecs"].split(",")[-1]
     assert last == "K8V8/K8V8/K8V8" and "phases" in art.meta
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_phase_boundaries_follow_the_markers_in_the_compressed_tokens(lm, cal, chat):
+    """Each boundary is the first compressed token after its marker, with the plain text and with the chat template's
+    head before the document (checked by decoding the token ids the pipeline compresses)."""
+    from compactor.capture.documents import Document
+    from compactor.pipeline import CompressOptions, document_phases, prepare
+
+    opts = CompressOptions(ratio=2, chat=chat, calibration=read_calibration(cal))
+    ids = prepare(lm, Document("trace", TRACE), opts)
+    phases = document_phases(lm, Document("trace", TRACE), ids.numel(), opts.calibration, chat)
+    text = lambda n: lm.tokenizer.decode(ids[:n])  # noqa: E731
+    for b, marker in zip(phases.bounds[1:-1], ("<think>", "</think>")):
+        assert text(b).count(marker) == 1 and text(b - 1).count(marker) == 0, (b, marker)
+    assert phases.bounds[-1] == ids.numel()
