@@ -29,9 +29,10 @@ import torch
 from compactor.capture.documents import bundled_play, list_plays
 from compactor.capture.prefill import prefill_and_capture
 from compactor.evaluation.harness import Evaluator
-from compactor.methods import make_method
+from compactor.fitting.presets import PRESETS, preset
+from compactor.methods import method_from_options
 from compactor.models import load_model
-from compactor.pipeline import compact_capture
+from compactor.pipeline import calibrated_budget_mode, compact_capture, probe_for
 from compactor.storage.calibrated_plan import calibrated_plan
 from compactor.storage.calibration_file import Calibration, check_calibration_model, read_calibration
 from compactor.storage.kv_codec import parse_kv_bits
@@ -39,19 +40,19 @@ from compactor.storage.kv_codec import parse_kv_bits
 OFF = {"codebooks": False, "layer_bits": False, "phase_bits": False, "head_budgets": False, "budget": "layer"}
 
 
-def configs(cal: Calibration, ratio: float) -> list[tuple[str, str, dict]]:
-    """(label, kv bits, defaults) rows for one ratio."""
+def configs(cal: Calibration, ratio: float, preset_mode: str) -> list[tuple[str, str, dict]]:
+    """(label, kv bits, defaults) rows for one ratio; preset_mode: the preset's budget mode (the baseline's)."""
     rows = []
+    modes = ("layer", "global") if preset_mode in ("layer", "global") else (preset_mode,)
     if ratio > 1:
-        rows += [("16-bit, layer budgets", "16", OFF)]
-        rows += [(f"16-bit, head budgets ({m})", "16", {**OFF, "head_budgets": True, "budget": m})
-                 for m in ("layer", "global")]
+        rows += [(f"16-bit, {preset_mode} budgets", "16", OFF)]
+        rows += [(f"16-bit, head budgets ({m})", "16", {**OFF, "head_budgets": True, "budget": m}) for m in modes]
     rows += [("K4V4 Beta codebooks, uniform bits", "K4V4", OFF),
              ("K4V4 + fitted codebooks", "K4V4", {**OFF, "codebooks": True}),
              ("K4V4 + measured per-layer bits", "K4V4", {**OFF, "layer_bits": True})]
     if ratio > 1:
-        rows += [(f"K4V4 + head budgets ({cal.meta['defaults']['budget']})", "K4V4",
-                  {**OFF, "head_budgets": True, "budget": cal.meta["defaults"]["budget"]})]
+        mode = calibrated_budget_mode(cal, preset_mode)
+        rows += [(f"K4V4 + head budgets ({mode})", "K4V4", {**OFF, "head_budgets": True, "budget": mode})]
     rows += [("K4V4 calibrated (the file's defaults)", "K4V4", dict(cal.meta["defaults"]))]
     return rows
 
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="1,10,20")
     ap.add_argument("--max-queries", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="fast", choices=sorted(PRESETS),
+                    help="method and budget mode of every row (quality: kvgrad scores need the gradient probe)")
     ap.add_argument("--out", default="benchmarks/results_calibration.md")
     args = ap.parse_args()
 
@@ -76,22 +79,25 @@ def main() -> None:
     plays = [p for p in list_plays() if p not in used][: args.plays]
     L = lm.config.num_hidden_layers
     d = lm.model.model.layers[0].self_attn.head_dim
-    method = make_method("am")
+    method = method_from_options("am", args.seed, preset=args.preset)
+    preset_mode = preset(args.preset)["options"]["budget"]
+    split_share = preset(args.preset)["options"].get("split_share", 0.5)
     rows = []
     t_start = time.perf_counter()
     for play in plays:
         ids = lm.tokenizer(bundled_play(play).text, return_tensors="pt").input_ids[0]
         cap = prefill_and_capture(lm.model, lm.tokenizer, ids[: args.T], max_queries=args.max_queries,
-                                  seed=args.seed, progress=False)
+                                  seed=args.seed, progress=False, probe=probe_for(method))
         ev = Evaluator(lm.model, lm.tokenizer, cap, ids, C=args.C)
         for ratio in [float(r) for r in args.ratios.split(",")]:
-            for label, bits, defaults in configs(cal, ratio):
+            for label, bits, defaults in configs(cal, ratio, preset_mode):
                 c = Calibration({**cal.meta, "defaults": defaults}, cal.arrays)
                 plan = calibrated_plan([parse_kv_bits(bits)] * L, c, None, (), d)
                 t0 = time.perf_counter()
-                layers, _ = compact_capture(cap, method, ratio, plan.budget or "layer", 0.75, False, plan.codecs,
+                budget = calibrated_budget_mode(c, preset_mode) if plan.budget else preset_mode
+                layers, _ = compact_capture(cap, method, ratio, budget, 0.75, False, plan.codecs,
                                             "bfloat16", args.seed, score_weights=plan.score_weights,
-                                            codebooks=plan.codebooks)
+                                            codebooks=plan.codebooks, split_share=split_share)
                 r = ev.score(layers, "am", ratio, time.perf_counter() - t0, plan.codecs, "bfloat16", args.seed,
                              plan.codebooks)
                 rows.append({"play": play, "ratio": ratio, "config": label, "ckl": r.ckl, "retention": r.retention,
@@ -129,7 +135,7 @@ def main() -> None:
         f"- calibration: {args.calibration} (sha256 {cal.digest[:12]}), made in {sm['seconds']:.0f} s "
         f"(stages: {', '.join(f'{k} {v:.0f} s' for k, v in sm['stage_seconds'].items())}); defaults "
         f"{cal.meta['defaults']}",
-        f"- setting: {args.model}, AM, held-out plays {', '.join(plays)}, T={args.T}, C={args.C}, "
+        f"- setting: {args.model}, AM with the {args.preset!r} preset ({preset_mode} budgets), held-out plays {', '.join(plays)}, T={args.T}, C={args.C}, "
         f"{args.max_queries} reference queries; this benchmark ran {seconds:.0f} s", "",
         "## With and without calibration (equal bytes: same entries and average bits; codebooks add their "
         "centroids)", "", *lines, "",
