@@ -51,6 +51,15 @@ def main() -> None:
         for i, kind in enumerate(("fitted (empirical Lloyd-Max)", "Beta (closed form)", "Gaussian")):
             out.append(f"| {kind} | " + " | ".join(f"{x:.3g}" for x in mse[..., i].mean((0, 1))) + " |")
         out.append("")
+    pol = load(folder, "policies")
+    if pol:
+        v = pol[0]
+        out += [f"TAQG from ρ (keys, raw) think {v['rho_think']:.3f}, answer {v['rho_answer']:.3f}: the "
+                f"{v['taqg_high']} phase gets {v['taqg_b_high']} bits, the rest {v['taqg_b_low']}.", "",
+                "| policy (held-out traces) | avg bits | cKL (nats/token) | attention KL |", "|---|---:|---:|---:|"]
+        out += [f"| {r['policy']} | {r['avg_bits']:.3f} | {r['ckl']:.5f} | {r['attention_kl']:.2e} |"
+                for r in v["rows"]]
+        out.append("")
     print("\n".join(out))
 
 
