@@ -57,8 +57,11 @@ class CompressOptions:
     split_share: float = 0.5       # budget "split": share of the total allocated by RMS with layer budgets
 
 
-def probe_for(method: Method, requested: str | None = None) -> str:
-    """The reconstruction probe a capture needs for this method's key score (or the one requested)."""
+def probe_for(method: Method, requested: str | None = None, keeps_all: bool = False) -> str:
+    """The reconstruction probe a capture needs for this method's key score (or the one requested); "none" when
+    every head keeps every key (`keeps_all`, ratio 1), where no score decides anything."""
+    if keeps_all:
+        return "none"
     if requested is not None:
         return requested
     from .fitting.key_scores import needs_probe
@@ -68,6 +71,11 @@ def probe_for(method: Method, requested: str | None = None) -> str:
         return "none"
     recon, grad = needs_probe(score)
     return "gradient" if grad else ("attention" if recon else "none")
+
+
+def keeps_all(ids: torch.Tensor, opts: "CompressOptions") -> bool:
+    """Whether every head keeps every one of the document's tokens at this ratio."""
+    return per_head_budget(ids.numel(), opts.ratio) >= ids.numel()
 
 
 def codec_plan(n_layers: int, opts: CompressOptions) -> list[KVCodec]:
@@ -170,18 +178,20 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
     if not method.uses_scores:
         budget = "uniform"
     L, (H, T, _) = len(capture.keys), capture.keys[0].shape
-    per_head_budget(T, ratio)  # validates the ratio
+    keep_everything = per_head_budget(T, ratio) >= T  # (also validates the ratio) ratio 1: no score decides
     context = getattr(method, "context", "full")
     quantized = codecs is not None and any(not c.is_raw for c in codecs)
     # scores rank the keys (scored methods), share the budget, and tell the codecs which entries matter most
     stats = capture.attention_stats(context, progress) if method.uses_scores or budget != "uniform" or quantized \
         else None
     scores = None
-    if method.uses_scores or budget != "uniform":
+    if (method.uses_scores or budget != "uniform") and not keep_everything:
         scores = all_scores(getattr(method, "score", "rms"), stats, capture.probe, H)
         if score_weights is not None:
             scores = scores * score_weights.to(scores)[..., None]
-    if budget == "split":
+    if keep_everything:
+        budgets = torch.full((L, H), T, dtype=torch.int64)
+    elif budget == "split":
         rms_scores = torch.stack([s.p_rms for s in stats]).float().cpu()
         budgets, scores = split_budgets(rms_scores, scores, ratio, split_share, budget_floor)
     elif budget in ("global", "layer"):
@@ -279,7 +289,8 @@ def artifact_meta(lm: LoadedModel, doc: Document | None, ids: torch.Tensor, meth
         "tokens_sha256": tokens_sha256,
         "T": int(ids.numel()), "ratio": float(opts.ratio), "method": method.name,
         "method_params": {**method.params(), "preset": opts.preset, "budget": opts.budget,
-                          "budget_floor": opts.budget_floor, "probe": probe_for(method, opts.probe),
+                          "budget_floor": opts.budget_floor,
+                          "probe": probe_for(method, opts.probe, keeps_all(ids, opts)),
                           "query_sources": source_shares(opts.sources, opts.repeat_fraction),
                           "self_study": opts.self_study if (opts.sources or {}).get("self_study") else 0,
                           "on_policy_groups": opts.on_policy if opts.on_policy > 1 else 0,
@@ -370,7 +381,7 @@ def build_artifact(lm: LoadedModel, doc: Document | None, method: Method, opts: 
     t0 = time.perf_counter()
     capture = prefill_and_capture(lm.model, lm.tokenizer, ids, chunk_size=opts.chunk_size,
                                   max_queries=opts.max_queries, repeat_fraction=opts.repeat_fraction,
-                                  seed=opts.seed, progress=progress, probe=probe_for(method, opts.probe),
+                                  seed=opts.seed, progress=progress, probe=probe_for(method, opts.probe, keeps_all(ids, opts)),
                                   sources=opts.sources, self_study=opts.self_study)
     t1 = time.perf_counter()
     plan = plan_for(lm, doc, ids, opts)

@@ -104,9 +104,12 @@ def _chunks(doc_ids: torch.Tensor, chunk: int, tokenizer) -> list[tuple[int, int
 
 
 def _doc_cache(keys, values, config):
+    """A cache holding the whole document in every layer. Built without the config on purpose: a sliding-window
+    layer's cache would keep only the window, while a compacted prefix stays visible to every later query (the
+    probe scores keys for that)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=config)
+    cache = DynamicCache()
     for i, (k, v) in enumerate(zip(keys, values)):
         cache.update(k[None].detach(), v[None].detach(), i)
     return cache
