@@ -6,13 +6,15 @@ STAMP := $(VENV)/.installed
 RATIO ?= 10
 PLAY ?= macbeth
 TOKENS ?= 2048
+MODEL ?= smollm2-135m
+CORPUS ?=
 
 # the GPU benchmark runs with the venv's python where there is one, else $(PY) (e.g. on a machine without pip, with
 # the package layout on PYTHONPATH); BENCH_ARGS=--quick for the short version
 BENCH_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 BENCH_ARGS ?=
 
-.PHONY: install demo test bench bench-gpu bench-corpus-gpu clean
+.PHONY: install demo test bench bench-gpu bench-corpus-gpu calibrate clean
 
 # torch==2.13.0 first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -36,6 +38,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_quant.py
 	$(BIN)/python benchmarks/bench_artifact.py
+
+# once per model: artifacts/calibration/<model>.h5 + report; CORPUS= a folder of .txt/.md or a .jsonl (default: plays)
+calibrate: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[plot]"
+	$(BIN)/compactor calibrate --model $(MODEL) $(if $(CORPUS),--corpus $(CORPUS))
 
 bench-gpu:
 	$(BENCH_PY) benchmarks/bench_compaction_gpu.py --out benchmarks/results_gpu.md --json benchmarks/results_gpu.json $(BENCH_ARGS)

@@ -33,25 +33,26 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
         raise CompactorError(f"{what}: expected comma-separated integers, got {text!r}") from None
 
 
-def _calibration_bits(path: str | None, model_name: str) -> dict | None:
-    """Per-layer bits from a calibration JSON: the given file, or artifacts/calibration/<model>.json if present."""
+def _load_calibration(path: str | None, disabled: bool, model_name: str):
+    """The calibration file for compress: --calibration PATH, else artifacts/calibration/<model>.h5 when present;
+    None with --no-calibration. Validated (fields, datasets, digest) before use."""
+    from .storage.calibration_file import default_path, read_calibration
+
+    if disabled:
+        if path:
+            raise click.UsageError("--calibration and --no-calibration exclude each other")
+        return None
     if path is None:
-        default = Path("artifacts") / "calibration" / f"{Path(model_name).name}.json"
-        if not default.is_file():
+        found = default_path(model_name)
+        if not found.is_file():
             return None
-        path = str(default)
-        click.echo(f"using per-layer bits from {path}", err=True)
-    try:
-        data = json.loads(Path(path).read_text())
-        layers = data["layers"]
-        if not isinstance(layers, dict):
-            raise TypeError("'layers' must be an object")
-        return {int(k): str(v) for k, v in layers.items()}
-    except FileNotFoundError:
-        raise CompactorError(f"calibration file not found: {path}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CompactorError(f"calibration file {path} is not valid ({e}); expected {{\"layers\": "
-                             f"{{\"0\": \"K8V8\", ...}}}}") from None
+        path = str(found)
+    if Path(path).suffix.lower() == ".json":
+        raise CompactorError(f"{path}: per-layer bits JSON files are no longer read; calibration files are .h5 "
+                             "(make calibrate MODEL=...); for manual per-layer bits use --hi-layers/--hi-bits")
+    cal = read_calibration(path)
+    click.echo(f"using calibration {path} (sha256 {cal.digest[:12]})", err=True)
+    return cal
 
 
 def _shares(text: str | None, what: str) -> dict | None:
@@ -202,9 +203,10 @@ def cli():
 def compression_options(f):
     """What is compressed and how it is stored (`compress` and `compress-corpus`); read back by
     `_compress_options`. Applied last option first, so that --help lists them in this order."""
+    f = click.option("--no-calibration", is_flag=True, help="Do not use a calibration file, even the default one.")(f)
     f = click.option("--calibration", type=click.Path(), default=None,
-                     help="JSON with per-layer bits {\"layers\": {\"0\": \"K8V8\", ...}} (default: "
-                          "artifacts/calibration/<model>.json when present).")(f)
+                     help="Calibration file from `make calibrate` (default: artifacts/calibration/<model>.h5 when "
+                          "present): fitted codebooks, measured per-layer/per-phase bits, head budgets.")(f)
     f = click.option("--hi-bits", default="K8V8", show_default=True, help="Storage of the --hi-layers.")(f)
     f = click.option("--hi-layers", default="", help="Comma-separated layers (negative from the end, e.g. 0,-1) "
                                                      "stored at --hi-bits instead.")(f)
@@ -223,9 +225,9 @@ def compression_options(f):
     return f
 
 
-def _compress_options(ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers, hi_bits, calibration, model_name,
-                      budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed, preset, query_sources,
-                      self_study, on_policy, split_share):
+def _compress_options(ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers, hi_bits, calibration, no_calibration,
+                      model_name, budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed, preset,
+                      query_sources, self_study, on_policy, split_share):
     """CompressOptions from the values of compression_options, method_options and capture_options (the preset
     fills in what is not given)."""
     from .pipeline import CompressOptions
@@ -236,7 +238,7 @@ def _compress_options(ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers,
                            repeat_fraction=repeat_fraction, seed=seed, max_tokens=max_tokens,
                            stored_dtype=stored_dtype, kv_bits=kv_bits,
                            hi_layers=_int_list(hi_layers, "--hi-layers"), hi_bits=hi_bits,
-                           layer_bits=_calibration_bits(calibration, model_name), chat=chat,
+                           calibration=_load_calibration(calibration, no_calibration, model_name), chat=chat,
                            **_capture_opts(preset, budget, budget_floor, query_sources, self_study, on_policy,
                                           split_share))
 
@@ -253,16 +255,16 @@ def _compress_options(ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers,
 @compression_options
 @method_options
 @capture_options
-def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat, as_json, kv_bits, hi_layers,
-             hi_bits, calibration, no_clobber, method, context, score, ridge, preset, source_weights, beta_floor,
-             beta_ridge, value_anchor, value_fit, selection, omp_keys, omp_refit, model_name, budget, split_share,
-             budget_floor, query_sources, self_study, on_policy, chunk_size, max_queries, repeat_fraction, seed,
-             device, quiet):
+def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat, as_json, kv_bits, hi_layers, hi_bits,
+             calibration, no_calibration, no_clobber, method, context, score, ridge, preset, source_weights,
+             beta_floor, beta_ridge, value_anchor, value_fit, selection, omp_keys, omp_refit, model_name, budget,
+             split_share, budget_floor, query_sources, self_study, on_policy, chunk_size, max_queries,
+             repeat_fraction, seed, device, quiet):
     """Compress DOCUMENTS (.txt/.md paths, or - for stdin) into artifacts/<name>.h5 each."""
     from .storage.artifact import read_artifact, read_meta
     from .capture.documents import bundled_play, read_document
     from .models import load_model
-    from .pipeline import codec_plan, compress as run_compress, estimate_artifact_bytes, prepare
+    from .pipeline import compress as run_compress, estimate_artifact_bytes, plan_for, prepare
     from .storage.output import check_outputs
 
     if not documents and not play:
@@ -277,12 +279,19 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat
     if out and len(docs) > 1 and Path(out).suffix == ".h5":
         raise CompactorError("-o names one file but several documents were given; pass a folder")
     opts = _compress_options(ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers, hi_bits, calibration,
-                             model_name, budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed,
-                             preset, query_sources, self_study, on_policy, split_share)
+                             no_calibration, model_name, budget, budget_floor, chunk_size, max_queries,
+                             repeat_fraction, seed, preset, query_sources, self_study, on_policy, split_share)
     m = _method(method, seed, context, score, ridge, preset,
                 **_am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
                              beta_ridge))
     lm = load_model(model_name, device=_device(device))
+    if opts.calibration is not None:
+        from .pipeline import calibrated_budget_mode
+        from .storage.calibration_file import check_calibration_model
+
+        check_calibration_model(opts.calibration, lm)
+        if budget is None:  # the preset's mode, which the calibration's head budgets may replace
+            opts.budget = calibrated_budget_mode(opts.calibration, opts.budget)
     prepared = [prepare(lm, doc, opts) for doc in docs]  # every document is checked before any work starts
     paths = [Path(out) if out and Path(out).suffix == ".h5" else Path(out or "artifacts") / f"{d.name}.h5"
              for d in docs]
@@ -299,8 +308,8 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat
         row = None
         if report:
             seconds = read_meta(written)["seconds"]["compact"]
-            row = _report(lm, doc, capture, layers, method, ratio, codec_plan(len(layers), opts), opts, seconds,
-                          echo=not as_json)
+            row = _report(lm, doc, capture, layers, method, ratio, plan_for(lm, doc, capture.length, opts), opts,
+                          seconds, echo=not as_json)
         if as_json:
             summary = _artifact_summary(read_artifact(written, verify=False), written)
             summary["seconds"]["total"] = round(wall, 3)
@@ -321,9 +330,9 @@ def compress(documents, play, ratio, max_tokens, stored_dtype, out, report, chat
 @method_options
 @capture_options
 def compress_corpus(corpus, out, device_map, as_json, ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers,
-                    hi_bits, calibration, method, context, score, ridge, preset, source_weights, beta_floor,
-                    beta_ridge, value_anchor, value_fit, selection, omp_keys, omp_refit, model_name, budget,
-                    split_share, budget_floor, query_sources, self_study, on_policy, chunk_size, max_queries,
+                    hi_bits, calibration, no_calibration, method, context, score, ridge, preset, source_weights,
+                    beta_floor, beta_ridge, value_anchor, value_fit, selection, omp_keys, omp_refit, model_name,
+                    budget, split_share, budget_floor, query_sources, self_study, on_policy, chunk_size, max_queries,
                     repeat_fraction, seed, device, quiet):
     """Compress every document of CORPUS (a folder of .txt/.md, a glob, or a .jsonl of {"id", "text"}) into
     OUT/<id>.h5, skipping those already done; one process, or many under torchrun (see README, Corpus)."""
@@ -335,8 +344,8 @@ def compress_corpus(corpus, out, device_map, as_json, ratio, max_tokens, stored_
     if device_map is not None and device != "auto":
         raise click.UsageError("give --device or --device-map, not both")
     opts = _compress_options(ratio, max_tokens, stored_dtype, chat, kv_bits, hi_layers, hi_bits, calibration,
-                             model_name, budget, budget_floor, chunk_size, max_queries, repeat_fraction, seed,
-                             preset, query_sources, self_study, on_policy, split_share)
+                             no_calibration, model_name, budget, budget_floor, chunk_size, max_queries,
+                             repeat_fraction, seed, preset, query_sources, self_study, on_policy, split_share)
     m = _method(method, seed, context, score, ridge, preset,
                 **_am_options(source_weights, beta_floor, value_anchor, value_fit, selection, omp_keys, omp_refit,
                              beta_ridge))
@@ -382,7 +391,7 @@ def _artifact_summary(art, path) -> dict:
     }
 
 
-def _report(lm, doc, capture, layers, method, ratio, codecs, opts, seconds, echo=True):
+def _report(lm, doc, capture, layers, method, ratio, plan, opts, seconds, echo=True):
     from .evaluation.harness import Evaluator, format_table
 
     ids = lm.tokenizer(doc.text, return_tensors="pt").input_ids[0]
@@ -396,7 +405,7 @@ def _report(lm, doc, capture, layers, method, ratio, codecs, opts, seconds, echo
                    "use --max-tokens to hold some back", err=not echo)
         return None
     ev = Evaluator(lm.model, lm.tokenizer, capture, ids, C=C)
-    row = ev.score(layers, method, ratio, seconds, codecs, opts.stored_dtype, opts.seed)
+    row = ev.score(layers, method, ratio, seconds, plan.codecs, opts.stored_dtype, opts.seed, plan.codebooks)
     if echo:
         click.echo(f"\nquality report ({doc.name}: T={capture.length}, continuation C={C}):")
         click.echo(format_table([row]))
@@ -647,6 +656,42 @@ def serve(folder, host, port, model_name, device, max_documents, max_memory_mb, 
     click.echo(f"serving {len(store.names())} document(s) from {store.folder} with {model_name} on "
                f"http://{host}:{port}", err=True)
     uvicorn.run(create_app(store, model_name, max_new_tokens), host=host, port=port, log_level="warning")
+
+
+@cli.command()
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="Bundled name, local Hugging Face folder, or hub id.")
+@click.option("--corpus", default=None, help="Folder of .txt/.md files or a .jsonl of texts (default: the bundled "
+                                             "plays).")
+@click.option("--traces", "traces_path", default=None, help="A .jsonl of saved reasoning traces to use instead of "
+                                                            "generating them (phases from their markers).")
+@click.option("-o", "--out", default=None, help="Calibration file (default: artifacts/calibration/<model>.h5).")
+@click.option("--report-dir", default=None, help="Report folder (default: beside the file, <model>_report/).")
+@click.option("--docs", type=click.IntRange(min=1), default=None, help="Calibration documents (one more is held out).")
+@click.option("--doc-tokens", type=click.IntRange(min=32), default=None, help="Prefix tokens per document.")
+@click.option("--n-traces", type=click.IntRange(min=2), default=None, help="Reasoning traces to generate.")
+@click.option("--think-tokens", type=click.IntRange(min=1), default=None,
+              help="A forced </think> after this many thinking tokens.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def calibrate(model_name, corpus, traces_path, out, report_dir, docs, doc_tokens, n_traces, think_tokens, seed, device,
+              quiet):
+    """Calibrate a model once: ρ per phase, fitted codebooks, bit allocations, head budgets -> an .h5 file that
+    compress then uses, and a report. Stages are cached: a rerun resumes."""
+    from dataclasses import replace
+
+    from .calibrate import Settings, calibrate as run_calibration
+    from .models import load_model
+
+    s = Settings(seed=seed)
+    for name, value in (("docs", docs), ("doc_tokens", doc_tokens), ("traces", n_traces),
+                        ("think_tokens", think_tokens)):
+        if value is not None:
+            s = replace(s, **{name: value})
+    lm = load_model(model_name, device=_device(device))
+    path, md = run_calibration(lm, corpus, traces_path, out, report_dir, s, progress=not quiet)
+    click.echo(f"wrote {path} ({path.stat().st_size:,} bytes) and {md}")
 
 
 @cli.command()

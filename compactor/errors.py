@@ -15,3 +15,7 @@ class ModelError(CompactorError):
 
 class ArtifactError(CompactorError):
     """An .h5 artifact is missing, truncated, corrupted, of an unknown version, or made for another model."""
+
+
+class CalibrationError(ArtifactError):
+    """A calibration file is missing, damaged, invalid, or made for another model."""

@@ -20,15 +20,17 @@ from .capture.documents import Document
 from .errors import CompactorError
 from .fitting.key_scores import all_scores
 from .fitting.key_selection import key_stats
-from .storage.kv_codec import (RAW, STORED_DTYPES, KVCodec, TensorCodec, check_codec, encode_layer,
-                               estimate_entry_bytes, parse_kv_bits, roundtrip_tensor)
+from .storage.kv_codec import (RAW, STORED_DTYPES, KVCodec, PhasedCodec, TensorCodec, check_codec, encode_layer,
+                               estimate_entry_bytes, parse_kv_bits, roundtrip_keys, roundtrip_tensor)
 from .layer_kv import LayerKV
 from .methods import Method
 from .methods.batched import split_heads
 from .models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_identity
 from .capture.on_policy import OnPolicyQueries
+from .capture.phases import Phases, find_phases
 from .capture.prefill import Capture, check_length, prefill_and_capture, source_shares
 from .fitting.presets import DEFAULT_PRESET, PRESETS, preset  # noqa: F401  (re-exported)
+from .storage.calibrated_plan import Plan, calibrated_plan
 
 
 @dataclass
@@ -45,7 +47,8 @@ class CompressOptions:
     kv_bits: str = "16"            # e.g. K4V3 (lloyd), q4_0, q8_0; "16" = unquantized
     hi_layers: tuple = ()          # layer indices (negative from the end) stored at hi_bits instead
     hi_bits: str = "K8V8"
-    layer_bits: dict | None = None  # per-layer overrides {layer index: "K4V3"} (e.g. from a calibration file)
+    layer_bits: dict | None = None  # per-layer overrides {layer index: "K4V3"} (library use)
+    calibration: object = None     # a storage.calibration_file.Calibration for this model, or None
     chat: bool = False             # wrap the document as the opening of the first user turn (capture/chat.py)
     preset: str = "fast"           # the preset these options came from (recorded; see PRESETS)
     sources: dict | None = None    # reference-query shares {context, repeat, self_study, random}; None: repeat_fraction
@@ -108,9 +111,10 @@ def use_batched(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def layer_key_transform(codec: TensorCodec, stored_dtype: str, seed: int):
+def layer_key_transform(codec: TensorCodec, stored_dtype: str, seed: int, codebooks: dict | None = None):
     """The keys of a layer's heads (H, t, d) as stored and loaded (for the batched fits): a dtype round trip for
-    raw storage (no copy when the dtype is the keys' own), the codec's round trip head by head otherwise."""
+    raw storage (no copy when the dtype is the keys' own), the codec's round trip head by head otherwise (a custom
+    codebook the codec names comes from `codebooks`)."""
     dt = STORED_DTYPES[stored_dtype]
     if codec.name == "raw":
         return lambda k, imp, counts: k.to(dt).to(torch.promote_types(dt, k.dtype))
@@ -118,7 +122,7 @@ def layer_key_transform(codec: TensorCodec, stored_dtype: str, seed: int):
     def quantized(k, imp, counts):
         out = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         for h, c in enumerate(counts.tolist()):
-            out[h, :c] = roundtrip_tensor(k[h, :c], codec, stored_dtype, seed, imp[h, :c])
+            out[h, :c] = roundtrip_tensor(k[h, :c], codec, stored_dtype, seed, imp[h, :c], codebooks)
         return out
     return quantized
 
@@ -160,22 +164,25 @@ def window_context(capture: Capture, layer: int, head: int) -> dict:
 
 
 def compact_capture(capture: Capture, method: Method, ratio: float, budget: str = "layer",
-                    budget_floor: float = 0.75, progress: bool = True, codecs: list[KVCodec] | None = None,
-                    stored_dtype: str = "bfloat16", seed: int = 0, batched: bool | None = None,
-                    fit_info=None, on_policy=None, score_weights: torch.Tensor | None = None,
-                    split_share: float = 0.5) -> tuple[list[LayerKV], torch.Tensor]:
+                    budget_floor: float = 0.75, progress: bool = True,
+                    codecs: list[KVCodec | PhasedCodec] | None = None, stored_dtype: str = "bfloat16", seed: int = 0,
+                    batched: bool | None = None, fit_info=None, on_policy=None,
+                    score_weights: torch.Tensor | None = None, split_share: float = 0.5,
+                    codebooks: dict | None = None) -> tuple[list[LayerKV], torch.Tensor]:
     """Compact every (layer, KV head) of a capture. Returns the layers and the (L, H) budgets used.
     Methods that do not score keys (StreamingLLM, random) are defined per head and always get uniform budgets.
-    With `codecs` (one per layer), methods that fit (AM) see the keys as they will be stored and loaded.
+    With `codecs` (one per layer; a PhasedCodec stores each phase with its own codec), methods that fit (AM) see the
+    keys as they will be stored and loaded (custom codebooks the codecs name come from `codebooks`).
     Methods with a `compact_layer` (AM, eviction) take all heads of a layer at once when `batched` (default:
-    `use_batched`, i.e. on CUDA) and their options allow it (`batched_ok`, no on-policy queries); the per-head
-    path stays the reference (exact float64 fits). `fit_info` (a BatchedFitInfo) collects what the batched fits did.
-    Each layer is compacted on the device its captured keys are on (a model spread over several GPUs: the GPU
-    holding that layer).
+    `use_batched`, i.e. on CUDA) and their options allow it (`batched_ok`, no on-policy queries, no phased codecs);
+    the per-head path stays the reference (exact float64 fits). `fit_info` (a BatchedFitInfo) collects what the
+    batched fits did. Each layer is compacted on the device its captured keys are on (a model spread over several
+    GPUs: the GPU holding that layer).
     With `on_policy` (capture/on_policy.OnPolicyQueries), each group of layers after the first is fitted on repeat
     queries recaptured with the layers before it already compacted (budgets and key scores stay those of `capture`).
     `score_weights` (L, H) multiplies each head's key scores before the budgets are shared (e.g. from
-    evaluation/sensitivity.sensitivity_weights); it does not change which keys a head keeps for a given count.
+    evaluation/sensitivity.sensitivity_weights, stored by calibration); it does not change which keys a head keeps
+    for a given count.
     budget "split": `split_share` of the total by RMS attention with layer budgets, the rest by the method's score
     with one global budget; each head keeps the union (fitting/budgets.split_budgets). budget "pyramid": PyramidKV's
     layer budgets (no scores). A method with a `budget_mode` attribute (PyramidKV, KVzip) always gets that rule (and
@@ -217,15 +224,17 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
         budgets = uniform_budgets(L, H, T, ratio)
     copy = None if capture.probe is None else all_scores("kvzip", None, capture.probe, H)
     layers = []
+    phased = codecs is not None and any(isinstance(c, PhasedCodec) for c in codecs)
     if (batched and hasattr(method, "compact_layer") and method.batched_ok() and stats is not None
-            and on_policy is None):
+            and on_policy is None and not phased):
         devices = [k.device for k in capture.keys]
         qpos = {d: capture.query_pos.to(d) for d in dict.fromkeys(devices)}
         out: list = [None] * L
         groups = layer_groups(budgets, capture.queries[0].shape[1], codecs, devices=devices)
         for group in tqdm(groups, desc=f"compact {method.name}", unit="layer group", disable=not progress):
             cat = (lambda xs: xs[0]) if len(group) == 1 else torch.cat
-            transform = layer_key_transform((codecs[group[0]] if codecs else RAW).keys, stored_dtype, seed)
+            transform = layer_key_transform((codecs[group[0]] if codecs else RAW).keys, stored_dtype, seed,
+                                            codebooks)
             group_stats = type(stats[group[0]])(*(cat([getattr(stats[l], f) for l in group])
                                                   for f in stats[group[0]]._fields))
             layer = method.compact_layer(cat([capture.keys[l] for l in group]),
@@ -251,8 +260,8 @@ def compact_capture(capture: Capture, method: Method, ratio: float, budget: str 
             stats[l] = key_stats(fit_capture.keys[l], fit_capture.values[l], fit_capture.queries[l],
                                  fit_capture.scale, pos)
         heads = []
-        key_codec = (codecs[l] if codecs else RAW).keys
-        key_transform = lambda k, imp, c=key_codec: roundtrip_tensor(k, c, stored_dtype, seed, imp)  # noqa: E731
+        key_transform = lambda k, imp, pos, c=(codecs[l] if codecs else RAW): roundtrip_keys(  # noqa: E731
+            k, c, pos, imp, stored_dtype, seed, codebooks)
         device = capture.keys[l].device
         for h in range(H):
             head_stats = None if stats is None else type(stats[l])(*(x[h] for x in stats[l]))
@@ -355,7 +364,29 @@ def estimate_artifact_bytes(lm: LoadedModel, n_tokens: int, opts: CompressOption
     entries = per_head * int(cfg.num_key_value_heads)
     total = sum(entries * estimate_entry_bytes(c, d, opts.stored_dtype) + 4 * int(cfg.num_key_value_heads) * d * 4
                 for c in codec_plan(cfg.num_hidden_layers, opts))
+    if opts.calibration is not None:  # calibrated bits average the same, but a layer may take up to twice
+        total *= 2
     return int(total) + (64 << 10)
+
+
+def document_phases(lm: LoadedModel, doc: Document, T: int, cal, chat_turn: bool = False,
+                    max_tokens: int | None = None) -> Phases | None:
+    """The document's phases (prompt, think, answer) over its T compressed tokens, from the calibration's markers,
+    when they are all there. With `chat_turn` the document follows the chat template's head (tokenized without
+    special tokens, capture/chat.py): its boundaries move by the head's length and the head joins the first phase."""
+    if cal is None:
+        return None
+    ph = cal.meta["phases"]
+    markers = tuple(tuple(m) for m in ph["markers"])
+    phases = find_phases(doc.text, lm.tokenizer, markers, ph["fallback_fraction"], tuple(ph["names"]),
+                         add_special_tokens=not chat_turn)
+    if not phases.by_markers:
+        return None
+    if chat_turn:
+        n_doc = phases.bounds[-1] if max_tokens is None else min(phases.bounds[-1], max_tokens)
+        head = T - n_doc
+        phases = Phases(phases.names, (0,) + tuple(b + head for b in phases.bounds[1:]), phases.methods)
+    return phases.clipped(T)
 
 
 @dataclass
@@ -370,7 +401,8 @@ class Compressed:
 
 def build_artifact(lm: LoadedModel, doc: Document | None, method: Method, opts: CompressOptions,
                    progress: bool = True, ids: torch.Tensor | None = None) -> Compressed:
-    """Prefill, capture, compact and encode one document (or token ids, when `ids` is given)."""
+    """Prefill, capture, compact and encode one document (or token ids, when `ids` is given). With
+    `opts.calibration`, the codecs, codebooks and head weights follow it (storage/calibrated_plan.py)."""
     ids = prepare(lm, doc, opts) if ids is None else ids
     t0 = time.perf_counter()
     capture = prefill_and_capture(lm.model, lm.tokenizer, ids, chunk_size=opts.chunk_size,
@@ -378,19 +410,24 @@ def build_artifact(lm: LoadedModel, doc: Document | None, method: Method, opts: 
                                   seed=opts.seed, progress=progress, probe=probe_for(method, opts.probe, keeps_all(ids, opts)),
                                   sources=opts.sources, self_study=opts.self_study)
     t1 = time.perf_counter()
-    codecs = codec_plan(len(capture.keys), opts)
+    plan = plan_for(lm, doc, ids, opts)
     on_policy = OnPolicyQueries(lm.model, capture, opts.on_policy, opts.chunk_size) \
         if opts.on_policy > 1 and method.name == "am" else None
     layers, budgets = compact_capture(capture, method, opts.ratio, opts.budget, opts.budget_floor, progress,
-                                      codecs, opts.stored_dtype, opts.seed, on_policy=on_policy,
-                                      split_share=opts.split_share)
+                                      plan.codecs, opts.stored_dtype, opts.seed, on_policy=on_policy,
+                                      score_weights=plan.score_weights, split_share=opts.split_share,
+                                      codebooks=plan.codebooks)
     t2 = time.perf_counter()
     meta = artifact_meta(lm, doc, ids, method, opts, budgets,
                          {"prefill": round(t1 - t0, 3), "compact": round(t2 - t1, 3)})
-    books: dict = {}
+    if opts.calibration is not None:
+        meta["calibration_sha256"] = opts.calibration.digest
+        meta["method_params"]["calibration"] = plan.applied
+    books: dict = dict(plan.codebooks)
     stored = [StoredLayer(*encode_layer(layer, codec, opts.stored_dtype, opts.seed, books))
-              for layer, codec in zip(layers, codecs)]
-    meta["kv_bits"] = ",".join(sorted({c.label for c in codecs}))
+              for layer, codec in zip(layers, plan.codecs)]
+    meta["kv_bits"] = ",".join(sorted({u.label for c in plan.codecs
+                                       for u in (c.codecs if isinstance(c, PhasedCodec) else (c,))}))
     return Compressed(Artifact(meta, stored, books), layers, capture, ids)
 
 
@@ -402,6 +439,26 @@ def compress(lm: LoadedModel, doc: Document, method: Method, out_path: str | Pat
     art = done.artifact
     path = write_artifact(out_path, art.meta, art.layers, art.codebooks)
     return path, done.layers, done.capture, done.ids
+
+
+def plan_for(lm: LoadedModel, doc: Document | None, ids: torch.Tensor | int, opts: CompressOptions) -> Plan:
+    """The codecs (per layer or per phase), codebooks and head weights for one document (calibrated_plan); `ids`
+    the compressed token ids (or their count)."""
+    head_dim = lm.model.model.layers[0].self_attn.head_dim
+    base = codec_plan(lm.config.num_hidden_layers, opts)
+    T = ids if isinstance(ids, int) else int(ids.numel())
+    phases = None if doc is None else document_phases(lm, doc, T, opts.calibration, opts.chat, opts.max_tokens)
+    return calibrated_plan(base, opts.calibration, phases, opts.hi_layers, head_dim)
+
+
+def calibrated_budget_mode(cal, preset_mode: str) -> str:
+    """The budget mode compress uses with a calibration when none was given explicitly: the calibration's own
+    (`defaults.budget`, the mode under which its held-out check found the head budgets to help) replaces the
+    preset's "layer"/"global"; "split" (the quality preset) stays, and the head weights then rank its global part."""
+    de = cal.meta["defaults"]
+    if de["head_budgets"] and preset_mode in ("layer", "global"):
+        return de["budget"]
+    return preset_mode
 
 
 _METHOD_OPTIONS = ("context", "score", "ridge", "source_weights", "beta_floor", "beta_ridge", "value_anchor",

@@ -116,10 +116,41 @@ def decode(path: str) -> dict:
         offsets[name] = start + count
         return data[name][start:start + count]
 
+    def decode_unit(t: str, part: str, n: list[int]) -> np.ndarray:
+        """Rows (sum(n), d) of keys or values of one storage unit whose heads keep n[h] entries."""
+        N = sum(n)
+        if part == "16":
+            return stored_to_f32(take(t, N), stored)
+        if part in BLOCK_BYTES:
+            return blocks_decode(take(f"{t}_{part}", N), part, d)
+        bits, _, book_id = part.partition("@")
+        b = int(bits)
+        width = (d * b + 7) // 8
+        codes = unpack_codes(take(f"{t}_codes", N * width).reshape(N, width), b, d)
+        gains = take(f"{t}_gains", N).astype(np.float32)
+        means = take(f"{t}_mean", Hkv).astype(np.float32)
+        book = data[f"codebook_{book_id}" if book_id else f"codebook_b{b}"]
+        y = book[codes]
+        x = np.empty((N, d), np.float32)
+        e = min([exact] + n)
+        if exact:
+            ex = stored_to_f32(take(f"{t}_exact", Hkv * e), stored)
+            rows = take(f"{t}_exact_rows", Hkv * e).reshape(Hkv, e)
+        start = 0
+        for hh, nh in enumerate(n):
+            xh = (means[hh] + gains[start:start + nh, None] * rotation_inverse(y[start:start + nh], d, seed)
+                  ).astype(np.float32)
+            if exact:
+                xh[rows[hh]] = ex[hh * e:(hh + 1) * e]
+            x[start:start + nh] = xh
+            start += nh
+        return x
+
     # positions, per layer per head
     enc = meta["positions"]
+    phases = meta.get("phases")
     layers = []
-    for l, label in enumerate(meta["layer_codecs"].split(",")):
+    for l, entry in enumerate(meta["layer_codecs"].split(",")):
         n = [int(x) for x in lengths[l]]
         N = sum(n)
         beta = take("beta", N).astype(np.float32) if meta["beta"] == "stored" else np.zeros(N, np.float32)
@@ -134,33 +165,15 @@ def decode(path: str) -> dict:
                 g = take("positions_delta", nh).astype(np.int64)
                 pos.append(np.cumsum(g + 1) - 1)
         out = {"beta": beta, "positions": pos, "lengths": n}
-        for t, part in zip(("keys", "values"), parse_label(label)):
-            if part == "16":
-                x = stored_to_f32(take(t, N), stored)
-            elif part in BLOCK_BYTES:
-                x = blocks_decode(take(f"{t}_{part}", N), part, d)
-            else:
-                b = int(part)
-                width = (d * b + 7) // 8
-                codes = unpack_codes(take(f"{t}_codes", N * width).reshape(N, width), b, d)
-                gains = take(f"{t}_gains", N).astype(np.float32)
-                means = take(f"{t}_mean", Hkv).astype(np.float32)
-                book = data[f"codebook_b{b}"]
-                y = book[codes]
-                x = np.empty((N, d), np.float32)
-                e = min([exact] + n)
-                if exact:
-                    ex = stored_to_f32(take(f"{t}_exact", Hkv * e), stored)
-                    rows = take(f"{t}_exact_rows", Hkv * e).reshape(Hkv, e)
-                start = 0
-                for hh, nh in enumerate(n):
-                    xh = (means[hh] + gains[start:start + nh, None] * rotation_inverse(y[start:start + nh], d, seed)
-                          ).astype(np.float32)
-                    if exact:
-                        xh[rows[hh]] = ex[hh * e:(hh + 1) * e]
-                    x[start:start + nh] = xh
-                    start += nh
-            out[t] = x
+        units = entry.split("/")  # one label, or one per phase
+        unit_n = [n] if phases is None else [[int(x) for x in row] for row in data["phase_lengths"][l]]
+        assert len(units) == len(unit_n)
+        for t in ("keys", "values"):
+            per_unit = [decode_unit(t, parse_label(label)[t == "values"], un) for label, un in zip(units, unit_n)]
+            heads = []
+            for h in range(Hkv):  # head h: its rows of each phase, phases in order (= position order)
+                heads += [x[sum(un[:h]):sum(un[:h + 1])] for x, un in zip(per_unit, unit_n)]
+            out[t] = np.concatenate(heads) if heads else np.zeros((0, d), np.float32)
         layers.append(out)
     for name, arr in data.items():
         if name in offsets:

@@ -180,20 +180,14 @@ def test_quantization_without_compaction(tmp_path, doc):
     assert "q-blocks" in run("inspect", out).output
 
 
-def test_calibration_file_sets_per_layer_bits(tmp_path, tiny_llama, doc):
+def test_old_per_layer_bits_json_is_refused(tmp_path, tiny_llama, doc):
+    """Calibration files are .h5 now (make calibrate; tests/test_calibrated_compress.py); the per-layer bits JSON
+    the first codec issue read is refused in one line that says what to use instead, and nothing is written."""
     cal = tmp_path / "cal.json"
     cal.write_text('{"layers": {"1": "K2V2"}}')
-    out = tmp_path / "c.h5"
-    r = run("compress", doc, "--model", tiny_llama, "--kv-bits", "K6V6", "--calibration", cal, "-o", out, "--quiet",
-            "--max-queries", 128)
-    assert r.exit_code == 0, r.output
-    from compactor.storage.artifact import read_artifact
-
-    art = read_artifact(out)
-    assert [layer.attrs["kv_codec"] for layer in art.layers] == ["K6V6", "K2V2"]
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"layers": {"7": "K2V2"}}')
-    one_line_error(run("compress", doc, "--model", tiny_llama, "--calibration", bad, "-o", tmp_path), "layer 7")
+    one_line_error(run("compress", doc, "--model", tiny_llama, "--kv-bits", "K6V6", "--calibration", cal, "-o",
+                       tmp_path / "c.h5"), "no longer read")
+    assert not list(tmp_path.glob("*.h5"))
 
 
 @pytest.mark.parametrize("bits,msg", [("K9V4", "bad --kv-bits"), ("K4", "bad --kv-bits")])

@@ -23,8 +23,8 @@ from compactor.storage.artifact import read_artifact, read_meta
 from compactor.storage.kv_codec import byte_breakdown
 from compactor.serving.loader import decode_layers, load_cache
 
-KINDS = {"flip": 70, "truncate": 17, "zero": 20, "meta_edit": 22, "meta_forged": 22, "dataset_forged": 16,
-         "oversize": 6}  # per base artifact; three bases
+KINDS = {"flip": 50, "truncate": 17, "zero": 20, "meta_edit": 22, "meta_forged": 22, "dataset_forged": 16,
+         "oversize": 6}  # per base artifact; four bases
 
 
 # ---- file surgery ---------------------------------------------------------------------------------------------------
@@ -91,6 +91,9 @@ def meta_forged(path: Path, rng: np.random.Generator) -> None:
         ("model_weights", "sha"), ("method_params", "text"), ("seconds", {"a": "b"}), ("model_type", "a b"),
         ("tokenizer_sha256", "0" * 63), ("document_sha256", 12), ("format_extra", 1),
         ("document_name", "renamed"), ("created", "yesterday"), ("seconds", {"prefill": 99.0}),  # harmless
+        ("phases", {"names": ["prompt", "think", "answer"], "bounds": [0, 1, 2, meta["T"]]}),
+        ("phases", {"names": ["x"], "bounds": [0, meta["T"]]}), ("calibration_sha256", "z" * 64),
+        ("layer_codecs", meta["layer_codecs"].replace("@", "@b", 1).replace("K16", "K4@zz", 1)),
     ]
     key, value = edits[int(rng.integers(len(edits)))]
     meta[key] = value
@@ -224,7 +227,8 @@ def outcome(path: Path, ref, model, tokenizer, kind: str) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, tiny_llama, doc_text):
     """(artifact, model, tokenizer): K4V3 + K8V8 lloyd AM at 4x; bf16 16-bit at ratio 1 (beta zero, positions
-    all); head dim 32 with q4_0 keys, q8_0 values, eviction at 8x."""
+    all); head dim 32 with q4_0 keys, q8_0 values, eviction at 8x; a reasoning trace stored per phase with a
+    calibration (phases, phase_lengths, fitted codebooks under their own names)."""
     from conftest import make_tiny_model
     from compactor.capture.documents import Document
     from compactor.methods import make_method
@@ -235,13 +239,22 @@ def bases(tmp_path_factory, tiny_llama, doc_text):
     doc = Document("story", doc_text)
     d32 = load_model(str(make_tiny_model(root / "d32", "llama", seed=3, head_dim=32)))
     d16 = load_model(str(tiny_llama))
+    from calib_helpers import write_synthetic_calibration
+    from compactor.storage.calibration_file import read_calibration
+    from test_calibrated_compress import TRACE
+
+    cal = read_calibration(write_synthetic_calibration(root / "cal.h5", d16))
     out = []
     for lm, method, opts in [
             (d16, "am", CompressOptions(ratio=4, kv_bits="K4V3", hi_layers=(0,), max_queries=64)),
             (d16, "am", CompressOptions(ratio=1, max_queries=64, max_tokens=300)),
-            (d32, "eviction", CompressOptions(ratio=8, kv_bits="Kq4_0Vq8_0", max_queries=64))]:
-        path, *_ = compress(lm, doc, make_method(method), root / f"{method}-{opts.kv_bits}-{opts.ratio}.h5", opts,
+            (d32, "eviction", CompressOptions(ratio=8, kv_bits="Kq4_0Vq8_0", max_queries=64)),
+            (d16, "am", CompressOptions(ratio=2, kv_bits="K4V4", max_queries=64, calibration=cal))]:
+        text = Document("trace", TRACE) if opts.calibration is not None else doc
+        path, *_ = compress(lm, text, make_method(method), root / f"{method}-{opts.kv_bits}-{opts.ratio}.h5", opts,
                             progress=False)
+        if opts.calibration is not None:
+            assert "phases" in read_meta(path) and "@" in read_meta(path)["layer_codecs"]
         out.append((path, lm.model, lm.tokenizer))
     return out
 

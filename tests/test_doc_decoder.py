@@ -7,7 +7,7 @@ import torch
 from compactor.layer_kv import LayerKV
 from compactor.serving.loader import decode_layers
 from compactor.storage.artifact import StoredLayer, read_artifact, write_artifact
-from compactor.storage.kv_codec import encode_layer, parse_kv_bits
+from compactor.storage.kv_codec import PhasedCodec, codec_from_label, encode_layer, parse_kv_bits
 from decode_from_doc import decode
 from test_artifact import META
 
@@ -32,16 +32,37 @@ CASES = [  # (head dim, T, per-layer lengths, per-layer codecs, stored dtype, ro
     (24, 3000, [[9, 4], [5, 1], [3, 3]], ["K2V1", "K5V6", "K7V4"], "float32", 123456789),  # d=24: QR rotation
     (64, 5000, [[40, 35], [12, 50]], ["Kq4_0Vq8_0", "Kq8_0V4"], "bfloat16", 2**32 - 1),    # delta16, blocks
     (21, 300, [[30, 30]], ["K3V8"], "bfloat16", 5),                                        # d=21: d*d % 16 != 0
+    # phases (bounds 0, 40, 90, T): per-phase codecs, custom (calibrated) codebooks, a head empty in a phase
+    (32, 120, [[50, 31], [44, 60]], ["K4@kaV3/K2V16/Kq8_0V4@vb", "K16V16/K4@kaV2/K3V3@vc"], "bfloat16", 9),
+    (24, 3000, [[9, 4], [5, 1]], ["K2@kaV1/K5V6/K16V4@vb", "K3V3/K3V3/K3V3"], "float32", 77),
 ]
+BOUNDS = {5: (0, 40, 90, 120), 6: (0, 1000, 1001, 3000)}
+NAMES = ("prompt", "think", "answer")
+
+
+def custom_books(labels, d, seed):
+    """Ascending centroids in [-1, 1] (unlike a Beta codebook) for every custom codebook id the labels name."""
+    g = torch.Generator().manual_seed(seed)
+    books = {}
+    for label in labels:
+        for unit in label.split("/"):
+            c = codec_from_label(unit)
+            for part in (c.keys, c.values):
+                if part.codebook:
+                    books[part.codebook] = (torch.rand(2 ** part.bits, generator=g) * 1.2 - 0.6).sort().values \
+                        .numpy().astype("float32")
+    return books
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_doc_decoder_matches_compactor(tmp_path, case):
     d, T, lengths, labels, stored, seed = CASES[case]
-    books, layers = {}, []
+    books, layers = custom_books(labels, d, case), []
     for i, (ls, label) in enumerate(zip(lengths, labels)):
         src = layer(d, T, ls, seed=case * 10 + i, zero_beta=(case == 0))
-        layers.append(StoredLayer(*encode_layer(src, parse_kv_bits(label), stored, seed, books)))
+        codec = parse_kv_bits(label) if case not in BOUNDS else \
+            PhasedCodec(tuple(codec_from_label(x) for x in label.split("/")), BOUNDS[case], NAMES)
+        layers.append(StoredLayer(*encode_layer(src, codec, stored, seed, books)))
     meta = {**META, "T": T, "ratio": 1.0 if case == 0 else 2.0, "head_dim": d, "num_kv_heads": len(lengths[0]),
             "budget_total": sum(map(sum, lengths))}
     path = write_artifact(tmp_path / "a.h5", meta, layers, books)
@@ -58,11 +79,15 @@ def test_doc_decoder_matches_compactor(tmp_path, case):
         start = 0
         for h, n in enumerate(b["lengths"]):
             assert np.array_equal(a.beta[h, :n].numpy(), b["beta"][start:start + n])
-            parts = dict(zip(("keys", "values"), label[1:].split("V")))
             for t in ("keys", "values"):
                 want, got = a.__dict__[t][h, :n].numpy(), b[t][start:start + n]
                 # lloyd: float64 rotation here vs float32 in compactor; raw and llama.cpp blocks: bit-exact
-                tol = 0 if parts[t] in ("16", "q8_0", "q4_0") else 1e-4 * (np.abs(want).max() + 1)
+                parts = {u.split("V")[t == "values"].lstrip("K") for u in label.split("/")}
+                tol = 0 if parts <= {"16", "q8_0", "q4_0"} else 1e-4 * (np.abs(want).max() + 1)
                 assert np.allclose(got, want, rtol=0, atol=tol), (t, label, np.abs(got - want).max())
             start += n
     assert any(art.meta["positions"] == p for p in ("all", "bitmap", "delta8", "delta16"))
+    if case in BOUNDS:
+        assert art.meta["phases"] == {"names": list(NAMES), "bounds": list(BOUNDS[case])}
+        split = read_artifact(path).layers[0].arrays["phase_lengths"]
+        assert split.shape == (3, len(lengths[0])) and (split == 0).any() == (case == 6)

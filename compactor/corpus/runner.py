@@ -42,7 +42,10 @@ SAMPLE_DOCS, SAMPLE_CHARS = 8, 1 << 16
 
 def options_digest(method: Method, opts: CompressOptions) -> str:
     """sha256 of every compression option and the method's name and parameters (canonical JSON)."""
-    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(opts).items()}
+    fields = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()}
+    if fields.get("calibration") is not None:  # a loaded calibration file: its digest (its repr holds an address)
+        fields["calibration"] = fields["calibration"].digest
     if fields.get("layer_bits"):
         fields["layer_bits"] = {str(k): v for k, v in sorted(fields["layer_bits"].items())}
     blob = json.dumps({"options": fields, "method": method.name, "params": method.params()}, sort_keys=True,

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..storage.kv_codec import RAW, KVCodec, parse_kv_bits, roundtrip
+from ..storage.kv_codec import RAW, parse_kv_bits, roundtrip
 from ..layer_kv import LayerKV
 from ..serving.attention import using_compactor_attention
 from ..methods import Method
@@ -82,10 +82,12 @@ class Evaluator:
         return sum(ces) / len(ces)
 
     def score(self, layers: list[LayerKV], method: str, ratio: float, seconds: float,
-              codecs: list[KVCodec] | None = None, stored_dtype: str = "bfloat16", seed: int = 0) -> EvalRow:
-        """Metrics of the cache as it is served: each layer goes through its codec's store-and-load first."""
+              codecs: list | None = None, stored_dtype: str = "bfloat16", seed: int = 0,
+              codebooks: dict | None = None) -> EvalRow:
+        """Metrics of the cache as it is served: each layer goes through its codec's store-and-load first (a
+        KVCodec or PhasedCodec; custom codebooks they name come from `codebooks` and count in the bytes)."""
         codecs = codecs or [RAW] * len(layers)
-        books: dict = {}
+        books: dict = dict(codebooks or {})
         trips = [roundtrip(layer, codec, stored_dtype, seed, books) for layer, codec in zip(layers, codecs)]
         layers = [t[0] for t in trips]
         stored_bytes = sum(t[1] for t in trips) + sum(b.nbytes for b in books.values())

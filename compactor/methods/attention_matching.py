@@ -155,8 +155,9 @@ class AttentionMatching(ScoredMethod):
             return keep_all(keys, values)
         stats = self._stats(keys, values, queries, context)
         scale, pos = context["scale"], self.visible_pos(context.get("query_pos"))
-        # fit around the keys as they will be stored and loaded (bf16 rounding, quantization), if given
-        stored = context.get("key_transform") or (lambda k, importance: k)
+        # fit around the keys as they will be stored and loaded (bf16 rounding, quantization), if given;
+        # the transform gets the keys' positions too (a phased codec stores each phase with its own codec)
+        stored = context.get("key_transform") or (lambda k, importance, positions: k)
         q, lse = queries.double(), stats.lse.double()[:, None]
         u = self.query_weights(context)
         if u is not None:
@@ -164,7 +165,7 @@ class AttentionMatching(ScoredMethod):
 
         def mass_shares(kept: torch.Tensor) -> torch.Tensor:
             """(n, t) share of each query's full mass carried by each kept key; 0 where not visible."""
-            A = torch.exp(scale * (q @ stored(keys[kept], stats.p_rms[kept]).double().T) - lse)
+            A = torch.exp(scale * (q @ stored(keys[kept], stats.p_rms[kept], kept).double().T) - lse)
             if pos is not None:
                 A = A * (kept[None, :].to(pos.device) <= pos[:, None]).to(A.device)
             return A

@@ -108,7 +108,7 @@ def v2_content(meta: dict, layers: list[StoredLayer], codebooks: dict[str, np.nd
     fields.update({k: _typed(k, v) for k, v in layout.items()})
     fields.update({"num_layers": len(layers), "model_weights": _typed("model_weights", ident)})
     checked = schema.validate_v2(fields, "refusing to write an artifact")
-    specs = packing.dataset_specs(checked, datasets["lengths"])
+    specs = packing.dataset_specs(checked, datasets["lengths"], datasets.get("phase_lengths"))
     if set(specs) != set(datasets) or any(datasets[k].dtype != specs[k][0] or datasets[k].shape != specs[k][1]
                                           for k in specs):
         raise ValueError("packed datasets disagree with the schema (a bug in packing.py)")
@@ -126,15 +126,10 @@ def _write_attr(obj, name: str, value) -> None:
         obj.attrs.create(name, np.int64(value))
 
 
-def write_artifact(path: str | Path, meta: dict, layers: list[StoredLayer],
-                   codebooks: dict[str, np.ndarray] | None = None) -> Path:
-    """Write a v2 artifact atomically. `meta` holds the fields of artifacts/README.md except those this function
-    derives (num_layers, layer_codecs, kv_bits, stored_dtype, rotation_seed, lloyd_*, beta, positions, digest);
-    `model_weights` is `models.weights_identity(model)`. Keys the schema does not know go into `extra`.
-    Raises ArtifactError when the result would not validate or cannot be written, ValueError when the layers
-    disagree (e.g. unsorted positions)."""
-    path = Path(path)
-    attrs, datasets = v2_content(meta, layers, codebooks or {})
+def write_h5(path: Path, attrs: dict, datasets: dict[str, np.ndarray]) -> Path:
+    """The container every compactor .h5 file uses (caches and calibration files): root attributes (ints,
+    fixed-length UTF-8 strings) and contiguous root datasets, written atomically (temporary file in the same folder,
+    fsynced, renamed; removed on any error, Ctrl-C or SIGTERM)."""
     with cleanup_on_sigterm(), atomic_target(path) as tmp:
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
             for name in sorted(datasets):
@@ -142,6 +137,17 @@ def write_artifact(path: str | Path, meta: dict, layers: list[StoredLayer],
             for name in sorted(attrs):
                 _write_attr(f, name, attrs[name])
     return path
+
+
+def write_artifact(path: str | Path, meta: dict, layers: list[StoredLayer],
+                   codebooks: dict[str, np.ndarray] | None = None) -> Path:
+    """Write a v2 artifact atomically. `meta` holds the fields of artifacts/README.md except those this function
+    derives (num_layers, layer_codecs, kv_bits, stored_dtype, rotation_seed, lloyd_*, beta, positions, phases,
+    digest); `model_weights` is `models.weights_identity(model)`. Keys the schema does not know go into `extra`.
+    Raises ArtifactError when the result would not validate or cannot be written, ValueError when the layers
+    disagree (e.g. unsorted positions)."""
+    attrs, datasets = v2_content(meta, layers, codebooks or {})
+    return write_h5(Path(path), attrs, datasets)
 
 
 # ---- reading --------------------------------------------------------------------------------------------------------
@@ -172,8 +178,9 @@ def _meta(f: h5py.File, where: str) -> dict:
     return meta
 
 
-def _guard(path: Path, fn):
-    """Run fn(file, size); any h5py/numpy error on the way is an ArtifactError with one line."""
+def guard(path: Path, fn):
+    """Run fn(file, size) on the file opened read-only; any h5py/numpy error on the way is an ArtifactError with one
+    line (an ArtifactError raised by fn, or a subclass, passes as it is)."""
     f, size = h5safe.open_file(path)
     try:
         with f:
@@ -188,7 +195,7 @@ def read_meta(path: str | Path) -> dict:
     """Root attributes, validated (types, ranges, closed sets, consistency); no dataset is read, so the digest is
     NOT checked here: use read_artifact / load_cache before trusting the cache."""
     path = Path(path)
-    meta = _guard(path, lambda f, size: _meta(f, str(path)))
+    meta = guard(path, lambda f, size: _meta(f, str(path)))
     meta.pop("_fields", None)
     return meta
 
@@ -205,7 +212,16 @@ def _read_v2(f: h5py.File, size: int, meta: dict, where: str, verify: bool) -> A
     if int(lengths.sum(dtype=np.int64)) > meta["budget_total"]:
         raise ArtifactError(f"{where}: heads keep {int(lengths.sum(dtype=np.int64))} entries, more than "
                             f"budget_total {meta['budget_total']}")
-    specs = packing.dataset_specs(meta, lengths)
+    phase_lengths = None
+    if "phases" in meta:
+        if "phase_lengths" not in found:
+            raise ArtifactError(f"{where} has phases but no phase_lengths dataset")
+        h5safe.check_dataset(f["phase_lengths"], f"{where}:phase_lengths", np.dtype("<i4"),
+                             (L, len(meta["phases"]["names"]), H), size)
+        phase_lengths = h5safe.read_dataset(f["phase_lengths"], f"{where}:phase_lengths")
+        if (phase_lengths < 0).any() or (phase_lengths.sum(1, dtype=np.int64) != lengths).any():
+            raise ArtifactError(f"{where}: phase_lengths do not add up to lengths")
+    specs = packing.dataset_specs(meta, lengths, phase_lengths)
     if set(found) != set(specs) or any(kind != "dataset" for kind in found.values()):
         extra, missing = sorted(set(found) - set(specs)), sorted(set(specs) - set(found))
         raise ArtifactError(f"{where}: datasets do not match the attributes (unexpected: {extra[:5]}, "
@@ -261,7 +277,7 @@ def _v1_layer_specs(attrs: dict, lengths: list[int], d: int, exact: int, mean_dt
             raise ArtifactError(f"{where}: {t} stored dtype {stored!r:.40} is not one of {', '.join(STORED_NP)}")
         if part.name == "lloyd" and (attrs[f"{t}_bits"] != part.bits or type(attrs[f"{t}_seed"]) is not int
                                      or not 0 <= attrs[f"{t}_seed"] < 2**63
-                                     or attrs[f"{t}_codebook"] != codebook_name(part.bits, d)):
+                                     or part.codebook or attrs[f"{t}_codebook"] != codebook_name(part.bits, d)):
             raise ArtifactError(f"{where}: {t} lloyd attributes (bits, seed, codebook) are inconsistent")
         specs.update(tensor_specs(t, part, lengths, d, stored, mean_dtype.get(t, "float16")))
     return specs
@@ -356,6 +372,6 @@ def read_artifact(path: str | Path, verify: bool = True, limits: ModelLimits | N
             limits.check(meta, where)
         return (_read_v1 if meta["format_version"] == 1 else _read_v2)(f, size, meta, where, verify)
 
-    art = _guard(path, read)
+    art = guard(path, read)
     art.path = path
     return art

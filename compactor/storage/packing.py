@@ -18,7 +18,11 @@ Kinds (for t in keys, values; present when at least one layer uses them):
   t_exact            stored dtype (sum Hkv * e_l, d)     lloyd_exact > 0; e_l = min(lloyd_exact, shortest head)
   t_exact_rows       int32 (sum Hkv * e_l,)
   t_q8_0 / t_q4_0    uint8 (N_q, d/32 * 34 or 18)        llama.cpp blocks
-  codebook_b<b>      float32 (2^b,)                      one per lloyd bit width used
+  codebook_b<b>      float32 (2^b,)                      one per lloyd bit width used with the Beta codebook
+  codebook_<id>      float32 (2^b,)                      one per custom codebook id (e.g. fitted by calibration)
+  phase_lengths      int32 (L, P, Hkv)                   only when the meta has `phases`: entries per head per phase
+With `phases`, each layer's codec datasets are walked per phase unit (layer-major, then phase), as if each
+(layer, phase) were a layer keeping phase_lengths[l, p] entries per head; beta and positions stay per layer.
   model_weights_kept uint16 (tensors, 8)                 bf16 values of the weights identity
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ import math
 
 import numpy as np
 
-from .kv_codec import KVCodec, TensorCodec, codebook_name, codec_from_label, exact_count, tensor_attrs, tensor_specs
+from .kv_codec import KVCodec, TensorCodec, book_key, codec_from_label, exact_count, tensor_attrs, tensor_specs
 
 POSITION_WIDTHS = {"delta8": np.dtype("u1"), "delta16": np.dtype("<u2"), "delta32": np.dtype("<u4")}
 IDENTITY_DATASET = "model_weights_kept"
@@ -40,13 +44,26 @@ def _root_name(tensor: str, codec: TensorCodec, layer_name: str) -> str:
     return layer_name
 
 
-def layer_specs(codec: KVCodec, lengths: list[int], d: int, stored: str, mean_dtype: str) -> dict:
-    """{per-layer array name: (root dataset, dtype, shape of the layer's slice)} for keys and values."""
+def unit_prefixes(n_units: int, phased: bool) -> list[str]:
+    """Prefix of each storage unit's per-layer array names: '' for a plain layer, 'p<p>.' per phase."""
+    return [f"p{p}." for p in range(n_units)] if phased else [""]
+
+
+def layer_specs(codecs: list[KVCodec], unit_lengths: list[list[int]], d: int, stored: str, mean_dtype: str,
+                phased: bool = False) -> dict:
+    """{per-layer array name: (root dataset, dtype, shape of the layer's slice)} for keys and values of each storage
+    unit (one, or one per phase with `phased`), in the order the units are stored."""
     out = {}
-    for t, part in (("keys", codec.keys), ("values", codec.values)):
-        for name, (dtype, shape) in tensor_specs(t, part, lengths, d, stored, mean_dtype).items():
-            out[name] = (_root_name(t, part, name), dtype, shape)
+    for prefix, codec, row in zip(unit_prefixes(len(codecs), phased), codecs, unit_lengths):
+        for t, part in (("keys", codec.keys), ("values", codec.values)):
+            for name, (dtype, shape) in tensor_specs(prefix + t, part, row, d, stored, mean_dtype).items():
+                out[name] = (_root_name(t, part, name[len(prefix):]), dtype, shape)
     return out
+
+
+def book_dataset(part: TensorCodec) -> str:
+    """Root dataset of a lloyd tensor's codebook: `codebook_b<b>` (Beta) or `codebook_<id>` (custom)."""
+    return f"codebook_{part.codebook}" if part.codebook else f"codebook_b{part.bits}"
 
 
 def _flat(root: str, shape: tuple) -> tuple:
@@ -56,24 +73,34 @@ def _flat(root: str, shape: tuple) -> tuple:
     return shape
 
 
-def dataset_specs(meta: dict, lengths: np.ndarray) -> dict[str, tuple[np.dtype, tuple]]:
-    """Every root dataset a v2 file with these (validated) attributes and lengths (L, Hkv) must hold, exactly."""
+def _unit_lengths(meta: dict, lengths: np.ndarray, phase_lengths: np.ndarray | None, l: int) -> list[list[int]]:
+    return phase_lengths[l].tolist() if "phases" in meta else [lengths[l].tolist()]
+
+
+def dataset_specs(meta: dict, lengths: np.ndarray, phase_lengths: np.ndarray | None = None
+                  ) -> dict[str, tuple[np.dtype, tuple]]:
+    """Every root dataset a v2 file with these (validated) attributes, lengths (L, Hkv) and, with `phases`,
+    phase_lengths (L, P, Hkv) must hold, exactly."""
     d, T, stored, mean = meta["head_dim"], meta["T"], meta["stored_dtype"], meta["lloyd_mean_dtype"]
     L, H = lengths.shape
     N = int(lengths.sum())
+    phased = "phases" in meta
     specs: dict[str, list] = {}
-    for codec, row in zip(meta["codecs"], lengths.tolist()):
-        for name, (root, dtype, shape) in layer_specs(codec, row, d, stored, mean).items():
+    for l, codecs in enumerate(meta["codecs"]):
+        rows = _unit_lengths(meta, lengths, phase_lengths, l)
+        for name, (root, dtype, shape) in layer_specs(codecs, rows, d, stored, mean, phased).items():
             flat = _flat(root, shape)
             if root in specs:
                 specs[root][1] = (specs[root][1][0] + flat[0], *flat[1:])
             else:
                 specs[root] = [dtype, flat]
-        for part in (codec.keys, codec.values):
+        for part in (p for c in codecs for p in (c.keys, c.values)):
             if part.name == "lloyd":
-                specs.setdefault(f"codebook_b{part.bits}", [np.dtype("<f4"), (2 ** part.bits,)])
+                specs.setdefault(book_dataset(part), [np.dtype("<f4"), (2 ** part.bits,)])
     out = {k: (v[0], tuple(v[1])) for k, v in specs.items()}
     out["lengths"] = (np.dtype("<i4"), (L, H))
+    if phased:
+        out["phase_lengths"] = (np.dtype("<i4"), (L, len(meta["phases"]["names"]), H))
     if meta["beta"] == "stored":
         out["beta"] = (np.dtype("<f4"), (N,))
     if meta["positions"] == "bitmap":
@@ -144,23 +171,32 @@ def decode_positions(encoding: str, data: np.ndarray | None, lengths: np.ndarray
 
 
 # ---- pack / unpack --------------------------------------------------------------------------------------------------
+def _units(layer) -> list[tuple[str, list[int]]]:
+    """(array-name prefix, per-head entries) of each storage unit of a StoredLayer."""
+    split = layer.arrays.get("phase_lengths")
+    if split is None:
+        return [("", [int(n) for n in layer.arrays["lengths"]])]
+    return [(f"p{p}.", [int(n) for n in row]) for p, row in enumerate(np.asarray(split))]
+
+
 def _file_params(layers) -> dict:
     """stored dtype, rotation seed, exact count and mean dtype shared by every layer (ValueError if they differ)."""
     seen = {"stored": set(), "seed": set(), "mean": set()}
     exacts, exact_present = [], set()
     for layer in layers:
         a = layer.attrs
-        for t in ("keys", "values"):
-            if a.get(f"{t}_codec") == "raw":
-                seen["stored"].add(a[f"{t}_dtype"])
-            if a.get(f"{t}_codec") == "lloyd":
-                seen["seed"].add(int(a[f"{t}_seed"]))
-                seen["mean"].add(layer.arrays[f"{t}_mean"].dtype.str)
-                rows = layer.arrays.get(f"{t}_exact_rows")
-                exact_present.add(rows is not None)
-                if rows is not None:
-                    seen["stored"].add(a[f"{t}_exact_dtype"])
-                    exacts.append((rows.shape[1], [int(n) for n in layer.arrays["lengths"]]))
+        for prefix, lengths in _units(layer):
+            for t in (prefix + "keys", prefix + "values"):
+                if a.get(f"{t}_codec") == "raw":
+                    seen["stored"].add(a[f"{t}_dtype"])
+                if a.get(f"{t}_codec") == "lloyd":
+                    seen["seed"].add(int(a[f"{t}_seed"]))
+                    seen["mean"].add(layer.arrays[f"{t}_mean"].dtype.str)
+                    rows = layer.arrays.get(f"{t}_exact_rows")
+                    exact_present.add(rows is not None)
+                    if rows is not None:
+                        seen["stored"].add(a[f"{t}_exact_dtype"])
+                        exacts.append((rows.shape[1], lengths))
     for k in ("stored", "seed"):
         if len(seen[k]) > 1:
             raise ValueError(f"layers disagree on {k}: {sorted(seen[k])}")
@@ -173,31 +209,54 @@ def _file_params(layers) -> dict:
             "lloyd_exact": exact, "lloyd_mean_dtype": "float32" if "<f4" in seen["mean"] else "float16"}
 
 
+def _phases(layers) -> dict | None:
+    """The file's `phases` field ({names, bounds}) when the layers are phased (all alike), else None."""
+    found = {(tuple(layer.attrs["phase_names"]), tuple(layer.attrs["phase_bounds"])) if "phase_lengths" in
+             layer.arrays else None for layer in layers}
+    if len(found) != 1:
+        raise ValueError("layers disagree on phases (all layers of a file share the same phases or none)")
+    only = found.pop()
+    return None if only is None else {"names": list(only[0]), "bounds": [int(b) for b in only[1]]}
+
+
 def pack(layers, codebooks: dict[str, np.ndarray], T: int, head_dim: int) -> tuple[dict, dict[str, np.ndarray]]:
     """Per-layer arrays (StoredLayer: arrays and attrs of `kv_codec.encode_layer`) -> (the file attributes this
     layout defines, root datasets). Raises ValueError when the layers do not fit one file."""
     params = _file_params(layers)
+    phases = _phases(layers)
     labels = [str(layer.attrs["kv_codec"]) for layer in layers]
     lengths = np.stack([np.asarray(layer.arrays["lengths"], dtype=np.int32) for layer in layers])
     parts: dict[str, list[np.ndarray]] = {}
-    for layer, label, row in zip(layers, labels, lengths.tolist()):
-        codec = codec_from_label(label, params["lloyd_exact"])
-        specs = layer_specs(codec, row, head_dim, params["stored_dtype"], params["lloyd_mean_dtype"])
+    books: dict[str, tuple[int, np.ndarray]] = {}
+    for layer, label in zip(layers, labels):
+        units = _units(layer)
+        codecs = [codec_from_label(x, params["lloyd_exact"]) for x in label.split("/")]
+        if len(codecs) != len(units):
+            raise ValueError(f"layer codec {label!r} names {len(codecs)} phases, the layer stores {len(units)}")
+        specs = layer_specs(codecs, [u[1] for u in units], head_dim, params["stored_dtype"],
+                            params["lloyd_mean_dtype"], phases is not None)
         for name, (root, dtype, shape) in specs.items():
             arr = np.asarray(layer.arrays[name])
             if arr.shape != shape or arr.dtype != dtype and not name.endswith("_mean"):  # means: fp16 -> fp32 exact
                 raise ValueError(f"layer array {name} is {arr.dtype.str} {arr.shape}, expected {dtype.str} {shape}")
             parts.setdefault(root, []).append(arr.astype(dtype).reshape(_flat(root, shape)))
-    datasets = {k: np.concatenate(v) for k, v in parts.items()}
-    for label in set(labels):
-        codec = codec_from_label(label)
-        for part in (codec.keys, codec.values):
+        for part in (p for c in codecs for p in (c.keys, c.values)):
             if part.name == "lloyd":
-                book = codebooks[codebook_name(part.bits, head_dim)]
-                datasets[f"codebook_b{part.bits}"] = np.asarray(book, dtype="<f4")
+                book = np.asarray(codebooks[book_key(part, head_dim)], dtype="<f4")
+                name = book_dataset(part)
+                if name in books and (books[name][0] != part.bits or not np.array_equal(books[name][1], book)):
+                    raise ValueError(f"codebook {name} is used with two bit widths or two sets of centroids")
+                books[name] = (part.bits, book)
+    datasets = {k: np.concatenate(v) for k, v in parts.items()}
+    datasets.update({name: book for name, (_, book) in books.items()})
     beta = np.concatenate([np.asarray(layer.arrays["beta"], dtype="<f4") for layer in layers])
-    attrs = {**params, "layer_codecs": ",".join(labels), "kv_bits": ",".join(sorted(set(labels))),
+    unit_labels = {x for label in labels for x in label.split("/")}
+    attrs = {**params, "layer_codecs": ",".join(labels), "kv_bits": ",".join(sorted(unit_labels)),
              "beta": "zero" if not beta.any() else "stored"}
+    if phases is not None:
+        attrs["phases"] = phases
+        datasets["phase_lengths"] = np.stack([np.asarray(layer.arrays["phase_lengths"], dtype="<i4")
+                                              for layer in layers])
     if attrs["beta"] == "stored":
         datasets["beta"] = beta
     encoding, pos = encode_positions([layer.arrays["positions"] for layer in layers], lengths, T)
@@ -208,36 +267,56 @@ def pack(layers, codebooks: dict[str, np.ndarray], T: int, head_dim: int) -> tup
     return attrs, datasets
 
 
+def check_phase_positions(positions: np.ndarray, lengths: list[int], split: np.ndarray, bounds: list[int]) -> None:
+    """Each head's count of positions inside each phase's range equals phase_lengths (ValueError otherwise)."""
+    start = 0
+    for h, n in enumerate(lengths):
+        counts = np.diff(np.searchsorted(positions[start:start + n], bounds, side="left"))  # sorted per head
+        if (counts != split[:, h]).any():
+            raise ValueError("phase_lengths disagree with the kept positions and the phase bounds")
+        start += n
+
+
 def unpack(meta: dict, data: dict[str, np.ndarray]) -> tuple[list[tuple[dict, dict]], dict[str, np.ndarray]]:
     """Root datasets (shapes checked against `dataset_specs`) -> per layer (arrays, attrs) as
     `kv_codec.decode_layer` reads them (slices of the datasets, no copy), and the codebooks by name.
     Raises ValueError on inconsistent content."""
     d, T, stored, mean = meta["head_dim"], meta["T"], meta["stored_dtype"], meta["lloyd_mean_dtype"]
     lengths = data["lengths"]
+    phase_lengths = data.get("phase_lengths")
+    phased = "phases" in meta
     positions = decode_positions(meta["positions"], data.get("positions_bitmap", data.get("positions_delta")),
                                  lengths, T)
     beta = data.get("beta")
     offsets: dict[str, int] = {}
     layers, books = [], {}
     n_start = 0
-    for l, codec in enumerate(meta["codecs"]):
+    for l, codecs in enumerate(meta["codecs"]):
         row = lengths[l].tolist()
         N = sum(row)
         arrays = {"lengths": lengths[l].copy(), "positions": positions[l],
                   "beta": beta[n_start:n_start + N] if beta is not None else np.zeros(N, dtype=np.float32)}
         n_start += N
-        for name, (root, dtype, shape) in layer_specs(codec, row, d, stored, mean).items():
+        units = _unit_lengths(meta, lengths, phase_lengths, l)
+        attrs = {"kv_codec": "/".join(c.label for c in codecs)}
+        if phased:
+            arrays["phase_lengths"] = phase_lengths[l].copy()
+            if (phase_lengths[l] < 0).any() or (phase_lengths[l].sum(0) != lengths[l]).any():
+                raise ValueError(f"layer {l}: phase_lengths do not add up to lengths")
+            check_phase_positions(positions[l], row, phase_lengths[l], meta["phases"]["bounds"])
+            attrs.update({"phase_bounds": list(meta["phases"]["bounds"]), "phase_names": list(meta["phases"]["names"])})
+        for name, (root, dtype, shape) in layer_specs(codecs, units, d, stored, mean, phased).items():
             flat = _flat(root, shape)
             start = offsets.get(root, 0)
             arrays[name] = data[root][start:start + flat[0]].reshape(shape)
             offsets[root] = start + flat[0]
-        attrs = {"kv_codec": codec.label}
-        for t, part in (("keys", codec.keys), ("values", codec.values)):
-            attrs.update(tensor_attrs(t, part, stored, meta["rotation_seed"], d))
-            if part.name == "lloyd":
-                book = data[f"codebook_b{part.bits}"]
-                if not (np.isfinite(book).all() and (np.diff(book) > 0).all() and np.abs(book).max() <= 1):
-                    raise ValueError(f"codebook_b{part.bits} is not an ascending codebook in [-1, 1]")
-                books[codebook_name(part.bits, d)] = book
+        for prefix, codec in zip(unit_prefixes(len(codecs), phased), codecs):
+            for t, part in (("keys", codec.keys), ("values", codec.values)):
+                attrs.update(tensor_attrs(prefix + t, part, stored, meta["rotation_seed"], d))
+                if part.name == "lloyd":
+                    book = data[book_dataset(part)]
+                    if not (np.isfinite(book).all() and (np.diff(book) > 0).all() and np.abs(book).max() <= 1):
+                        raise ValueError(f"{book_dataset(part)} is not an ascending codebook in [-1, 1]")
+                    books[book_key(part, d)] = book
         layers.append((arrays, attrs))
     return layers, books

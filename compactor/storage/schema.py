@@ -60,8 +60,12 @@ V2_FIELDS = {
     "lloyd_mean_dtype": _s(choices=tuple(MEAN_NP)), "beta": _s(choices=BETA), "positions": _s(choices=POSITIONS),
     "seconds": OBJECT,
 }
-V2_OPTIONAL = {"extra": OBJECT,  # caller metadata the schema does not interpret (still digested)
-               "chat": OBJECT}  # the document was wrapped as the first user turn of this chat template
+# extra: caller metadata the schema does not interpret (still digested); chat: the document was wrapped as the first
+# user turn of this chat template; phases: per-phase storage of a document with phases (names, bounds);
+# calibration_sha256: digest of the calibration file compress used (informative).
+V2_OPTIONAL = {"extra": OBJECT, "chat": OBJECT, "phases": OBJECT, "calibration_sha256": HEX}
+MAX_PHASES = 16
+_PHASE_NAME = re.compile(r"[a-z0-9_]{1,32}")
 
 
 def _no_constants(name):
@@ -157,23 +161,47 @@ def validate_v2(meta: dict, where: str) -> dict:
     T, L = meta["T"], meta["num_layers"]
     if meta["ratio"] > T:
         raise ArtifactError(f"{where}: ratio {meta['ratio']} is larger than T={T}")
+    P = _check_phases(meta, where)
     labels = meta["layer_codecs"].split(",")
     if len(labels) != L:
         raise ArtifactError(f"{where}: layer_codecs names {len(labels)} layers, num_layers is {L}")
     try:
-        meta["codecs"] = [codec_from_label(x, meta["lloyd_exact"]) for x in labels]
+        meta["codecs"] = [[codec_from_label(x, meta["lloyd_exact"]) for x in label.split("/")] for label in labels]
     except ValueError as e:
         raise ArtifactError(f"{where}: {e}") from None
-    if meta["kv_bits"] != ",".join(sorted(set(labels))):
+    if any(len(units) != P for units in meta["codecs"]):
+        raise ArtifactError(f"{where}: every layer_codecs entry must name {P} phase codec(s) joined by '/'")
+    unit_labels = {c.label for units in meta["codecs"] for c in units}
+    if meta["kv_bits"] != ",".join(sorted(unit_labels)):
         raise ArtifactError(f"{where}: kv_bits {meta['kv_bits']!r:.80} disagrees with layer_codecs")
     d = meta["head_dim"]
-    for c in meta["codecs"]:
+    book_bits: dict[str, int] = {}
+    for c in (c for units in meta["codecs"] for c in units):
         for part in (c.keys, c.values):
             if part.name in ("q8_0", "q4_0") and d % 32 or part.name == "lloyd" and d < 4:
                 raise ArtifactError(f"{where}: codec {part.name} cannot store head_dim {d}")
+            if part.codebook is not None and book_bits.setdefault(part.codebook, part.bits) != part.bits:
+                raise ArtifactError(f"{where}: codebook {part.codebook!r} is used with two bit widths")
     if meta["budget_total"] > L * meta["num_kv_heads"] * math.ceil(T / meta["ratio"]):
         raise ArtifactError(f"{where}: budget_total {meta['budget_total']} exceeds ceil(T/ratio) per head")
     return meta
+
+
+def _check_phases(meta: dict, where: str) -> int:
+    """Number of phases P (1 without the `phases` field); `phases` = {"names": P distinct names, "bounds": P+1
+    non-decreasing ints from 0 to T}."""
+    phases = meta.get("phases")
+    if phases is None:
+        return 1
+    names, bounds = phases.get("names"), phases.get("bounds")
+    ok = (set(phases) == {"names", "bounds"} and isinstance(names, list) and 1 <= len(names) <= MAX_PHASES
+          and all(isinstance(n, str) and _PHASE_NAME.fullmatch(n) for n in names) and len(set(names)) == len(names)
+          and isinstance(bounds, list) and len(bounds) == len(names) + 1 and all(type(b) is int for b in bounds)
+          and bounds[0] == 0 and bounds[-1] == meta["T"] and all(a <= b for a, b in zip(bounds, bounds[1:])))
+    if not ok:
+        raise ArtifactError(f"{where}: phases must be {{names: 1..{MAX_PHASES} distinct [a-z0-9_] names, bounds: "
+                            "one more non-decreasing integer from 0 to T}")
+    return len(names)
 
 
 def check_chat(chat: dict, where: str) -> None:
@@ -193,8 +221,15 @@ def digest_v2(meta: dict, datasets: dict[str, np.ndarray]) -> str:
     """sha256 of DIGEST_PREFIX, the canonical JSON of {"format", "format_version", "meta": the meta object}, a
     newline, then per dataset in name order `name|dtype|shape|` (dtype as numpy's str, e.g. <f4; shape as
     comma-separated ints) and its bytes in C order."""
-    h = hashlib.sha256(DIGEST_PREFIX)
-    h.update(canonical_json({"format": FORMAT, "format_version": VERSION, "meta": meta}).encode())
+    return container_digest(FORMAT, VERSION, meta, datasets)
+
+
+def container_digest(fmt: str, version: int, meta: dict, datasets: dict[str, np.ndarray]) -> str:
+    """The digest of any compactor .h5 container (caches: compactor-kv/2; calibration files: compactor-calibration/1):
+    sha256 of `<format>/<version>\n`, the canonical JSON of {format, format_version, meta}, a newline, then each
+    dataset in name order as `name|dtype|shape|` and its bytes in C order."""
+    h = hashlib.sha256(f"{fmt}/{version}\n".encode())
+    h.update(canonical_json({"format": fmt, "format_version": version, "meta": meta}).encode())
     h.update(b"\n")
     for name in sorted(datasets):
         arr = datasets[name]
