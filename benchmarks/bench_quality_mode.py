@@ -146,7 +146,7 @@ def save_capture(path: Path, cap) -> None:
     save_file(t, str(path))
 
 
-def load_capture(path: Path):
+def load_capture(path: Path, device="cpu"):
     from safetensors.torch import load_file
 
     from compactor.capture.prefill import Capture
@@ -154,9 +154,10 @@ def load_capture(path: Path):
     t = load_file(str(path))
     L = sum(1 for k in t if k.startswith("keys."))
     probe = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("probe.")} or None
-    return Capture([t[f"keys.{i}"] for i in range(L)], [t[f"values.{i}"] for i in range(L)],
-                   [t[f"queries.{i}"] for i in range(L)], t["query_pos"], t["query_source"], float(t["scale"]),
-                   probe, t.get("repeat_ids"), t.get("repeat_keep"))
+    dev = lambda x: x.to(device)  # noqa: E731  (the probe stays on the CPU, as a fresh capture's does)
+    return Capture([dev(t[f"keys.{i}"]) for i in range(L)], [dev(t[f"values.{i}"]) for i in range(L)],
+                   [dev(t[f"queries.{i}"]) for i in range(L)], dev(t["query_pos"]), dev(t["query_source"]),
+                   float(t["scale"]), probe, t.get("repeat_ids"), t.get("repeat_keep"))
 
 
 def get_capture(lm, name: str, ids: torch.Tensor, T: int, variant: str, args):
@@ -166,7 +167,7 @@ def get_capture(lm, name: str, ids: torch.Tensor, T: int, variant: str, args):
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"qm_{name}_T{T}_q{args.max_queries}_{variant}.safetensors"
     if path.exists():
-        return load_capture(path), json.loads(path.with_suffix(".json").read_text())
+        return load_capture(path, lm.model.device), json.loads(path.with_suffix(".json").read_text())
     base = None
     if variant != "base":
         base, base_info = get_capture(lm, name, ids, T, "base", args)
@@ -293,8 +294,8 @@ def groups(rows: list[dict], T: int) -> dict:
     return out
 
 
-QUALITY_CONFIG = "am_split25_check_bridge01"  # the quality preset (compactor/pipeline.py PRESETS["quality"])
-SUMMARY = [(QUALITY_CONFIG, "quality preset"), ("am_rms_layer", "AM today (fast)"),
+QUALITY_CONFIG = "q_rep75"  # the quality preset (compactor/fitting/presets.py PRESETS["quality"])
+SUMMARY = [(QUALITY_CONFIG, "quality preset"), ("am_split25_check_bridge01", "previous quality preset (50% repeat)"), ("am_rms_layer", "AM today (fast)"),
            ("evict_rms_layer", "eviction, today's scores/budgets"),
            ("evict_kvgrad_split25", "eviction, the quality preset's keys"),
            ("evict_kvgrad_split50", "eviction, split 0.5 keys"),

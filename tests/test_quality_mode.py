@@ -299,11 +299,12 @@ def test_presets_are_recorded_and_explicit_options_win(tmp_path, tiny_llama, doc
 
     q = compress("--preset", "quality")
     for key, value in {**PRESETS["quality"]["options"], **PRESETS["quality"]["method"]}.items():
-        assert q[key] == value, key
+        assert q["query_sources" if key == "sources" else key] == value, key
     assert q["preset"] == "quality" and q["probe"] == "gradient"
-    assert q["query_sources"] == {"context": 0.5, "repeat": 0.5}
+    assert q["query_sources"] == {"context": 0.25, "repeat": 0.75}
     f = compress("--preset", "fast")
     assert (f["score"], f["budget"], f["budget_floor"], f["probe"]) == ("rms", "layer", 0.75, "none")
+    assert f["query_sources"] == {"context": 0.5, "repeat": 0.5}
     o = compress("--preset", "quality", "--budget", "layer", "--score", "kvzip", "--query-sources",
                  "context=1,repeat=1,random=0.5", "--beta-floor", "-4")
     assert (o["budget"], o["score"], o["probe"], o["beta_floor"]) == ("layer", "kvzip", "attention", -4.0)
@@ -328,7 +329,7 @@ def test_compress_api_records_each_presets_options(tiny_llama, doc_text):
         p = meta["method_params"]
         assert p["preset"] == name and p["probe"] == probe[name]
         for key, value in {**PRESETS[name]["options"], **PRESETS[name]["method"]}.items():
-            assert p[key] == value, (name, key)
+            assert p["query_sources" if key == "sources" else key] == value, (name, key)
         assert meta["method"] == "am" and meta["T"] == 100 and meta["budget_total"] == 25 * len(cache.layers) * 2
     p = compactor.compress(doc_text, lm.model, lm.tokenizer, **run, preset="quality", value_fit="all",
                            budget="layer").artifact.meta["method_params"]

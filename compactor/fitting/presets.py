@@ -4,7 +4,8 @@
 # combination of benchmarks/results_quality.md (issue 9), and the default of the CLI and `compactor.compress`.
 PRESETS = {
     "fast": {"options": {"budget": "layer", "budget_floor": 0.75}, "method": {"score": "rms"}},
-    "quality": {"options": {"budget": "split", "budget_floor": 0.75, "split_share": 0.25},
+    "quality": {"options": {"budget": "split", "budget_floor": 0.75, "split_share": 0.25,
+                            "sources": {"context": 0.25, "repeat": 0.75}},
                 "method": {"score": "kvgrad", "value_fit": "check", "beta_ridge": 0.01}},
 }
 
