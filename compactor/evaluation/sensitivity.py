@@ -41,8 +41,8 @@ def _replace_heads(layer: LayerKV, heads: dict[int, LayerKV]) -> LayerKV:
     t = max(p[0].shape[0] for p in parts)
 
     def pad(x, fill):
-        return torch.cat([x, torch.full((t - x.shape[0], *x.shape[1:]), fill, dtype=x.dtype)]) if x.shape[0] < t \
-            else x
+        return torch.cat([x, torch.full((t - x.shape[0], *x.shape[1:]), fill, dtype=x.dtype, device=x.device)]) \
+            if x.shape[0] < t else x
 
     return LayerKV(torch.stack([pad(p[0], 0) for p in parts]), torch.stack([pad(p[1], 0) for p in parts]),
                    torch.stack([pad(p[2], 0.0) for p in parts]), torch.stack([pad(p[3], -1) for p in parts]),
