@@ -1,8 +1,8 @@
 """Resumable stages: each stage's output is cached on disk under a digest of its inputs, so a rerun (after an
 interrupt, or with a changed setting) recomputes only the stages whose inputs changed.
 
-A stage output is a dict of numpy arrays and JSON-able values, stored as `<folder>/<stage>.npz` (arrays; read with
-allow_pickle=False) and `<folder>/<stage>.json` ({"inputs": digest, "values": ...}), both written to a temporary
+A stage output is a dict of numpy arrays and JSON-able values, stored as `<folder>/<stage>.safetensors` (arrays:
+a format that holds only tensors, so reading a cache never runs code) and `<folder>/<stage>.json` ({"inputs": digest, "values": ...}), both written to a temporary
 name and renamed, the JSON last: a stage counts as done only when its JSON names the current input digest.
 The digest covers the stage name, its version, its parameters and the digests of the stages it reads.
 """
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from ..storage.schema import canonical_json
 
@@ -46,30 +48,29 @@ class StageCache:
         return out
 
     def _paths(self, stage: str) -> tuple[Path, Path]:
-        return self.folder / f"{stage}.npz", self.folder / f"{stage}.json"
+        return self.folder / f"{stage}.safetensors", self.folder / f"{stage}.json"
 
     def _load(self, stage: str, digest: str) -> dict | None:
-        npz, meta = self._paths(stage)
+        tensors, meta = self._paths(stage)
         try:
             head = json.loads(meta.read_text())
             if head.get("inputs") != digest:
                 return None
-            with np.load(npz, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
+            arrays = load_file(str(tensors))
             if sorted(arrays) != sorted(head.get("arrays", [])):
                 return None
             return {**head["values"], **arrays}
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             return None
 
     def _save(self, stage: str, digest: str, out: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        npz, meta = self._paths(stage)
-        arrays = {k: np.asarray(v) for k, v in out.items() if isinstance(v, np.ndarray)}
+        tensors, meta = self._paths(stage)
+        arrays = {k: np.ascontiguousarray(v) for k, v in out.items() if isinstance(v, np.ndarray)}
         values = {k: v for k, v in out.items() if not isinstance(v, np.ndarray)}
-        tmp = npz.with_name(f".{npz.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, npz)
+        tmp = tensors.with_name(f".{tensors.name}.tmp-{os.getpid()}")
+        save_file(arrays, str(tmp))
+        os.replace(tmp, tensors)
         tmp = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps({"inputs": digest, "arrays": sorted(arrays), "values": values}, indent=1))
         os.replace(tmp, meta)
