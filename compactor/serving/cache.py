@@ -63,7 +63,8 @@ class CompactedLayer(DynamicLayer):
         shape = (batch, *self.prefix_keys.shape[1:])
         return self.prefix_keys.expand(shape), self.prefix_values.expand(shape)
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def _append(self, key_states, value_states) -> None:
+        """Append new tokens' keys/values (b, Hkv, q, d) after the ones appended so far (the prefix is untouched)."""
         key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
         if self.appended == 0:
             self.keys, self.values = key_states, value_states
@@ -73,6 +74,9 @@ class CompactedLayer(DynamicLayer):
                                  "rows; fork the cache for a new batch")
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self._append(key_states, value_states)
         prefix_k, prefix_v = self._prefix(self.keys.shape[0])
         keys = torch.cat([prefix_k, self.keys], dim=-2)
         values = torch.cat([prefix_v, self.values], dim=-2)
@@ -154,15 +158,7 @@ class RaggedLayer(CompactedLayer):
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        key_states, value_states = key_states.to(self.dtype), value_states.to(self.dtype)
-        if self.appended == 0:
-            self.keys, self.values = key_states, value_states
-        else:
-            if key_states.shape[0] != self.keys.shape[0]:
-                raise ValueError(f"batch of {key_states.shape[0]} new tokens after {self.keys.shape[0]} appended "
-                                 "rows; fork the cache for a new batch")
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+        self._append(key_states, value_states)
         return attach_prefix(self.keys, self.prefix), self.values
 
     def batch_repeat_interleave(self, repeats: int) -> None:
