@@ -10,32 +10,17 @@ imports triton. Either way one plain `pytest tests/` run covers them.
 
 import importlib
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from triton_interp import HAS_TRITON, interpreter_active, run_interpreter_child
 
 stats_mod = importlib.import_module("compactor.kernels.attention_stats")
 from compactor.kernels import AttentionStats, attention_stats, attention_stats_torch, attention_stats_triton  # noqa: E402
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_TRITON = HAS_TRITON
 _CHILD_ENV = "COMPACTOR_ATTN_STATS_CHILD"  # set in the child: interpreter tests must run, never skip
-
-
-def _interpreter_active() -> bool:
-    """True when triton in this process was imported with the interpreter switched on."""
-    if not _HAS_TRITON or os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("", "0", "false", "off", "no"):
-        return False
-    import triton.language as tl
-
-    return type(tl.zeros).__name__ == "InterpretedFunction"
-
-
-_INTERP = _interpreter_active()
-if os.environ.get(_CHILD_ENV) == "1" and not _INTERP:
-    raise RuntimeError("child run: TRITON_INTERPRET=1 was set but triton is not in interpreter mode")
+_INTERP = interpreter_active(_CHILD_ENV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,19 +275,7 @@ if _INTERP:  # defined only where they can run; otherwise the child pytest below
 @pytest.mark.skipif(_INTERP, reason="the interpreter cases already run in this process")
 def test_triton_kernels_under_interpreter():
     """Run the test_interp_* cases in a child pytest with the interpreter enabled from the start."""
-    env = dict(os.environ)
-    env.update({"TRITON_INTERPRET": "1", "COMPACTOR_TRITON": "1", _CHILD_ENV: "1"})
-    # -P as in this process: on a machine without the installed package, the repo root's compactor/ (no kernels/)
-    # must not shadow the package layout on PYTHONPATH
-    cmd = [sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           __file__, "-k", "test_interp_"]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"interpreter tests failed (rc={proc.returncode}):\n{tail}"
-    n_cases = len(CASES) + 7 + 2
-    assert f"{n_cases} passed" in proc.stdout, f"expected {n_cases} interpreter cases to pass:\n{tail}"
-    assert "skipped" not in proc.stdout.splitlines()[-1], tail
+    run_interpreter_child(__file__, _CHILD_ENV, len(CASES) + 7 + 2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,30 +6,16 @@ TRITON_INTERPRET=1; otherwise `test_fit_kernels_under_interpreter` runs them in 
 """
 import importlib
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from triton_interp import HAS_TRITON, interpreter_active, run_interpreter_child
 
 fp = importlib.import_module("compactor.kernels.fit_products")
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-_CHILD_ENV = "COMPACTOR_FIT_PRODUCTS_CHILD"
-
-
-def _interpreter_active() -> bool:
-    if not _HAS_TRITON or os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("", "0", "false", "off", "no"):
-        return False
-    import triton.language as tl
-
-    return type(tl.zeros).__name__ == "InterpretedFunction"
-
-
-_INTERP = _interpreter_active()
-if os.environ.get(_CHILD_ENV) == "1" and not _INTERP:
-    raise RuntimeError("child run: TRITON_INTERPRET=1 was set but triton is not in interpreter mode")
+_HAS_TRITON = HAS_TRITON
+_CHILD_ENV = "COMPACTOR_FIT_PRODUCTS_CHILD"  # set in the child: interpreter tests must run, never skip
+_INTERP = interpreter_active(_CHILD_ENV)
 
 
 def problem(seed, B=2, n=70, t=45, d=64, dtype=torch.float32, causal=False):
@@ -240,17 +226,7 @@ if _INTERP:
 @pytest.mark.skipif(_INTERP, reason="the interpreter cases already run in this process")
 def test_fit_kernels_under_interpreter():
     """Run the test_interp_* cases in a child pytest with the interpreter enabled from the start."""
-    env = dict(os.environ)
-    env.update({"TRITON_INTERPRET": "1", "COMPACTOR_TRITON": "1", _CHILD_ENV: "1"})
-    # -P as in this process: on a machine without the installed package, the repo root's compactor/ (no kernels/)
-    # must not shadow the package layout on PYTHONPATH
-    cmd = [sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           __file__, "-k", "test_interp_"]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"interpreter tests failed (rc={proc.returncode}):\n{tail}"
-    assert "19 passed" in proc.stdout, f"expected 19 interpreter cases to pass:\n{tail}"
+    run_interpreter_child(__file__, _CHILD_ENV, 19)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and _HAS_TRITON), reason="needs a CUDA device and triton")

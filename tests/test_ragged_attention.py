@@ -9,13 +9,11 @@ one.
 """
 import importlib
 import importlib.util
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from triton_interp import HAS_TRITON, interpreter_active, run_interpreter_child
 
 from compactor.layer_kv import LayerKV
 from compactor.storage.kv_codec import KVCodec, TensorCodec, decode_layer, encode_layer, parse_kv_bits
@@ -24,21 +22,9 @@ attn_mod = importlib.import_module("compactor.kernels.ragged_attention")
 from compactor.kernels.ragged_attention import ragged_attention, ragged_attention_torch, ragged_attention_triton  # noqa: E402
 from compactor.kernels.ragged_prefix import RaggedPrefix  # noqa: E402
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-_CHILD_ENV = "COMPACTOR_RAGGED_CHILD"
-
-
-def _interpreter_active() -> bool:
-    if not _HAS_TRITON or os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("", "0", "false", "off", "no"):
-        return False
-    import triton.language as tl
-
-    return type(tl.zeros).__name__ == "InterpretedFunction"
-
-
-_INTERP = _interpreter_active()
-if os.environ.get(_CHILD_ENV) == "1" and not _INTERP:
-    raise RuntimeError("child run: TRITON_INTERPRET=1 was set but triton is not in interpreter mode")
+_HAS_TRITON = HAS_TRITON
+_CHILD_ENV = "COMPACTOR_RAGGED_CHILD"  # set in the child: interpreter tests must run, never skip
+_INTERP = interpreter_active(_CHILD_ENV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,12 +438,4 @@ _N_INTERP = len(KERNEL_CASES) + 3 + 1 + 1
 @pytest.mark.skipif(_INTERP, reason="the interpreter cases already run in this process")
 def test_triton_kernels_under_interpreter():
     """Run the test_interp_* cases in a child pytest with the interpreter enabled from the start."""
-    env = dict(os.environ)
-    env.update({"TRITON_INTERPRET": "1", "COMPACTOR_TRITON": "1", _CHILD_ENV: "1"})
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_interp_"]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"interpreter tests failed (rc={proc.returncode}):\n{tail}"
-    assert f"{_N_INTERP} passed" in proc.stdout, f"expected {_N_INTERP} interpreter cases to pass:\n{tail}"
-    assert "skipped" not in proc.stdout.splitlines()[-1], tail
+    run_interpreter_child(__file__, _CHILD_ENV, _N_INTERP)
