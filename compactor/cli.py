@@ -368,23 +368,27 @@ def compress_corpus(corpus, out, device_map, as_json, ratio, max_tokens, stored_
 
 def _artifact_summary(art, path) -> dict:
     """Sizes and layout of an artifact: file, stored payload (by kind), the full 16-bit cache of the same prefix,
-    and the serving memory (16-bit keys/values padded per layer + float32 beta; and as stored, measured)."""
+    and the serving memory, measured from the tensors each load path builds: dequantized (16-bit keys/values
+    padded per layer + float32 beta) and as stored (ragged, codes kept; per-phase layers are served dequantized)."""
     from .evaluation.metrics import full_cache_bytes
-    from .serving.loader import decode_layers, served_bytes_as_stored
+    from .serving.loader import decode_layers, is_phased, served_bytes
     from .storage.kv_codec import byte_breakdown
 
     meta = art.meta
     layers = decode_layers(art)  # also checks that every layer decodes
     lengths = [int(x) for layer in layers for x in layer.lengths]
     full = full_cache_bytes(len(layers), int(meta["num_kv_heads"]), art.T, int(meta["head_dim"]))
+    padded, as_stored = served_bytes([(layer.arrays, layer.attrs) for layer in art.layers], art.codebooks,
+                                     int(meta["head_dim"]), art.T)
     return {
         "path": str(path), "document": meta.get("document_name"), "model_id": meta["model_id"],
         "T": art.T, "ratio": meta["ratio"], "method": meta["method"], "kv_bits": meta.get("kv_bits"),
         "chat": meta.get("chat") is not None,
         "bytes": {"file": Path(path).stat().st_size, "payload": art.payload_bytes,
                   "payload_by_kind": byte_breakdown(art), "full_cache": full,
-                  "memory": max(1, sum(layer.memory_bytes() for layer in layers)),  # heads keeping nothing: no 0
-                  "memory_as_stored": max(1, served_bytes_as_stored(art))},
+                  "memory": max(1, padded),  # heads keeping nothing: no 0
+                  "memory_as_stored": max(1, as_stored),
+                  "servable_as_stored": not any(is_phased(layer.arrays) for layer in art.layers)},
         "kept_per_head": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths),
                           "total": sum(lengths)},
         "seconds": dict(meta.get("seconds") or {}),
@@ -459,10 +463,14 @@ def inspect(artifact, no_verify, as_json):
     click.echo(f"  stored     {payload:,} bytes ({parts}); file {size:,} bytes")
     click.echo(f"  vs full    full 16-bit cache {full:,} bytes: {full / payload:.1f}x smaller stored, "
                f"{full / size:.1f}x on disk, {full / memory:.1f}x in memory when served "
-               f"(16-bit keys/values padded per layer + beta: {memory:,} bytes)")
+               f"(dequantized: 16-bit keys/values padded per layer + beta, {memory:,} bytes)")
     as_stored = summary["bytes"]["memory_as_stored"]
-    click.echo(f"  served     as stored (load_cache keep_quantized=True, ragged heads, codes kept): {as_stored:,} "
-               f"bytes, {full / as_stored:.1f}x smaller than the full cache (measured from the loaded tensors)")
+    if not summary["bytes"]["servable_as_stored"]:
+        click.echo("  served     dequantized (per-phase codecs: load_cache serves them with keep_quantized=False)")
+    else:
+        click.echo(f"  served     as stored (load_cache keep_quantized=True, ragged heads, codes kept): "
+                   f"{as_stored:,} bytes, {full / as_stored:.1f}x smaller than the full cache")
+    click.echo("             (both memory figures measured from the tensors each load path builds)")
     if art.version == 1:
         integrity = ("v1 file: per-chunk checksums and payload digest OK; v1 does not cover attributes, "
                      "re-compress to get a v2 file" if not no_verify else "v1 file: per-chunk checksums OK, "

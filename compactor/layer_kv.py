@@ -16,9 +16,3 @@ class LayerKV:
     positions: torch.Tensor  # (Hkv, t_max) int64, -1 in padding
     lengths: torch.Tensor    # (Hkv,) int64 valid entries per head
     importance: torch.Tensor | None = None  # (Hkv, t_max) attention score of each entry (guides quantization)
-
-    def memory_bytes(self, item_bytes: int = 2) -> int:
-        """Bytes the serving cache allocates for this layer: padded keys and values at `item_bytes` each
-        (16-bit by default) plus float32 beta."""
-        H, t_max, d = self.keys.shape
-        return H * t_max * (2 * d * item_bytes + 4)

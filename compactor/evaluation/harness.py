@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..storage.kv_codec import RAW, parse_kv_bits, roundtrip
+from ..storage.kv_codec import RAW, parse_kv_bits, store_and_load
 from ..layer_kv import LayerKV
 from ..serving.attention import using_compactor_attention
 from ..methods import Method
@@ -15,7 +15,7 @@ from .metrics import (RECALL_CUE, continuation_logits, full_cache_bytes, head_fi
                       span_ce)
 from ..pipeline import compact_capture
 from ..capture.prefill import Capture, QueryRecorder
-from ..serving.loader import cache_from_layers
+from ..serving.loader import cache_from_layers, served_bytes
 
 
 @dataclass
@@ -29,9 +29,10 @@ class EvalRow:
     out_err: float        # attention fidelity: mean over (layer, head) of the relative L2 output error
     mass_err: float       # mean relative attention-mass error
     stored_bytes: int     # artifact payload: codes, gains, means, scales, beta, positions, lengths, codebooks
-    memory_bytes: int     # serving cache: padded 16-bit keys and values + float32 beta
+    memory_bytes: int     # served dequantized (keep_quantized=False): padded 16-bit keys/values + float32 beta
     full_bytes: int       # the full 16-bit K/V cache of the same prefix
     seconds: float        # compaction time (prefill and key scoring excluded)
+    held_bytes: int = 0   # served as stored (keep_quantized=True; per-phase layers: dequantized); 0: not measured
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,9 +89,10 @@ class Evaluator:
         KVCodec or PhasedCodec; custom codebooks they name come from `codebooks` and count in the bytes)."""
         codecs = codecs or [RAW] * len(layers)
         books: dict = dict(codebooks or {})
-        trips = [roundtrip(layer, codec, stored_dtype, seed, books) for layer, codec in zip(layers, codecs)]
+        trips = [store_and_load(layer, codec, stored_dtype, seed, books) for layer, codec in zip(layers, codecs)]
         layers = [t[0] for t in trips]
-        stored_bytes = sum(t[1] for t in trips) + sum(b.nbytes for b in books.values())
+        stored_bytes = sum(a.nbytes for t in trips for a in t[1].values()) + sum(b.nbytes for b in books.values())
+        memory_bytes, held_bytes = served_bytes([t[1:] for t in trips], books, layers[0].keys.shape[-1], self.T)
         cache = cache_from_layers(layers, self.T, self.model)
         logits = continuation_logits(self.model, cache.fork(), self.cont, self.T)
         ckl = float(kl_per_token(self.full_logits, logits).mean())
@@ -106,7 +108,7 @@ class Evaluator:
         label = ",".join(sorted({c.label for c in codecs}))
         return EvalRow(method, ratio, label, ckl, retention(self.ce_none, self.ce_full, ce_c), ce_c,
                        sum(out_errs) / len(out_errs), sum(mass_errs) / len(mass_errs), stored_bytes,
-                       sum(layer.memory_bytes() for layer in layers), self.full_bytes, seconds)
+                       memory_bytes, self.full_bytes, seconds, held_bytes)
 
     def run(self, methods: list[Method], ratios: list[float], budget: str = "layer", budget_floor: float = 0.75,
             progress: bool = True, kv_bits: list[str] = ("16",), stored_dtype: str = "bfloat16",
@@ -133,10 +135,13 @@ class Evaluator:
 def format_table(rows: list[EvalRow]) -> str:
     """Markdown table of evaluation rows."""
     head = ("| method | ratio | K/V | cKL (nats/tok) | retention | out err | mass err | stored bytes | vs full "
-            "| memory bytes | vs full | compact s |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "| held dequantized | vs full | held as stored | vs full | compact s |\n"
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
+        held = (f"{r.held_bytes:,} | {r.full_bytes / r.held_bytes:.1f}x" if r.held_bytes else "- | -")
         lines.append(f"| {r.method} | {r.ratio:g} | {r.kv} | {r.ckl:.4f} | {r.retention:.3f} | {r.out_err:.3f} | "
                      f"{r.mass_err:.3f} | {r.stored_bytes:,} | {r.full_bytes / r.stored_bytes:.1f}x | "
-                     f"{r.memory_bytes:,} | {r.full_bytes / r.memory_bytes:.1f}x | {r.seconds:.1f} |")
+                     f"{r.memory_bytes:,} | {r.full_bytes / max(1, r.memory_bytes):.1f}x | {held} | "
+                     f"{r.seconds:.1f} |")
     return "\n".join(lines)

@@ -108,12 +108,23 @@ def ragged_kernel_available(model) -> bool:
     return _HAS_TRITON and _device_dtype(model)[0].type == "cuda"
 
 
-def keep_quantized_default(model) -> bool:
+def keep_quantized_default(model, art: Artifact | None = None) -> bool:
     """The rule for `keep_quantized=None`: keep the stored codes when the ragged Triton kernel runs (the model
-    on CUDA, triton importable) and the model has no sliding-window attention (the ragged path takes a causal +
-    padding mask only); otherwise dequantize (on CPU the ragged path is the plain-torch reference, which decodes
-    the prefix at every call: correct but slower than the padded cache)."""
-    return ragged_kernel_available(model) and not _sliding_window(model)
+    on CUDA, triton importable), the model has no sliding-window attention (the ragged path takes a causal +
+    padding mask only) and every layer of `art` has one codec (not per-phase codecs); otherwise dequantize (on
+    CPU the ragged path is the plain-torch reference, which decodes the prefix at every call: correct but slower
+    than the padded cache)."""
+    return ragged_kernel_available(model) and not _sliding_window(model) and not (art is not None and _phased(art))
+
+
+def _phased(art: Artifact) -> bool:
+    """Whether some layer stores per-phase codecs (a reasoning trace compressed with a calibration)."""
+    return any(is_phased(layer.arrays) for layer in art.layers)
+
+
+def is_phased(arrays: dict) -> bool:
+    """Whether a stored layer's arrays hold per-phase units (kv_codec.encode_layer with a PhasedCodec)."""
+    return "phase_lengths" in arrays
 
 
 def _sliding_window(model) -> bool:
@@ -147,11 +158,31 @@ def ragged_layers(art: Artifact, device) -> list:
     return out
 
 
-def served_bytes_as_stored(art: Artifact) -> int:
-    """Bytes the cache of `art` allocates when served with keep_quantized=True, measured from the tensors the
-    ragged layers hold (built on the host; the same tensors go to the GPU)."""
-    layers = [RaggedLayer(prefix, art.T, torch.bfloat16) for prefix in ragged_layers(art, "cpu")]
-    return CompactedCache(layers, art.T).memory_bytes()
+def served_bytes(encoded: list[tuple[dict, dict]], codebooks: dict, head_dim: int, logical_length: int,
+                 dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(dequantized, as stored): bytes a served cache of these encoded layers (`encode_layer`'s (arrays, attrs)
+    per layer) allocates with keep_quantized=False (decoded to `dtype`, padded to each layer's longest head) and
+    with keep_quantized=True (codes kept, ragged), measured from the tensors each load path builds (on the host,
+    one layer at a time; the same tensors go to the GPU). Layers with per-phase codecs are always served
+    dequantized: then both numbers are the dequantized one."""
+    from ..kernels.ragged_prefix import RaggedPrefix
+
+    keep = not any(is_phased(arrays) for arrays, _ in encoded)
+    padded, ragged, shared = 0, 0, {}
+    for arrays, attrs in encoded:
+        kv = decode_layer(arrays, attrs, codebooks, head_dim)
+        pad = torch.arange(kv.keys.shape[1])[None, :] >= kv.lengths[:, None]
+        layer = CompactedLayer(kv.keys.to(dtype), kv.values.to(dtype), kv.beta.float().masked_fill(pad, float("-inf")),
+                               logical_length)
+        padded += layer.prefix_bytes()
+        if not keep:
+            continue
+        stored = RaggedLayer(RaggedPrefix.from_stored(arrays, attrs, codebooks, head_dim), logical_length, dtype)
+        ragged += stored.prefix_bytes()
+        shared.update(stored.shared_tensors())
+    if not keep:
+        return padded, padded
+    return padded, ragged + sum(t.numel() * t.element_size() for t in shared.values())
 
 
 def cache_from_artifact(art: Artifact, model, keep_quantized: bool | None = None) -> CompactedCache:
@@ -159,12 +190,15 @@ def cache_from_artifact(art: Artifact, model, keep_quantized: bool | None = None
     stored, ragged per head and in its codecs (`RaggedLayer`, served by the ragged kernel); False: decoded to the
     model's dtype and padded to each layer's longest head; None: `keep_quantized_default(model)`."""
     if keep_quantized is None:
-        keep_quantized = keep_quantized_default(model)
+        keep_quantized = keep_quantized_default(model, art)
     if not keep_quantized:
         return cache_from_layers(decode_layers(art), art.T, model, art.meta)
     if _sliding_window(model):
         raise ArtifactError("keep_quantized needs a model without sliding-window attention (the ragged kernel "
                             "takes a causal + padding mask only); load with keep_quantized=False")
+    if _phased(art):
+        raise ArtifactError("keep_quantized serves one codec per layer, and this artifact stores per-phase codecs "
+                            "(a reasoning trace); load with keep_quantized=False")
     device, dtype = _device_dtype(model)
     layers = [RaggedLayer(prefix, art.T, dtype) for prefix in ragged_layers(art, device)]
     prepare_model(model)

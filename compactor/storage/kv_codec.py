@@ -441,11 +441,18 @@ def roundtrip(layer: LayerKV, codec: KVCodec | PhasedCodec, stored: str = "bfloa
               codebooks: dict[str, np.ndarray] | None = None) -> tuple[LayerKV, int]:
     """What a layer looks like after being stored and loaded, and the bytes its arrays take; the codebooks it
     needs are added to `codebooks` (shared by a file, so counted once there; custom ones must be there)."""
+    out, arrays, _ = store_and_load(layer, codec, stored, seed, codebooks)
+    return out, sum(a.nbytes for a in arrays.values())
+
+
+def store_and_load(layer: LayerKV, codec: KVCodec | PhasedCodec, stored: str = "bfloat16", seed: int = 0,
+                   codebooks: dict[str, np.ndarray] | None = None) -> tuple[LayerKV, dict, dict]:
+    """`roundtrip` that also returns the stored arrays and attributes (what a file holds for the layer)."""
     books = {} if codebooks is None else codebooks
     arrays, attrs = encode_layer(layer, codec, stored, seed, books)
     out = decode_layer(arrays, attrs, books, layer.keys.shape[-1])
     out.importance = layer.importance
-    return out, sum(a.nbytes for a in arrays.values())
+    return out, arrays, attrs
 
 
 def roundtrip_tensor(x: torch.Tensor, codec: TensorCodec, stored: str = "bfloat16", seed: int = 0,
