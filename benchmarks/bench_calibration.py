@@ -92,7 +92,9 @@ def main() -> None:
         for ratio in [float(r) for r in args.ratios.split(",")]:
             for label, bits, defaults in configs(cal, ratio, preset_mode):
                 c = Calibration({**cal.meta, "defaults": defaults}, cal.arrays)
-                plan = calibrated_plan([parse_kv_bits(bits)] * L, c, None, (), d)
+                # the defaults row is what compress does (no head budgets under split); the others force their part
+                mode = calibrated_budget_mode(c, preset_mode) if "defaults" in label else None
+                plan = calibrated_plan([parse_kv_bits(bits)] * L, c, None, (), d, mode)
                 t0 = time.perf_counter()
                 budget = calibrated_budget_mode(c, preset_mode) if plan.budget else preset_mode
                 layers, _ = compact_capture(cap, method, ratio, budget, 0.75, False, plan.codecs,

@@ -448,13 +448,13 @@ def plan_for(lm: LoadedModel, doc: Document | None, ids: torch.Tensor | int, opt
     base = codec_plan(lm.config.num_hidden_layers, opts)
     T = ids if isinstance(ids, int) else int(ids.numel())
     phases = None if doc is None else document_phases(lm, doc, T, opts.calibration, opts.chat, opts.max_tokens)
-    return calibrated_plan(base, opts.calibration, phases, opts.hi_layers, head_dim)
+    return calibrated_plan(base, opts.calibration, phases, opts.hi_layers, head_dim, opts.budget)
 
 
 def calibrated_budget_mode(cal, preset_mode: str) -> str:
     """The budget mode compress uses with a calibration when none was given explicitly: the calibration's own
     (`defaults.budget`, the mode under which its held-out check found the head budgets to help) replaces the
-    preset's "layer"/"global"; "split" (the quality preset) stays, and the head weights then rank its global part."""
+    preset's "layer"/"global"; "split" (the quality preset) stays, without head budgets (calibrated_plan)."""
     de = cal.meta["defaults"]
     if de["head_budgets"] and preset_mode in ("layer", "global"):
         return de["budget"]

@@ -9,6 +9,8 @@ from click.testing import CliRunner
 from calib_helpers import write_synthetic_calibration
 from compactor.cli import cli
 from compactor.models import load_model
+from compactor.errors import ArtifactError
+from compactor.serving import loader
 from compactor.serving.loader import decode_layers, load_cache
 from compactor.storage.artifact import read_artifact
 from compactor.storage.calibration_file import read_calibration
@@ -51,12 +53,13 @@ def test_calibration_applied_and_recorded(tmp_path, tiny_llama, cal, doc, lm):
     art = compress(doc, tiny_llama, tmp_path / "a.h5", "--calibration", cal)
     c = read_calibration(cal)
     assert art.meta["calibration_sha256"] == c.digest
-    assert art.meta["method_params"]["calibration"] == ["layer bits (avg 4)", "fitted codebooks", "head budgets"]
-    # the default (quality) preset's split budgets stay; the fast preset's layer budgets give way to the
-    # calibration's mode, as --budget was not given
+    # the default (quality) preset's split budgets stay, without the head budgets (measured to hurt at 10x under
+    # them); the fast preset's layer budgets give way to the calibration's mode and its head budgets
+    assert art.meta["method_params"]["calibration"] == ["layer bits (avg 4)", "fitted codebooks"]
     assert art.meta["method_params"]["budget"] == "split" and art.meta["method_params"]["preset"] == "quality"
     fast = compress(doc, tiny_llama, tmp_path / "f.h5", "--calibration", cal, "--preset", "fast")
     assert fast.meta["method_params"]["budget"] == "global"
+    assert fast.meta["method_params"]["calibration"] == ["layer bits (avg 4)", "fitted codebooks", "head budgets"]
     # per-layer bits at the same average (layer 0 keys +1, last layer's keys -1) with each layer's fitted codebook
     assert art.meta["layer_codecs"] == "K5V4@v0b4,K3@k1b3V4@v1b4"
     assert np.array_equal(art.codebooks["k1b3"], c.codebook("keys", 1, 3))
@@ -92,18 +95,22 @@ def test_head_budgets_follow_the_weights(tmp_path, tiny_llama, doc, lm):
     w = torch.from_numpy(c.arrays["head_weights"])
     top = int(w.flatten().argmax())
     lengths = lambda a: np.stack([layer.arrays["lengths"] for layer in a.layers]).reshape(-1)  # noqa: E731
-    for preset, mode in (("fast", "global"), ("quality", "split")):  # split: the weights rank its global part
+    for preset, mode in (("fast", "global"), ("quality", "split")):  # split: the weights are left out
         base = compress(doc, tiny_llama, tmp_path / f"b{preset}.h5", "--no-calibration", "--preset", preset,
                         "--budget", mode, "--kv-bits", "16")
         cal = compress(doc, tiny_llama, tmp_path / f"c{preset}.h5", "--calibration", heavy, "--preset", preset,
                        "--kv-bits", "16")
         assert cal.meta["method_params"]["budget"] == mode
         assert base.meta["budget_total"] == cal.meta["budget_total"]
+        if mode == "split":
+            assert "head budgets" not in cal.meta["method_params"]["calibration"]
+            assert np.array_equal(lengths(cal), lengths(base))
+            continue
         assert lengths(cal)[top] > lengths(base)[top]
         assert not np.array_equal(lengths(cal), lengths(base))
 
 
-def test_trace_with_markers_is_stored_per_phase(tmp_path, tiny_llama, cal, lm):
+def test_trace_with_markers_is_stored_per_phase(tmp_path, tiny_llama, cal, lm, monkeypatch):
     doc = tmp_path / "trace.txt"
     doc.write_text(TRACE)
     art = compress(doc, tiny_llama, tmp_path / "t.h5", "--calibration", cal, "--ratio", 2)
@@ -120,6 +127,13 @@ def test_trace_with_markers_is_stored_per_phase(tmp_path, tiny_llama, cal, lm):
             assert counts.tolist() == split[:, h].tolist()
             start += n
     load_cache(tmp_path / "t.h5", lm.model, lm.tokenizer)
+    # one codec per layer is what the ragged kernel reads: a phased file is served dequantized, by rule and by force
+    monkeypatch.setattr(loader, "ragged_kernel_available", lambda model: True)
+    assert not loader.keep_quantized_default(lm.model, art) and loader.keep_quantized_default(lm.model)
+    with pytest.raises(ArtifactError, match="per-phase codecs"):
+        load_cache(tmp_path / "t.h5", lm.model, lm.tokenizer, keep_quantized=True)
+    r = run("inspect", tmp_path / "t.h5")
+    assert r.exit_code == 0 and "served     dequantized (per-phase codecs" in r.output, r.output
     theirs = decode(str(tmp_path / "t.h5"))["layers"]
     for layer, ours in zip(theirs, decode_layers(art)):
         n0 = layer["lengths"][0]

@@ -167,5 +167,33 @@ def test_inspect_reports_served_bytes(lm32, artifacts):
         ragged = compactor.load_cache(artifacts[bits], lm32.model, keep_quantized=True)
         assert sizes["memory_as_stored"] == ragged.memory_bytes()
         assert sizes["memory_as_stored"] < sizes["memory"]
+        # dequantized: measured from the padded bf16 tensors; closed form per layer: Hkv * t_max * (2 d * 2 + 4)
+        art = read_artifact(artifacts[bits])
+        d = int(art.meta["head_dim"])
+        assert sizes["memory"] == sum(len(layer.arrays["lengths"]) * int(layer.arrays["lengths"].max()) * (4 * d + 4)
+                                      for layer in art.layers)
         r = CliRunner().invoke(cli, ["inspect", str(artifacts[bits])])
         assert "as stored (load_cache keep_quantized=True" in r.output and f"{ragged.memory_bytes():,}" in r.output
+
+
+def test_eval_reports_the_bytes_the_loaded_caches_hold(lm32, artifacts):
+    """Evaluator.score's two memory columns are what load_cache then holds, measured from the tensors: as stored
+    (keep_quantized=True) and dequantized (padded 16-bit: a bf16 copy of the model loads it). The evaluated layers
+    are the artifact's own, so the same entries go through the same codec."""
+    import copy
+
+    from compactor.capture.prefill import prefill_and_capture
+    from compactor.evaluation.harness import Evaluator
+    from compactor.serving.loader import decode_layers
+    from compactor.storage.kv_codec import parse_kv_bits
+
+    art = read_artifact(artifacts["K4V4"])
+    ids = torch.randint(3, lm32.model.config.vocab_size, (art.T + 40,), generator=torch.Generator().manual_seed(0))
+    cap = prefill_and_capture(lm32.model, lm32.tokenizer, ids[:art.T].to(DEVICE), max_queries=64, progress=False)
+    ev = Evaluator(lm32.model, lm32.tokenizer, cap, ids.to(DEVICE), C=16, n_spans=1, span_len=16)
+    row = ev.score(decode_layers(art), "am", 4, 0.0, [parse_kv_bits("K4V4")] * len(art.layers))
+    held = compactor.load_cache(artifacts["K4V4"], lm32.model, keep_quantized=True)
+    assert row.held_bytes == held.memory_bytes() < row.memory_bytes
+    bf16 = copy.deepcopy(lm32.model).to(torch.bfloat16)
+    padded = compactor.load_cache(artifacts["K4V4"], bf16, keep_quantized=False)
+    assert row.memory_bytes == padded.memory_bytes()

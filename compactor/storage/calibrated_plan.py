@@ -10,8 +10,9 @@ applies the parts the calibration's own held-out check found to help (its `defau
   that paid); the codebook travels in the artifact under its own id, so the file decodes without the calibration;
 - head budgets: per-head multipliers of the key scores (from measured sensitivity), and the budget mode to share
   the total with (`plan.budget`); compress uses that mode in place of a preset's "layer"/"global" unless the user
-  chose one, and keeps "split" (the quality preset), whose global part the weights then rank
-  (pipeline.calibrated_budget_mode).
+  chose one (pipeline.calibrated_budget_mode). Not with "split" budgets (the quality preset, the default): the
+  calibration's check measured the head budgets under its own mode only, and under split budgets they raised cKL
+  and lowered retention at 10x on held-out plays (benchmarks/results_calibration.md, quality preset).
 """
 from __future__ import annotations
 
@@ -47,9 +48,10 @@ def _with_bits(codec: KVCodec, k_bits: int, v_bits: int) -> KVCodec:
 
 
 def calibrated_plan(base: list[KVCodec], cal: Calibration | None, phases: Phases | None = None,
-                    hi_layers: tuple = (), head_dim: int = 64) -> Plan:
+                    hi_layers: tuple = (), head_dim: int = 64, budget: str | None = None) -> Plan:
     """The plan for one document (module docstring). base: the uniform plan, one KVCodec per layer; hi_layers: the
-    layers the user pinned (left as they are); phases: the document's phases (used when found by markers)."""
+    layers the user pinned (left as they are); phases: the document's phases (used when found by markers);
+    budget: the budget mode the compression uses ("split" leaves the head budgets out)."""
     plan = Plan(list(base))
     if cal is None:
         return plan
@@ -77,7 +79,9 @@ def calibrated_plan(base: list[KVCodec], cal: Calibration | None, phases: Phases
         plan.codecs = [_fitted(c, l, cal, plan.codebooks) for l, c in enumerate(plan.codecs)]
         if plan.codebooks:
             plan.applied.append("fitted codebooks")
-    if de["head_budgets"]:
+    if de["head_budgets"] and budget == "split":
+        plan.notes.append("head budgets not used with split budgets (measured to raise cKL at 10x under them)")
+    elif de["head_budgets"]:
         plan.score_weights = torch.from_numpy(np.asarray(cal.arrays["head_weights"], dtype=np.float32))
         plan.budget = de["budget"]
         plan.applied.append("head budgets")
