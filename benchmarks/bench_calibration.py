@@ -87,7 +87,8 @@ def main() -> None:
     for play in plays:
         ids = lm.tokenizer(bundled_play(play).text, return_tensors="pt").input_ids[0]
         cap = prefill_and_capture(lm.model, lm.tokenizer, ids[: args.T], max_queries=args.max_queries,
-                                  seed=args.seed, progress=False, probe=probe_for(method))
+                                  seed=args.seed, progress=False, probe=probe_for(method),
+                                  sources=preset(args.preset)["options"].get("sources"))
         ev = Evaluator(lm.model, lm.tokenizer, cap, ids, C=args.C)
         for ratio in [float(r) for r in args.ratios.split(",")]:
             for label, bits, defaults in configs(cal, ratio, preset_mode):

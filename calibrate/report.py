@@ -80,7 +80,7 @@ def _plots(folder: Path, results: dict, arrays: dict, settings) -> list[str]:
     check = results["check"]
     maps = [(k, v) for k, v in check.items() if k.startswith("budgets_")]
     if maps:
-        fig, axes = plt.subplots(1, len(maps) + 1, figsize=(4 * (len(maps) + 1), 6))
+        fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3.5 * (len(maps) + 1), 6))
         im = axes[0].imshow(arrays["head_weights"], aspect="auto", cmap="viridis")
         axes[0].set_title("head weight (sensitivity)")
         fig.colorbar(im, ax=axes[0])
@@ -141,7 +141,8 @@ def write_report(folder: str | Path, model_id: str, results: dict, arrays: dict,
              _table(["configuration", "cKL", "retention", "stored bytes", "memory bytes"],
                     [[r["config"], f"{r['ckl']:.5f}", f"{r['retention']:.3f}", f"{r['stored_bytes']:,}",
                       f"{r['memory_bytes']:,}"] for r in sm["check"]]), "",
-             f"Defaults `compress` applies: {meta['defaults']}. " + ("![budgets](budgets.png)" if plots else ""), ""]
+             f"Defaults `compress` applies, fast preset (layer/global budgets): {meta['defaults']}; quality preset "
+             f"(split budgets): {meta.get('defaults_split')}. " + ("![budgets](budgets.png)" if plots else ""), ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -38,9 +38,10 @@ from ..capture.prefill import QueryRecorder, prefill_and_capture
 from ..errors import CompactorError
 from ..evaluation.harness import Evaluator, full_dynamic_cache
 from ..evaluation.metrics import continuation_logits, kl_per_token
-from ..methods import make_method
+from ..fitting.presets import preset
+from ..methods import make_method, method_from_options
 from ..models import LoadedModel, config_fingerprint, tokenizer_fingerprint, weights_identity
-from ..pipeline import compact_capture
+from ..pipeline import compact_capture, probe_for
 from ..serving.attention import using_compactor_attention
 from ..storage.calibrated_plan import calibrated_plan
 from ..storage.calibration_file import CODEBOOK_KINDS, Calibration, default_path, write_calibration
@@ -230,9 +231,9 @@ class Calibrator:
         pol = self._stage("policies", ["traces", "rho", "costs", "weights", "codebooks"],
                           lambda: self.stage_policies(tr, rho, costs, weights, book_of))
         heads = self._stage("heads", [], self.stage_heads)
-        draft = self.calibration(tr, rho, books, alloc, heads, pol, defaults=None)
+        draft = self.calibration(tr, rho, books, alloc, heads, pol, check=None)
         check = self._stage("check", ["codebooks", "allocation", "heads", "policies"],
-                            lambda: self.stage_check(draft, pol))
+                            lambda: self.stage_check(draft, pol), version=2)
         return {"traces": tr, "rho": rho, "codebooks": books, "costs": costs, "weights": weights,
                 "allocation": alloc, "policies": pol, "heads": heads, "check": check}, draft.meta
 
@@ -469,11 +470,13 @@ class Calibrator:
                                                   smp.scale)[1])
         return keys, values, kls
 
-    def _compaction_capture(self, ids: torch.Tensor, C: int, n_spans: int, span_len: int):
-        """Capture (with reference queries, as compress makes it) and evaluator of a document."""
+    def _compaction_capture(self, ids: torch.Tensor, C: int, n_spans: int, span_len: int, probe: str = "none",
+                            sources=None):
+        """Capture (with reference queries, as compress makes it: a preset's probe and query sources) and evaluator
+        of a document."""
         s = self.s
         cap = prefill_and_capture(self.lm.model, self.lm.tokenizer, ids[: s.doc_tokens], max_queries=s.max_queries,
-                                  seed=s.seed, progress=False)
+                                  seed=s.seed, progress=False, probe=probe, sources=sources)
         span = min(span_len, max(2, s.doc_tokens // 4))
         return Evaluator(self.lm.model, self.lm.tokenizer, cap, ids, C=min(C, ids.numel() - s.doc_tokens),
                          n_spans=n_spans, span_len=span)
@@ -489,49 +492,58 @@ class Calibrator:
                 "head_d_ret": d_ret.numpy().astype(np.float32)}
 
     def stage_check(self, draft: Calibration, pol: dict) -> dict:
-        """Held-out document at check_ratio: each calibrated part added in turn, kept when it lowers cKL."""
+        """Held-out document at check_ratio, once per preset: each calibrated part added in turn, kept when it
+        lowers cKL. The fast preset (layer budgets; head budgets tried with layer and global budgets) gives
+        `defaults`, the quality preset (split budgets, its probe and query sources) gives `defaults_split`."""
         s = self.s
-        picked = self.picked()
-        ev = self._compaction_capture(picked[-1][1], s.continuation, 4, 64)
-        method = make_method("am")
+        ids = self.picked()[-1][1]
         base = [parse_kv_bits(s.check_bits)] * self.L
-        rows, budgets = [], {}
-
-        def score(label, defaults):
-            cal = Calibration({**draft.meta, "defaults": defaults}, draft.arrays)
-            plan = calibrated_plan(base, cal, None, (), self.d)
-            budget = plan.budget or "layer"
-            layers, used = compact_capture(ev.capture, method, s.check_ratio, budget, 0.75, False, plan.codecs,
-                                           "bfloat16", s.seed, score_weights=plan.score_weights,
-                                           codebooks=plan.codebooks)
-            budgets[f"budgets_{'heads_' + budget if defaults['head_budgets'] else 'base_' + budget}"] = \
-                used.numpy().astype(np.int64)
-            row = ev.score(layers, "am", s.check_ratio, 0.0, plan.codecs, "bfloat16", s.seed, plan.codebooks)
-            rows.append({"config": label, "ckl": row.ckl, "retention": row.retention,
-                         "stored_bytes": row.stored_bytes, "memory_bytes": row.memory_bytes})
-            return row.ckl
-
-        off = {"codebooks": False, "layer_bits": False, "phase_bits": False, "head_budgets": False, "budget": "layer"}
-        best = score(f"uniform {s.check_bits}, Beta codebooks, layer budgets", off)
-        chosen = dict(off)
-        for part, label in (("codebooks", "+ fitted codebooks"), ("layer_bits", "+ measured per-layer bits")):
-            trial = {**chosen, part: True}
-            c = score(label, trial)
-            if c < best:
-                best, chosen = c, trial
-        tries = {}
-        for mode in ("layer", "global"):
-            tries[mode] = score(f"+ head budgets ({mode})", {**chosen, "head_budgets": True, "budget": mode})
-        mode = min(tries, key=tries.get)
-        if tries[mode] < best:
-            best, chosen = tries[mode], {**chosen, "head_budgets": True, "budget": mode}
+        rows, budgets, chosen_by = [], {}, {}
         by_name = {r["policy"]: r["ckl"] for r in pol["rows"]}
-        chosen["phase_bits"] = bool(by_name["measured, per layer and phase"]
-                                    < by_name["measured, per layer (no phases)"])
-        return {"rows": rows, "defaults": chosen, **budgets}
+        phase_bits = bool(by_name["measured, per layer and phase"] < by_name["measured, per layer (no phases)"])
+        for name in ("fast", "quality"):
+            options = preset(name)["options"]
+            method = method_from_options("am", s.seed, preset=name)
+            ev = self._compaction_capture(ids, s.continuation, 4, 64, probe_for(method), options.get("sources"))
+            own = options["budget"]
+
+            def score(label, defaults):
+                cal = Calibration({**draft.meta, "defaults": defaults, "defaults_split": defaults}, draft.arrays)
+                plan = calibrated_plan(base, cal, None, (), self.d, own)
+                budget = plan.budget or own
+                layers, used = compact_capture(ev.capture, method, s.check_ratio, budget, options["budget_floor"],
+                                               False, plan.codecs, "bfloat16", s.seed,
+                                               score_weights=plan.score_weights, codebooks=plan.codebooks,
+                                               split_share=options.get("split_share", 0.5))
+                budgets[f"budgets_{name}_{'heads_' + budget if defaults['head_budgets'] else 'base_' + budget}"] = \
+                    used.numpy().astype(np.int64)
+                row = ev.score(layers, "am", s.check_ratio, 0.0, plan.codecs, "bfloat16", s.seed, plan.codebooks)
+                rows.append({"config": f"{name}: {label}", "ckl": row.ckl, "retention": row.retention,
+                             "stored_bytes": row.stored_bytes, "memory_bytes": row.memory_bytes})
+                return row.ckl
+
+            off = {"codebooks": False, "layer_bits": False, "phase_bits": False, "head_budgets": False,
+                   "budget": own}
+            best = score(f"uniform {s.check_bits}, Beta codebooks, {own} budgets", off)
+            chosen = dict(off)
+            for part, label in (("codebooks", "+ fitted codebooks"), ("layer_bits", "+ measured per-layer bits")):
+                trial = {**chosen, part: True}
+                c = score(label, trial)
+                if c < best:
+                    best, chosen = c, trial
+            tries = {}
+            for mode in (("layer", "global") if own != "split" else ("split",)):
+                tries[mode] = score(f"+ head budgets ({mode})", {**chosen, "head_budgets": True, "budget": mode})
+            mode = min(tries, key=tries.get)
+            if tries[mode] < best:
+                best, chosen = tries[mode], {**chosen, "head_budgets": True, "budget": mode}
+            chosen_by[name] = {**chosen, "phase_bits": phase_bits}
+        return {"rows": rows, "defaults": chosen_by["fast"], "defaults_split": chosen_by["quality"], **budgets}
 
     # ---- output ----------------------------------------------------------------------------------------------------
-    def calibration(self, tr, rho, books, alloc, heads, pol, defaults) -> Calibration:
+    def calibration(self, tr, rho, books, alloc, heads, pol, check: dict | None) -> Calibration:
+        """The calibration file's content; `check` (the check stage's result) gives the defaults, None a draft with
+        every part on."""
         s = self.s
         lm = self.lm
         meta = {
@@ -546,8 +558,12 @@ class Calibrator:
             "codebooks": {"bits": list(s.codebook_bits), "phase_gain": float(s.phase_gain)},
             "allocation": {"avg_bits": [float(a) for a in s.avg_bits], "bit_options": list(s.bit_options)},
             "head_budgets": {"ratio": float(s.head_ratio), "shrink": float(s.head_shrink), "unit": "head"},
-            "defaults": defaults or {"codebooks": True, "layer_bits": True, "phase_bits": True, "head_budgets": True,
-                                     "budget": "global"},
+            "defaults": (check or {}).get("defaults") or {"codebooks": True, "layer_bits": True,
+                                                              "phase_bits": True, "head_budgets": True,
+                                                              "budget": "global"},
+            "defaults_split": (check or {}).get("defaults_split") or {"codebooks": True, "layer_bits": True,
+                                                                          "phase_bits": True, "head_budgets": True,
+                                                                          "budget": "split"},
             "settings": s.as_json(),
             "summary": {},
         }
@@ -575,7 +591,7 @@ def calibrate(lm: LoadedModel, corpus: str | None = None, traces_path: str | Non
     results, _ = cal.run()
     check = results["check"]
     final = cal.calibration(results["traces"], results["rho"], results["codebooks"], results["allocation"],
-                            results["heads"], results["policies"], check["defaults"])
+                            results["heads"], results["policies"], check)
     meta = {k: v for k, v in final.meta.items() if k not in ("digest_sha256", "path")}
     seconds = round(time.perf_counter() - t0, 1)
     meta["summary"] = report.summary(results, cal.timings, seconds, cal.stages.resumed)

@@ -171,6 +171,13 @@ def test_tiny_calibration_writes_a_valid_file_and_report(tiny_calibration):
     taqg = next(r for r in summary["policies"] if r["policy"] == "TAQG")
     control = next(r for r in summary["policies"] if r["policy"] == "TAQG: random-token control")
     assert taqg["avg_bits"] == pytest.approx(control["avg_bits"])  # the control spends exactly the same bits
+    # the check ran once per preset: each preset's defaults keep a part only where it lowered that preset's cKL
+    rows = {r["config"]: r["ckl"] for r in summary["check"]}
+    split = cal.meta["defaults_split"]
+    assert split["budget"] == "split" and cal.meta["defaults"]["budget"] in ("layer", "global")
+    assert any(k.startswith("fast: ") for k in rows) and "quality: + head budgets (split)" in rows
+    before = [v for k, v in rows.items() if k.startswith("quality: ") and "head budgets" not in k]
+    assert split["head_budgets"] == (rows["quality: + head budgets (split)"] < min(before))
     text = md.read_text()
     for part in ("Phase boundaries", "Redundancy", "length-matched", "Codebooks", "TAQG", "Defaults"):
         assert part.lower() in text.lower()

@@ -95,15 +95,22 @@ def test_head_budgets_follow_the_weights(tmp_path, tiny_llama, doc, lm):
     w = torch.from_numpy(c.arrays["head_weights"])
     top = int(w.flatten().argmax())
     lengths = lambda a: np.stack([layer.arrays["lengths"] for layer in a.layers]).reshape(-1)  # noqa: E731
-    for preset, mode in (("fast", "global"), ("quality", "split")):  # split: the weights are left out
+    # split budgets (quality preset) follow the file's defaults_split; a file without it leaves the head budgets out
+    split_on = tmp_path / "split_on.h5"
+    write_synthetic_calibration(split_on, lm, defaults={"codebooks": False, "layer_bits": False, "phase_bits": False,
+                                                        "head_budgets": True, "budget": "global"},
+                                defaults_split={"codebooks": False, "layer_bits": False, "phase_bits": False,
+                                                "head_budgets": True, "budget": "split"})
+    for preset, mode, file, used in (("fast", "global", heavy, True), ("quality", "split", heavy, False),
+                                     ("quality", "split", split_on, True)):
         base = compress(doc, tiny_llama, tmp_path / f"b{preset}.h5", "--no-calibration", "--preset", preset,
                         "--budget", mode, "--kv-bits", "16")
-        cal = compress(doc, tiny_llama, tmp_path / f"c{preset}.h5", "--calibration", heavy, "--preset", preset,
+        cal = compress(doc, tiny_llama, tmp_path / f"c{preset}.h5", "--calibration", file, "--preset", preset,
                        "--kv-bits", "16")
         assert cal.meta["method_params"]["budget"] == mode
         assert base.meta["budget_total"] == cal.meta["budget_total"]
-        if mode == "split":
-            assert "head budgets" not in cal.meta["method_params"]["calibration"]
+        assert ("head budgets" in cal.meta["method_params"]["calibration"]) == used
+        if not used:
             assert np.array_equal(lengths(cal), lengths(base))
             continue
         assert lengths(cal)[top] > lengths(base)[top]

@@ -64,6 +64,8 @@ def test_flipped_byte_and_unrecomputed_edit_fail_the_digest(cal_path):
 @pytest.mark.parametrize("changes,dataset,msg", [
     ({"surprise": 1}, None, "unknown meta"), ({"num_layers": "2"}, None, "must be an integer"),
     ({"defaults": {"codebooks": True}}, None, "defaults is malformed"),
+    ({"defaults_split": {"codebooks": True, "layer_bits": True, "phase_bits": True, "head_budgets": True,
+                         "budget": "layer"}}, None, "defaults_split is malformed"),
     ({"allocation": {"avg_bits": [3.0, 4.0], "bit_options": [2, 9]}}, None, "allocation is malformed"),
     ({"codebooks": {"bits": [3, 2, 4], "phase_gain": 0.05}}, None, "codebooks is malformed"),
     ({"phases": {"names": ["a", "b"], "markers": [["x"], ["y"]], "fallback_fraction": 0.7}}, None,

@@ -10,9 +10,12 @@ applies the parts the calibration's own held-out check found to help (its `defau
   that paid); the codebook travels in the artifact under its own id, so the file decodes without the calibration;
 - head budgets: per-head multipliers of the key scores (from measured sensitivity), and the budget mode to share
   the total with (`plan.budget`); compress uses that mode in place of a preset's "layer"/"global" unless the user
-  chose one (pipeline.calibrated_budget_mode). Not with "split" budgets (the quality preset, the default): the
-  calibration's check measured the head budgets under its own mode only, and under split budgets they raised cKL
-  and lowered retention at 10x on held-out plays (benchmarks/results_calibration.md, quality preset).
+  chose one (pipeline.calibrated_budget_mode).
+Which parts apply is the calibration's check, made once per preset: `defaults` for layer/global budgets (the fast
+preset), `defaults_split` for split budgets (the quality preset, the default). A file without `defaults_split` (made
+before the check covered the quality preset) applies its `defaults` under split budgets without the head budgets,
+which were measured only under layer/global budgets (under split they raised cKL at 10x on held-out plays,
+benchmarks/results_calibration.md).
 """
 from __future__ import annotations
 
@@ -58,6 +61,8 @@ def calibrated_plan(base: list[KVCodec], cal: Calibration | None, phases: Phases
     L = len(base)
     pinned = {int(i) % L for i in hi_layers}
     de = cal.meta["defaults"]
+    if budget == "split":
+        de = cal.meta.get("defaults_split") or {**de, "head_budgets": False, "budget": "split"}
     avgs = {_lloyd_avg(c) for l, c in enumerate(base) if l not in pinned}
     avg = avgs.pop() if len(avgs) == 1 else None
     phased = phases is not None and phases.by_markers and len(phases.names) == len(cal.phase_names)
@@ -79,9 +84,7 @@ def calibrated_plan(base: list[KVCodec], cal: Calibration | None, phases: Phases
         plan.codecs = [_fitted(c, l, cal, plan.codebooks) for l, c in enumerate(plan.codecs)]
         if plan.codebooks:
             plan.applied.append("fitted codebooks")
-    if de["head_budgets"] and budget == "split":
-        plan.notes.append("head budgets not used with split budgets (measured to raise cKL at 10x under them)")
-    elif de["head_budgets"]:
+    if de["head_budgets"]:
         plan.score_weights = torch.from_numpy(np.asarray(cal.arrays["head_weights"], dtype=np.float32))
         plan.budget = de["budget"]
         plan.applied.append("head budgets")

@@ -31,7 +31,7 @@ FIELDS = {
     "head_dim": Rule("int", 4, 4096), "phases": OBJECT, "codebooks": OBJECT, "allocation": OBJECT,
     "head_budgets": OBJECT, "defaults": OBJECT, "settings": OBJECT, "summary": OBJECT,
 }
-OPTIONAL = {"extra": OBJECT}
+OPTIONAL = {"extra": OBJECT, "defaults_split": OBJECT}  # defaults_split: files made before it have none
 DEFAULT_KEYS = {"codebooks": bool, "layer_bits": bool, "phase_bits": bool, "head_budgets": bool, "budget": str}
 
 
@@ -111,13 +111,18 @@ def validate_meta(meta: dict, where: str) -> dict:
          and _list(al["bit_options"], int, 1, 8, 8) and al["bit_options"] == sorted(set(al["bit_options"]))),
         ("head_budgets", set(hb) == {"ratio", "shrink", "unit"} and type(hb["ratio"]) is float and hb["ratio"] >= 1
          and type(hb["shrink"]) is float and 0 <= hb["shrink"] < 1 and hb["unit"] in ("head", "layer")),
-        ("defaults", set(de) == set(DEFAULT_KEYS) and all(type(de[k]) is t for k, t in DEFAULT_KEYS.items())
-         and de["budget"] in ("global", "layer")),
+        ("defaults", _defaults_ok(de, ("global", "layer"))),
+        ("defaults_split", "defaults_split" not in meta or _defaults_ok(meta["defaults_split"], ("split",))),
     ]
     for name, ok in checks:
         if not ok:
             raise CalibrationError(f"{where}: meta field {name} is malformed (see artifacts/README.md)")
     return meta
+
+
+def _defaults_ok(de: dict, budgets: tuple) -> bool:
+    return set(de) == set(DEFAULT_KEYS) and all(type(de[k]) is t for k, t in DEFAULT_KEYS.items()) \
+        and de["budget"] in budgets
 
 
 def dataset_specs(meta: dict) -> dict[str, tuple[np.dtype, tuple]]:
