@@ -58,16 +58,43 @@ def _bundled_gguf(name: str) -> Path:
     return path
 
 
+# Bumped when the conversion changes, so older copies are converted again. 2: special tokens from the GGUF metadata.
+CONVERSION_VERSION = 2
+_GGUF_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                 "pad_token": "padding_token_id"}
+
+
+def gguf_special_tokens(path: Path, vocab: dict[str, int]) -> dict[str, str]:
+    """The special tokens a GGUF file names in its metadata (`tokenizer.ggml.<kind>_token_id`), as tokens of `vocab`.
+
+    transformers' GGUF tokenizer conversion differs between versions (5.17 makes `<|im_start|>` the EOS of SmolLM2
+    and drops its pad token; 5.23 follows the file), so the conversion sets them from the file itself."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    by_id = {i: t for t, i in vocab.items()}
+    out = {}
+    for name, key in _GGUF_SPECIAL.items():
+        f = fields.get(f"tokenizer.ggml.{key}")
+        if f is not None and f.data and int(f.parts[f.data[0]][0]) in by_id:
+            out[name] = by_id[int(f.parts[f.data[0]][0])]
+    return out
+
+
 def bundled_folder(name: str) -> Path:
     """Safetensors copy of a bundled GGUF model, converted once into the cache folder (loads in ~1 s after that)."""
     target = cache_root() / "models" / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    stamp = target / "compactor_conversion.json"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file() and stamp.is_file() and \
+            json.loads(stamp.read_text()).get("version") == CONVERSION_VERSION:
         return target
     gguf = _bundled_gguf(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting bundled model {name} from GGUF to safetensors (once) into {target}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for kind, token in gguf_special_tokens(gguf, tokenizer.get_vocab()).items():
+        setattr(tokenizer, kind, token)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantized to float32 on load; drop the GGUF marker so the model can be saved.
     del model.config.quantization_config
@@ -78,6 +105,7 @@ def bundled_folder(name: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / stamp.name).write_text(json.dumps({"version": CONVERSION_VERSION, "gguf": gguf.name}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

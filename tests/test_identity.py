@@ -113,3 +113,31 @@ def test_mixed_precision_checkpoint_accepted(model):
     assert weights_mismatch(weights_identity(original), mixed) is None
     assert weights_mismatch(weights_identity(mixed), original) is None
     assert weights_mismatch(weights_identity(original), perturbed(mixed, "model.norm.weight")) is not None
+
+
+@pytest.mark.slow
+def test_bundled_tokenizer_special_tokens_follow_the_gguf_file(smollm2, tmp_path, monkeypatch):
+    """The conversion takes bos/eos/unk/pad from the GGUF metadata (transformers 5.17's GGUF conversion made
+    <|im_start|> SmolLM2's EOS and dropped its pad token, so the fingerprint differed between machines), and a copy
+    made by an older conversion (no version stamp) is converted again."""
+    import json
+
+    from compactor import models
+
+    gguf = models._bundled_gguf("smollm2-135m")
+    special = models.gguf_special_tokens(gguf, smollm2.tokenizer.get_vocab())
+    # SmolLM2-135M-Instruct's file: bos 1, eos 2, unk 0, pad 2
+    assert special == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+                       "pad_token": "<|im_end|>"}
+    assert {k: smollm2.tokenizer.special_tokens_map[k] for k in special} == special
+    stamp = json.loads((models.bundled_folder("smollm2-135m") / "compactor_conversion.json").read_text())
+    assert stamp["version"] == models.CONVERSION_VERSION
+    # an unstamped copy (older conversion) is converted again, into the same place
+    monkeypatch.setenv("COMPACTOR_CACHE", str(tmp_path))
+    target = tmp_path / "models" / "smollm2-135m"
+    target.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (target / name).write_text("stale")
+    assert models.bundled_folder("smollm2-135m") == target
+    assert json.loads((target / "compactor_conversion.json").read_text())["version"] == models.CONVERSION_VERSION
+    assert json.loads((target / "config.json").read_text())["model_type"] == "llama"
