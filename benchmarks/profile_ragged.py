@@ -111,8 +111,8 @@ def main():
             if args.no_sweep:
                 continue
             # decode sweep
-            grid = [(pps, bn, st, sel) for pps in (1, 2, 4) for bn in (64, 128) for st in (2, 3)
-                    for sel in ((False, True) if codec == "K4V4" else (False,))]
+            grid = [(pps, bn, 2, sel) for pps in (1, 2) for bn in (64, 128)
+                    for sel in ((True, False) if codec == "K4V4" else (True,))]
             best = None
             for pps, bn, st, sel in grid:
                 if over():
@@ -128,17 +128,17 @@ def main():
                 if best is None or us < best[0]:
                     best = (us, pps, bn, st, sel)
             log(f"  BEST decode T={T} {codec}: {best}")
-            for pps, bn in ((1, 64), (2, 64), (4, 64), (2, 32), (2, 128)):
+            for pps, bn in ((2, 64), (4, 128), (2, 128)):
                 if over():
                     break
-                new._PROGRAMS_PER_SM, new._LLOYD_SELECT = pps, False
+                new._PROGRAMS_PER_SM, new._LLOYD_SELECT = pps, True
                 try:
                     us = bench.time_us(fns_of(new, prefixes[:4], 1, 256, 256, block_n=bn), min_ms=40, trials=3)
                 except Exception as exc:
                     log(f"  sweep prefill pps={pps} bn={bn}: {type(exc).__name__} {str(exc)[:100]}")
                     continue
                 log(f"  sweep prefill T={T} {codec} pps={pps} bn={bn}: {us:.2f} us")
-            new._PROGRAMS_PER_SM, new._LLOYD_SELECT = 2.0, False
+            new._PROGRAMS_PER_SM, new._LLOYD_SELECT = None, True
             del prefixes
             torch.cuda.empty_cache()
     print("\n| T | codec | case | old µs | new µs | speed-up |\n|---:|---|---|---:|---:|---:|")

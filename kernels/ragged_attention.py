@@ -86,8 +86,10 @@ __all__ = ["ragged_attention", "ragged_attention_torch", "ragged_attention_trito
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CODEC_ID = {name: i for i, name in enumerate(CODECS)}  # raw 0, lloyd 1, q8_0 2, q4_0 3
 _LOG2E = 1.4426950408889634
-_PROGRAMS_PER_SM = 2.0  # decode split target (benchmarks sweep it)
-_LLOYD_SELECT = False  # lloyd centroids: gather from the codebook (False) or a select chain (benchmarks)
+_PROGRAMS_PER_SM = None  # split target override (benchmarks sweep it); None: _pick_config's rule
+# lloyd centroids up to 4 bits: a select chain over the codebook in registers (True) or a gather from it
+# (H100, K4V4 decode at 32k: 66 vs 96 µs/layer)
+_LLOYD_SELECT = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,33 +527,38 @@ def _rotate_kernel(Q, ROT, QROT, n_rows, Hq, Lq, s_qb, s_qh, s_qi,
 
 
 @_jit
-def _merge_slots(PM, PL, PACC, s_lo, s_hi, r, row_ok, m_run, M_all, offs_d,
-                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WITH_ACC: tl.constexpr):
-    """Merge buffers s_lo:s_hi of rows r into a running max m_run, BLOCK_S buffers per load (one (S, R, D)
-    tile, not one buffer after another). Returns (m_new, the factor that rescales sums taken against m_run,
-    sum_s w_s l_s, sum_s w_s acc_s (WITH_ACC; else 0.0)) with w_s = exp2(m_s - m_new)."""
+def _lane_slots(PM, PL, PACC, s_lo, s_hi, r, row_ok, M_all, offs_d,
+                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WITH_ACC: tl.constexpr):
+    """Buffers s_lo:s_hi of rows r, BLOCK_S per load (one (S, R, D) tile), merged into BLOCK_S independent lanes
+    (lane j takes buffers s_lo + j, s_lo + j + S, ...): element-wise online softmax, no reduction or layout
+    change inside the loop. Returns the lanes' (max (S, R), sum (S, R), acc (S, R, D) if WITH_ACC else 0.0)."""
     sidx = tl.arange(0, BLOCK_S)
-    m_new = m_run
-    alpha = tl.full(m_run.shape, 1.0, tl.float32)
-    wl = tl.zeros(m_run.shape, dtype=tl.float32)
-    wa = tl.zeros([r.shape[0], BLOCK_D], dtype=tl.float32)
+    m3 = tl.full([BLOCK_S, r.shape[0]], float("-inf"), dtype=tl.float32)
+    l3 = tl.zeros([BLOCK_S, r.shape[0]], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK_S, r.shape[0], BLOCK_D], dtype=tl.float32)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         sl = s0 + sidx
         idx = sl.to(tl.int64)[:, None] * M_all + r[None, :]
         ok = (sl < s_hi)[:, None] & row_ok[None, :]
         m = tl.load(PM + idx, mask=ok, other=float("-inf"))
         l = tl.load(PL + idx, mask=ok, other=0.0)
-        m_next = tl.maximum(m_new, tl.max(m, axis=0))
-        m_safe = tl.where(m_next == float("-inf"), 0.0, m_next)
-        a_step = tl.exp2(m_new - m_safe)
-        w = tl.exp2(m - m_safe[None, :])
-        alpha = alpha * a_step
-        wl = wl * a_step + tl.sum(w * l, axis=0)
+        m_new = tl.maximum(m3, m)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m3 - m_safe)
+        w = tl.exp2(m - m_safe)
+        l3 = l3 * alpha + w * l
         if WITH_ACC:
             a = tl.load(PACC + idx[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0)
-            wa = wa * a_step[:, None] + tl.sum(w[:, :, None] * a, axis=0)
-        m_new = m_next
-    return m_new, alpha, wl, wa
+            a3 = a3 * alpha[:, :, None] + w[:, :, None] * a
+        m3 = m_new
+    return m3, l3, a3
+
+
+@_jit
+def _lane_weights(m3, m_fin):
+    """exp2(lane max - final max) (0 for empty lanes), (S, R)."""
+    m_safe = tl.where(m_fin == float("-inf"), 0.0, m_fin)
+    return tl.exp2(m3 - m_safe[None, :])
 
 
 @_jit_sizes("Lq", "n_items", "n_obuf", "M_all")
@@ -565,11 +572,11 @@ def _combine_kernel(
     """Merge the buffers of a row tile of KV head h (its prefix items, `_head_items`, then its n_obuf exact and
     appended buffers), un-rotate lloyd values, normalise, write (B, Lq, Hq, d).
 
-    Raw values: one pass, BLOCK_S buffers per step. Lloyd values (prefix items in rotated space): the items with
-    their accumulators, the other buffers' maxima and sums, then BLOCK_C output columns at a time the other
-    buffers' columns plus the un-rotated acc_rot @ R[:, cols] as a (rows, d, BLOCK_C) broadcast product (a
-    float32 tl.dot of 16+ rows spills registers for sm_90 in this kernel), so only a (d x BLOCK_C) slice of R is
-    on chip at a time."""
+    Buffers are merged in BLOCK_S lanes (`_lane_slots`), the lanes once at the end. Lloyd values (prefix items
+    in rotated space): the items' lanes with their accumulators, the other buffers' maxima and sums, then
+    BLOCK_C output columns at a time the other buffers' columns plus the un-rotated acc_rot @ R[:, cols] (a
+    float32 tl.dot from 16 rows, else a (rows, d, BLOCK_C) broadcast product), so only a (d x BLOCK_C) slice
+    of R is on chip at a time."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -582,16 +589,18 @@ def _combine_kernel(
     i = (r // G) % Lq
     hq = h * G + r % G
     o_off = b.to(tl.int64) * s_ob + i.to(tl.int64) * s_oi + hq.to(tl.int64) * s_oh
-    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m_p, l_p, a_p = _lane_slots(PM, PL, PACC, i0, i1, r, row_ok, M_all, offs_d, BLOCK_S, BLOCK_D, True)
+    m_o, l_o, a_o = _lane_slots(PM, PL, PACC, o0, o0 + n_obuf, r, row_ok, M_all, offs_d, BLOCK_S, BLOCK_D,
+                                not V_LLOYD)
+    m_fin = tl.maximum(tl.max(m_p, axis=0), tl.max(m_o, axis=0))
+    w_p = _lane_weights(m_p, m_fin)
+    w_o = _lane_weights(m_o, m_fin)
+    l_pre = tl.sum(w_p * l_p, axis=0)
+    l_all = l_pre + tl.sum(w_o * l_o, axis=0)
+    inv_l = 1.0 / tl.where(l_all > 0, l_all, 1.0)
     if V_LLOYD:
-        m_run, _, l_rot, acc_rot = _merge_slots(PM, PL, PACC, i0, i1, r, row_ok, m_run, M_all, offs_d,
-                                                BLOCK_S, BLOCK_D, True)
-        m_run, alpha, l_oth, _ = _merge_slots(PM, PL, PACC, o0, o0 + n_obuf, r, row_ok, m_run, M_all, offs_d,
-                                              BLOCK_S, BLOCK_D, False)
-        l_rot = l_rot * alpha
-        acc_rot = acc_rot * alpha[:, None]
-        inv_l = 1.0 / tl.where(l_rot + l_oth > 0, l_rot + l_oth, 1.0)
-        m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
+        acc_rot = tl.sum(w_p[:, :, None] * a_p, axis=0)
+        m_safe = tl.where(m_fin == float("-inf"), 0.0, m_fin)
         for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             c_ok = cols < D
@@ -601,21 +610,18 @@ def _combine_kernel(
                 a = tl.load(PACC + (s * M_all + r).to(tl.int64)[:, None] * BLOCK_D + cols[None, :],
                             mask=row_ok[:, None], other=0.0)
                 acc += w[:, None] * a
-            # x = mean + R^T y  ->  rows: acc_rot @ R + l_rot * mean
+            # x = mean + R^T y  ->  rows: acc_rot @ R + l_pre * mean
             rc = tl.load(ROT + offs_d[:, None] * D + cols[None, :], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
-            acc += tl.sum(acc_rot[:, :, None] * rc[None, :, :], axis=1)  # float32 FMAs, exact
+            if BLOCK_M >= 16 and BLOCK_D <= 128:
+                acc += tl.dot(acc_rot, rc, input_precision="ieee")
+            else:
+                acc += tl.sum(acc_rot[:, :, None] * rc[None, :, :], axis=1)  # float32 FMAs, exact
             mean = tl.load(VMEAN + h * s_vm + cols, mask=c_ok, other=0.0).to(tl.float32)
-            acc += l_rot[:, None] * mean[None, :]
+            acc += l_pre[:, None] * mean[None, :]
             tl.store(OUT + o_off[:, None] + cols[None, :], (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
                      mask=row_ok[:, None] & c_ok[None, :])
     else:
-        m_run, _, l_pre, acc = _merge_slots(PM, PL, PACC, i0, i1, r, row_ok, m_run, M_all, offs_d,
-                                            BLOCK_S, BLOCK_D, True)
-        m_run, alpha, l_oth, acc_oth = _merge_slots(PM, PL, PACC, o0, o0 + n_obuf, r, row_ok, m_run, M_all,
-                                                    offs_d, BLOCK_S, BLOCK_D, True)
-        l_all = l_pre * alpha + l_oth
-        acc = acc * alpha[:, None] + acc_oth
-        inv_l = 1.0 / tl.where(l_all > 0, l_all, 1.0)
+        acc = tl.sum(w_p[:, :, None] * a_p, axis=0) + tl.sum(w_o[:, :, None] * a_o, axis=0)
         tl.store(OUT + o_off[:, None] + offs_d[None, :], (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
 
@@ -664,12 +670,14 @@ def _zero_offsets(device: torch.device, n_heads: int) -> torch.Tensor:
 
 
 def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch.device,
-                 block_m=None, block_n=None, chunk=None, programs_per_sm: float = 2.0):
+                 block_m=None, block_n=None, chunk=None, programs_per_sm: Optional[float] = None):
     """(BLOCK_M, BLOCK_N, chunk, num_warps, num_stages). Decode (few rows): one tile of 16..64 rows and chunks
     small enough for ~`programs_per_sm` programs per SM; prefill: 64-row tiles and longer chunks."""
     bm = block_m or min(64, max(16, _next_pow2(M_all)))
-    bn = block_n or (64 if d <= 128 else 32)
+    bn = block_n or ((128 if bm <= 32 else 64) if d <= 128 else 32)  # H100 sweep; 64-row tiles: 128 spills
     n_tiles = -(-M_all // bm)
+    if programs_per_sm is None:  # H100 sweep: one program per SM for decode tiles, two for prefill
+        programs_per_sm = 1.0 if n_tiles == 1 else 2.0
     if chunk is None:
         target = max(1, int(programs_per_sm * _num_sms(device)))
         want = -(-n_entries * n_tiles // target)  # entries per program for ~target programs
@@ -687,8 +695,8 @@ def _combine_config(M_all: int, block_d: int, v_lloyd: bool) -> tuple[int, int, 
     lloyd values). (rows, buffers, d) loads and (rows, d, columns) un-rotation products of 8-16k elements: no
     register spills for sm_90 (benchmarks/check_ragged_compile.py)."""
     rows = min(4, _next_pow2(M_all)) if M_all <= 64 else (16 if v_lloyd else 32)
-    per_step = max(1, 8192 // (rows * block_d))
-    cols = max(8, 16384 // (rows * block_d))
+    per_step = max(1, (4096 if v_lloyd and rows >= 16 else 8192) // (rows * block_d))
+    cols = 32 if rows >= 16 and block_d <= 128 else max(8, 16384 // (rows * block_d))
     return rows, per_step, min(cols, block_d)
 
 
