@@ -22,23 +22,28 @@ read in place), L_app >= Lq; app_mask (B, L_app) bool (True = a real token) or N
 the queries' dtype: the layout a transformers attention function returns.
 
 Triton, one online-softmax pass per split, then a combine (flash-decoding style split-K):
-1. `_partial_kernel`, grid (row tiles, Hkv, slots). A KV head's query rows are (b, i, g) flattened, G query
+1. `_partial_kernel`, grid (row tiles, slots). A KV head's query rows are (b, i, g) flattened, G query
    heads of one position next to each other, so one tile holds every query head of its group. Slots are
-   - prefix chunks of `chunk` entries of head h: ONE program reads its chunk for the rows of EVERY sequence of
-     the batch (the prefix is read once per KV head and row tile, never once per sequence);
-   - the exact segment of head h (all sequences);
-   - chunks of `chunk` appended tokens of one sequence (its own rows only).
-   Each writes (running max, sum, accumulator) per row. Codes are read as stored and dequantized in registers
-   to the queries' dtype for tl.dot (float32 accumulation), as the loader would have dequantized them:
+   - a work list of prefix chunks: `chunk` entries of one head, ceil(length/chunk) per head, found in the
+     kernel from the device offsets (`_head_items`), so a short head launches no empty programs; ONE program
+     reads its chunk for the rows of EVERY sequence of the batch (the prefix is read once per row tile);
+   - per KV head: its exact segment (all sequences), then chunks of `chunk` appended tokens of one sequence.
+   Each writes (running max, sum, accumulator) per row. Codes are read as stored, as contiguous byte tiles
+   per row (`_dequant_tile`), and dequantized in registers to the queries' dtype for tl.dot (float32
+   accumulation), as the loader would have dequantized them:
    * lloyd keys: the query is rotated instead of the keys, exact since R is orthogonal:
      q.(mean + g R^T c) = q.mean + g (R q).c; R q comes from `_rotate_kernel` (float32) just before;
+     centroids up to 4 bits by a select chain in registers (a gather from the codebook measured 1.5x slower);
    * lloyd values: sum_j p_j g_j c_j is accumulated in rotated space (g folded into p) and un-rotated once in
      the combine step, plus mean * sum_j p_j;
-   * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them.
-2. `_combine_kernel`, grid (row tiles, Hkv): merges a row's slots (log-sum-exp), un-rotates lloyd values with
-   a float32 (rows x d) @ (d x d) product (`_rot_cols` output columns at a time), normalises and writes (B, Lq, Hq, d).
+   * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them;
+     a q4_0 tile holds each block's low and high nibbles side by side, so its columns are a fixed permutation
+     of the coordinates (`_tile_coords`): the query is loaded and the accumulator stored in that order.
+2. `_combine_kernel`, grid (row tiles, Hkv): merges a row's buffers in lanes (`_lane_slots`, several buffers
+   per load, no reduction inside the loop), un-rotates lloyd values ((rows x d) @ (d x d) in float32, output
+   columns a slice at a time), normalises and writes (B, Lq, Hq, d).
 Decode (Lq = 1) and prefill (Lq = hundreds) are the same kernels with different tiles: `chunk` is chosen so
-the grid holds about two programs per SM (`_pick_config`).
+the grid holds about one (decode) or two (prefill) programs per SM (`_pick_config`).
 
 Numerics: scores and softmax in float32 (log2 domain); dot operands in the queries' dtype (16-bit queries: keys,
 values and p rounded to it as in flash attention; float32 queries: TF32 on the GPU, COMPACTOR_TF32=0 for 3xTF32;
