@@ -83,8 +83,8 @@ def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=N
         stride = row[c] if c != 1 else (d * b + 7) // 8
         if stride % 16 == 0:
             div16.add(name)
-    consts = dict(G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, K_CODEC=kc, K_BITS=kb, V_CODEC=vc, V_BITS=vb,
-                  HAS_MASK=mask, UPCAST=False, DOT_PRECISION="tf32")
+    consts = dict(G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, BLOCK_H=8, K_CODEC=kc, K_BITS=kb, V_CODEC=vc,
+                  V_BITS=vb, SELECT=m._LLOYD_SELECT, HAS_MASK=mask, UPCAST=False, DOT_PRECISION="tf32")
     name = f"partial {label:8s} q={qty} d={d} G={G} bm={bm} bn={bn} w={warps} st={stages or st}{' mask' if mask else ''}"
     return name, (m._partial_kernel, types, consts, div16, warps, stages or st)
 
@@ -109,13 +109,14 @@ def main():
             variants[f"rotate q={qty} d={d}"] = (m._rotate_kernel, types, dict(D=d, BLOCK_M=16, BLOCK_D=BD,
                                                                                BLOCK_C=m._rot_cols(BD)),
                                                  {"s_qb", "s_qh", "s_qi"}, 8, 2)
-        for cm in (32,):
+        for M_all in (4, 32, 1024):
             for vl in (False, True):
-                types = dict(PM="*fp32", PL="*fp32", PACC="*fp32", VMEAN="*fp16", ROT="*fp32", OUT="*bf16",
-                             s_vm="i64", s_ob="i64", s_oi="i64", s_oh="i64")
+                cm, cs, cc = m._combine_config(M_all, BD, vl)
+                types = dict(PM="*fp32", PL="*fp32", PACC="*fp32", OFFS="*i32", VMEAN="*fp16", ROT="*fp32",
+                             OUT="*bf16", s_vm="i64", s_ob="i64", s_oi="i64", s_oh="i64")
                 variants[f"combine d={d} rows={cm} lloyd={vl}"] = (
-                    m._combine_kernel, types, dict(G=4, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=m._rot_cols(BD),
-                                                   V_LLOYD=vl), {"s_ob", "s_oi", "s_oh"}, 8, 2)
+                    m._combine_kernel, types, dict(G=4, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=cc, BLOCK_S=cs,
+                                                   BLOCK_H=8, V_LLOYD=vl), {"s_ob", "s_oi", "s_oh"}, 8, 2)
     only = sys.argv[1] if len(sys.argv) > 1 else ""  # optional substring filter, e.g. "combine"
     variants = {k: v for k, v in variants.items() if only in k}
     print(f"triton {triton.__version__}, target sm_90, {len(variants)} variants")

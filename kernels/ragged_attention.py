@@ -22,23 +22,28 @@ read in place), L_app >= Lq; app_mask (B, L_app) bool (True = a real token) or N
 the queries' dtype: the layout a transformers attention function returns.
 
 Triton, one online-softmax pass per split, then a combine (flash-decoding style split-K):
-1. `_partial_kernel`, grid (row tiles, Hkv, slots). A KV head's query rows are (b, i, g) flattened, G query
+1. `_partial_kernel`, grid (row tiles, slots). A KV head's query rows are (b, i, g) flattened, G query
    heads of one position next to each other, so one tile holds every query head of its group. Slots are
-   - prefix chunks of `chunk` entries of head h: ONE program reads its chunk for the rows of EVERY sequence of
-     the batch (the prefix is read once per KV head and row tile, never once per sequence);
-   - the exact segment of head h (all sequences);
-   - chunks of `chunk` appended tokens of one sequence (its own rows only).
-   Each writes (running max, sum, accumulator) per row. Codes are read as stored and dequantized in registers
-   to the queries' dtype for tl.dot (float32 accumulation), as the loader would have dequantized them:
+   - a work list of prefix chunks: `chunk` entries of one head, ceil(length/chunk) per head, found in the
+     kernel from the device offsets (`_head_items`), so a short head launches no empty programs; ONE program
+     reads its chunk for the rows of EVERY sequence of the batch (the prefix is read once per row tile);
+   - per KV head: its exact segment (all sequences), then chunks of `chunk` appended tokens of one sequence.
+   Each writes (running max, sum, accumulator) per row. Codes are read as stored, as contiguous byte tiles
+   per row (`_dequant_tile`), and dequantized in registers to the queries' dtype for tl.dot (float32
+   accumulation), as the loader would have dequantized them:
    * lloyd keys: the query is rotated instead of the keys, exact since R is orthogonal:
      q.(mean + g R^T c) = q.mean + g (R q).c; R q comes from `_rotate_kernel` (float32) just before;
+     centroids up to 4 bits by a select chain in registers (a gather from the codebook measured 1.5x slower);
    * lloyd values: sum_j p_j g_j c_j is accumulated in rotated space (g folded into p) and un-rotated once in
      the combine step, plus mean * sum_j p_j;
-   * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them.
-2. `_combine_kernel`, grid (row tiles, Hkv): merges a row's slots (log-sum-exp), un-rotates lloyd values with
-   a float32 (rows x d) @ (d x d) product (`_rot_cols` output columns at a time), normalises and writes (B, Lq, Hq, d).
+   * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them;
+     a q4_0 tile holds each block's low and high nibbles side by side, so its columns are a fixed permutation
+     of the coordinates (`_tile_coords`): the query is loaded and the accumulator stored in that order.
+2. `_combine_kernel`, grid (row tiles, Hkv): merges a row's buffers in lanes (`_lane_slots`, several buffers
+   per load, no reduction inside the loop), un-rotates lloyd values ((rows x d) @ (d x d) in float32, output
+   columns a slice at a time), normalises and writes (B, Lq, Hq, d).
 Decode (Lq = 1) and prefill (Lq = hundreds) are the same kernels with different tiles: `chunk` is chosen so
-the grid holds about two programs per SM (`_pick_config`).
+the grid holds about one (decode) or two (prefill) programs per SM (`_pick_config`).
 
 Numerics: scores and softmax in float32 (log2 domain); dot operands in the queries' dtype (16-bit queries: keys,
 values and p rounded to it as in flash attention; float32 queries: TF32 on the GPU, COMPACTOR_TF32=0 for 3xTF32;
@@ -86,6 +91,10 @@ __all__ = ["ragged_attention", "ragged_attention_torch", "ragged_attention_trito
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CODEC_ID = {name: i for i, name in enumerate(CODECS)}  # raw 0, lloyd 1, q8_0 2, q4_0 3
 _LOG2E = 1.4426950408889634
+_PROGRAMS_PER_SM = None  # split target override (benchmarks sweep it); None: _pick_config's rule
+# lloyd centroids up to 4 bits: a select chain over the codebook in registers (True) or a gather from it
+# (H100, K4V4 decode at 32k: 66 vs 96 µs/layer)
+_LLOYD_SELECT = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,37 +217,86 @@ def _dot_operand(x, DOT_TY: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @_jit
-def _dequant_tile(X, XS, CENT, rows, row_ok, offs_d, d_ok, row_stride, CODEC: tl.constexpr, BITS: tl.constexpr):
+def _tile_coords(offs_d, CODEC: tl.constexpr):
+    """Head-dim coordinate of each column of a `_dequant_tile` tile: the identity, except q4_0 whose tiles hold
+    a block's low nibbles and high nibbles side by side (column blk*32 + 2j + t is coordinate blk*32 + 16t + j)."""
+    if CODEC == 3:
+        w = offs_d % 32
+        return offs_d - w + (w % 2) * 16 + w // 2
+    else:
+        return offs_d
+
+
+@_jit
+def _centroids(CENT, code, BITS: tl.constexpr, SELECT: tl.constexpr):
+    """centroids[code]: a gather from the (L1-resident) codebook, or (SELECT, up to 4 bits) a chain of selects
+    over codebook values held in registers."""
+    if SELECT and BITS <= 4:
+        x = tl.zeros(code.shape, dtype=tl.float32) + tl.load(CENT)
+        for v in tl.static_range(1, 1 << BITS):
+            x = tl.where(code == v, tl.load(CENT + v), x)
+    else:
+        x = tl.load(CENT + code)
+    return x
+
+
+@_jit
+def _dequant_tile(X, XS, CENT, rows, row_ok, offs_d, d_ok, row_stride, D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CODEC: tl.constexpr, BITS: tl.constexpr,
+                  SELECT: tl.constexpr):
     """(BLOCK_N, BLOCK_D) tile of stored rows `rows`: raw values (stored dtype), lloyd centroids (float32, gain
-    not applied), q8_0/q4_0 dequantized (float32). X points at the data (int8 view for q8_0), XS at the same
-    bytes viewed as float16 (block scales); row_stride in elements of X."""
-    r = rows.to(tl.int64)[:, None] * row_stride
-    ok = row_ok[:, None] & d_ok[None, :]
-    c = offs_d[None, :]
+    not applied), q8_0/q4_0 dequantized (float32); column c holds coordinate `_tile_coords(c)`. X points at the
+    data (int8 view for q8_0), XS at the same bytes viewed as float16 (block scales); row_stride in elements of X.
+
+    Codes are read as contiguous runs of bytes per row (vector loads): lloyd codes of 1, 2, 4 or 8 bits as the
+    row's packed bytes, each split into its 8/BITS codes along a new minor axis (byte j holds coordinates
+    j*8/BITS + t, so the reshape back to (BLOCK_N, BLOCK_D) is in coordinate order); q8_0/q4_0 as
+    (BLOCK_N, blocks, 32 or 16) byte tiles with one fp16 scale per (row, block). Other lloyd widths (3, 5, 6, 7
+    bits: codes straddle bytes) load one byte pair per coordinate."""
+    r = rows.to(tl.int64) * row_stride
     if CODEC == 0:
-        x = tl.load(X + r + c, mask=ok, other=0.0)
+        x = tl.load(X + r[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     elif CODEC == 1:
-        bit = c * BITS
-        byte = bit // 8
-        shift = bit % 8
-        word = tl.load(X + r + byte, mask=ok, other=0).to(tl.int32)
-        if 8 % BITS != 0:  # codes may straddle two bytes
-            hi = tl.load(X + r + byte + 1, mask=ok & (shift + BITS > 8), other=0).to(tl.int32)
-            word = word | (hi << 8)
-        code = (word >> shift) & ((1 << BITS) - 1)
-        x = tl.load(CENT + code, mask=ok, other=0.0)
-    elif CODEC == 2:  # q8_0: 34-byte blocks = fp16 scale + 32 int8
-        blk = c // 32
-        q = tl.load(X + r + blk * 34 + 2 + (c % 32), mask=ok, other=0).to(tl.float32)
-        sc = tl.load(XS + r // 2 + blk * 17, mask=ok, other=0.0).to(tl.float32)
-        x = q * sc
-    else:  # q4_0: 18-byte blocks = fp16 scale + 16 bytes, byte j = q_j | q_{j+16} << 4
-        blk = c // 32
-        w = c % 32
-        byte = tl.load(X + r + blk * 18 + 2 + (w % 16), mask=ok, other=0).to(tl.int32)
-        q = ((byte >> ((w // 16) * 4)) & 15) - 8
-        sc = tl.load(XS + r // 2 + blk * 9, mask=ok, other=0.0).to(tl.float32)
-        x = q.to(tl.float32) * sc
+        if 8 % BITS == 0:
+            P: tl.constexpr = 8 // BITS
+            NB: tl.constexpr = BLOCK_D // P
+            ROW_BYTES: tl.constexpr = (D * BITS + 7) // 8
+            j = tl.arange(0, NB)
+            byte = tl.load(X + r[:, None] + j[None, :], mask=row_ok[:, None] & (j < ROW_BYTES)[None, :],
+                           other=0).to(tl.int32)
+            if P == 1:
+                x = _centroids(CENT, byte, BITS, SELECT)
+            else:
+                sh = tl.arange(0, P) * BITS
+                code = (byte[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
+                x = tl.reshape(_centroids(CENT, code, BITS, SELECT), [BLOCK_N, BLOCK_D])
+        else:  # codes may straddle two bytes
+            ok = row_ok[:, None] & d_ok[None, :]
+            bit = offs_d[None, :] * BITS
+            byte = bit // 8
+            shift = bit % 8
+            word = tl.load(X + r[:, None] + byte, mask=ok, other=0).to(tl.int32)
+            hi = tl.load(X + r[:, None] + byte + 1, mask=ok & (shift + BITS > 8), other=0).to(tl.int32)
+            code = ((word | (hi << 8)) >> shift) & ((1 << BITS) - 1)
+            x = _centroids(CENT, code, BITS, SELECT)
+    else:
+        NBLK: tl.constexpr = BLOCK_D // 32
+        blk = tl.arange(0, NBLK)
+        blk_ok = row_ok[:, None] & (blk < D // 32)[None, :]
+        if CODEC == 2:  # q8_0: 34-byte blocks = fp16 scale + 32 int8
+            j = tl.arange(0, 32)
+            q = tl.load(X + r[:, None, None] + blk[None, :, None] * 34 + 2 + j[None, None, :],
+                        mask=blk_ok[:, :, None], other=0).to(tl.float32)
+            sc = tl.load(XS + (r // 2)[:, None] + blk[None, :] * 17, mask=blk_ok, other=0.0).to(tl.float32)
+            x = tl.reshape(q * sc[:, :, None], [BLOCK_N, BLOCK_D])
+        else:  # q4_0: 18-byte blocks = fp16 scale + 16 bytes, byte j = q_j | q_{j+16} << 4
+            j = tl.arange(0, 16)
+            byte = tl.load(X + r[:, None, None] + blk[None, :, None] * 18 + 2 + j[None, None, :],
+                           mask=blk_ok[:, :, None], other=0).to(tl.int32)
+            sc = tl.load(XS + (r // 2)[:, None] + blk[None, :] * 9, mask=blk_ok, other=0.0).to(tl.float32)
+            lo = ((byte & 15) - 8).to(tl.float32) * sc[:, :, None]
+            hi = ((byte >> 4) - 8).to(tl.float32) * sc[:, :, None]
+            x = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_D])  # column blk*32 + 2j + t: see _tile_coords
     return x
 
 
@@ -256,18 +314,20 @@ def _softmax_step(s, m_i, l_i):
 
 @_jit
 def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, VS, VGAIN, VCENT, v_stride,
-                  offs_d, d_ok, qk_scale2,
+                  offs_d, d_ok, qk_scale2, D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
-                  DOT_TY: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over prefix entries lo:hi (global rows) for one row tile."""
+                  SELECT: tl.constexpr, DOT_TY: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over prefix entries lo:hi (global rows) for one row tile. q_dot's columns are in the key
+    tiles' column order, the returned accumulator's in the value tiles' (`_tile_coords`)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         ok = cols < hi
-        k = _dequant_tile(KX, KS, KCENT, cols, ok, offs_d, d_ok, k_stride, K_CODEC, K_BITS)
+        k = _dequant_tile(KX, KS, KCENT, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS,
+                          SELECT)
         s = tl.dot(q_dot, tl.trans(_dot_operand(k, DOT_TY, UPCAST)), input_precision=DOT_PRECISION)
         if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
             gk = tl.load(KGAIN + cols, mask=ok, other=0.0).to(tl.float32)
@@ -275,7 +335,8 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
         beta = tl.load(BETA + cols, mask=ok, other=float("-inf"))
         s = s * qk_scale2 + beta[None, :] * 1.4426950408889634
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-        v = _dequant_tile(VX, VS, VCENT, cols, ok, offs_d, d_ok, v_stride, V_CODEC, V_BITS)
+        v = _dequant_tile(VX, VS, VCENT, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS,
+                          SELECT)
         if V_CODEC == 1:  # accumulate sum p g c in rotated space; the combine un-rotates
             gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
             p = p * gv[None, :]
@@ -318,37 +379,81 @@ def _dense_chunk(q_dot, last_key, lo, hi, K, V, BETA, MASK, k_stride, v_stride, 
     return m_i, l_i, acc
 
 
-@_jit_sizes("B", "Lq", "L_app", "E", "n_pre", "n_shared", "n_app", "chunk", "n_buf", "M_all")
+@_jit
+def _head_items(OFFS, h_or_item, n_heads, chunk, BLOCK_H: tl.constexpr, BY_ITEM: tl.constexpr):
+    """The work list of prefix chunks, from the device offsets: head h owns items first_h .. first_h + n_h - 1,
+    n_h = ceil(length_h / chunk) (no item for an empty head). BY_ITEM: h_or_item is an item, returns its
+    (head, first item of the head, head start, head end); else a head, returns (head, first, first + n_h, 0)."""
+    hh = tl.arange(0, BLOCK_H)
+    h_ok = hh < n_heads
+    st = tl.load(OFFS + hh, mask=h_ok, other=0)
+    en = tl.load(OFFS + hh + 1, mask=h_ok, other=0)
+    cnt = (en - st + chunk - 1) // chunk
+    cum = tl.cumsum(cnt, 0)  # items up to and including head hh
+    if BY_ITEM:
+        h = tl.sum((cum <= h_or_item).to(tl.int32), 0)
+    else:
+        h = h_or_item
+    sel = hh == h
+    first = tl.sum(tl.where(sel, cum - cnt, 0), 0)
+    if BY_ITEM:
+        return h, first, tl.sum(tl.where(sel, st, 0), 0), tl.sum(tl.where(sel, en, 0), 0)
+    else:
+        return h, first, tl.sum(tl.where(sel, cum, 0), 0), 0
+
+
+@_jit_sizes("B", "Lq", "L_app", "E", "n_items", "n_other", "n_obuf", "n_app", "chunk", "M_all")
 def _partial_kernel(
     Q, QROT, OFFS, BETA,
     KX, KS, KGAIN, KMEAN, KCENT, VX, VS, VGAIN, VCENT,
     EK, EV, EBETA,
     AK, AV, AMASK,
     PM, PL, PACC,
-    B, Lq, L_app, E, n_pre, n_shared, n_app, chunk, n_buf, M_all, qk_scale2,
+    B, Lq, L_app, E, n_heads, n_items, n_other, n_obuf, n_app, chunk, M_all, qk_scale2,
     s_qb, s_qh, s_qi, s_rb, s_rh, s_ri,
     k_stride, v_stride, s_km,
     s_akb, s_akh, s_akl, s_avb, s_avh, s_avl, s_mb,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr, SELECT: tl.constexpr,
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One (row tile, KV head, slot): partial (max, sum, acc) of its rows over its slot's keys."""
+    """One (row tile, slot): partial (max, sum, acc) of its rows over its slot's keys, written to buffer `buf`.
+    Slots (= buffers) 0..n_items-1 are the prefix chunks of the work list (`_head_items`: only chunks that hold
+    entries); then per KV head h, n_other slots n_items + h*n_other + k: its exact segment (k = 0, if E), then
+    appended chunk a of sequence s (k = [E > 0] + s*n_app + a), written to buffer n_items + h*n_obuf + [E > 0] + a
+    (the sequences' rows are disjoint)."""
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    slot = tl.program_id(2)
+    slot = tl.program_id(1)
     DOT_TY: tl.constexpr = Q.dtype.element_ty
     rows_per_seq = G * Lq
-    if slot < n_shared:  # prefix chunk or exact segment: the rows of every sequence
-        seq = 0
-        row0 = 0
-        n_rows = M_all
-        buf = slot
-    else:  # appended chunk `a` of sequence `seq`: that sequence's rows only
-        seq = (slot - n_shared) // n_app
-        row0 = seq * rows_per_seq
-        n_rows = rows_per_seq
-        buf = n_shared + (slot - n_shared) % n_app
+    seq = 0
+    row0 = 0
+    n_rows = M_all
+    lo = 0
+    hi = 0
+    buf = slot
+    if slot < n_items:
+        h, first, start, end = _head_items(OFFS, slot, n_heads, chunk, BLOCK_H, True)
+        lo = start + (slot - first) * chunk
+        hi = tl.minimum(lo + chunk, end)
+        kind = 0
+    else:
+        o = slot - n_items
+        h = o // n_other
+        k = o % n_other
+        buf = n_items + h * n_obuf + k
+        if E > 0:
+            k = k - 1
+        if k < 0:  # the exact segment of head h, all sequences
+            kind = 1
+        else:  # appended chunk k % n_app of sequence k // n_app: that sequence's rows only
+            kind = 2
+            seq = k // n_app
+            row0 = seq * rows_per_seq
+            n_rows = rows_per_seq
+            lo = (k % n_app) * chunk
+            buf = buf - seq * n_app
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = local < n_rows
     r = row0 + local
@@ -357,50 +462,50 @@ def _partial_kernel(
     hq = h * G + r % G
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_mask = row_ok[:, None] & d_ok[None, :]
     q_off = b.to(tl.int64) * s_qb + hq.to(tl.int64) * s_qh + i.to(tl.int64) * s_qi
-    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+    out_cols = offs_d
 
-    if slot < n_pre:
-        start = tl.load(OFFS + h)
-        end = tl.load(OFFS + h + 1)
-        lo = start + slot * chunk
-        hi = tl.minimum(lo + chunk, end)
+    if kind == 0:
         if K_CODEC == 1:
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
             r_off = b.to(tl.int64) * s_rb + hq.to(tl.int64) * s_rh + i.to(tl.int64) * s_ri
             q_rot = tl.load(QROT + r_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
             mean = tl.load(KMEAN + h * s_km + offs_d, mask=d_ok, other=0.0).to(tl.float32)
             qm = tl.sum(q.to(tl.float32) * mean[None, :], axis=1)
             q_dot = _dot_operand(q_rot, DOT_TY, UPCAST)
-        else:
+        else:  # the query's columns in the key tiles' order
+            kc = _tile_coords(offs_d, K_CODEC)
+            q = tl.load(Q + q_off[:, None] + kc[None, :], mask=row_ok[:, None] & (kc < D)[None, :], other=0.0)
             qm = tl.zeros([BLOCK_M], dtype=tl.float32)
             q_dot = _dot_operand(q, DOT_TY, UPCAST)
         m_i, l_i, acc = _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride,
-                                      VX, VS, VGAIN, VCENT, v_stride, offs_d, d_ok, qk_scale2,
-                                      BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, V_CODEC, V_BITS,
+                                      VX, VS, VGAIN, VCENT, v_stride, offs_d, d_ok, qk_scale2, D,
+                                      BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, V_CODEC, V_BITS, SELECT,
                                       DOT_TY, UPCAST, DOT_PRECISION)
-    elif slot < n_shared:  # the exact segment of head h: E dense float32 entries with their beta
-        last = tl.zeros([BLOCK_M], dtype=tl.int32)
-        m_i, l_i, acc = _dense_chunk(_dot_operand(q, DOT_TY, UPCAST), last, 0, E,
-                                     EK + h * E * D, EV + h * E * D, EBETA + h * E, AMASK, D, D,
-                                     offs_d, d_ok, qk_scale2, True, False, False,
-                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_TY, UPCAST, DOT_PRECISION)
-    else:  # appended tokens of sequence `seq`, causal (bottom-right) and padding-masked
-        a = (slot - n_shared) % n_app
-        last = L_app - Lq + i
-        lo = a * chunk
-        hi = tl.minimum(tl.minimum(lo + chunk, L_app), tl.max(tl.where(row_ok, last, 0), axis=0) + 1)
-        m_i, l_i, acc = _dense_chunk(_dot_operand(q, DOT_TY, UPCAST), last, lo, hi,
-                                     AK + seq.to(tl.int64) * s_akb + h * s_akh,
-                                     AV + seq.to(tl.int64) * s_avb + h * s_avh,
-                                     BETA, AMASK + seq.to(tl.int64) * s_mb, s_akl, s_avl,
-                                     offs_d, d_ok, qk_scale2, False, True, HAS_MASK,
-                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_TY, UPCAST, DOT_PRECISION)
+        out_cols = _tile_coords(offs_d, V_CODEC)
+    else:
+        q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if kind == 1:  # the exact segment of head h: E dense float32 entries with their beta
+            last = tl.zeros([BLOCK_M], dtype=tl.int32)
+            m_i, l_i, acc = _dense_chunk(_dot_operand(q, DOT_TY, UPCAST), last, 0, E,
+                                         EK + h * E * D, EV + h * E * D, EBETA + h * E, AMASK, D, D,
+                                         offs_d, d_ok, qk_scale2, True, False, False,
+                                         BLOCK_M, BLOCK_N, BLOCK_D, DOT_TY, UPCAST, DOT_PRECISION)
+        else:  # appended tokens of sequence `seq`, causal (bottom-right) and padding-masked
+            last = L_app - Lq + i
+            hi = tl.minimum(tl.minimum(lo + chunk, L_app), tl.max(tl.where(row_ok, last, 0), axis=0) + 1)
+            m_i, l_i, acc = _dense_chunk(_dot_operand(q, DOT_TY, UPCAST), last, lo, hi,
+                                         AK + seq.to(tl.int64) * s_akb + h * s_akh,
+                                         AV + seq.to(tl.int64) * s_avb + h * s_avh,
+                                         BETA, AMASK + seq.to(tl.int64) * s_mb, s_akl, s_avl,
+                                         offs_d, d_ok, qk_scale2, False, True, HAS_MASK,
+                                         BLOCK_M, BLOCK_N, BLOCK_D, DOT_TY, UPCAST, DOT_PRECISION)
 
-    p_off = (h * n_buf + buf).to(tl.int64) * M_all + r
+    p_off = buf.to(tl.int64) * M_all + r
     tl.store(PM + p_off, m_i, mask=row_ok)
     tl.store(PL + p_off, l_i, mask=row_ok)
-    tl.store(PACC + p_off[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(PACC + p_off[:, None] * BLOCK_D + out_cols[None, :], acc, mask=row_ok[:, None])
 
 
 @_jit
@@ -426,70 +531,105 @@ def _rotate_kernel(Q, ROT, QROT, n_rows, Hq, Lq, s_qb, s_qh, s_qi,
         tl.store(QROT + r.to(tl.int64)[:, None] * D + cols[None, :], qr, mask=row_ok[:, None] & c_ok[None, :])
 
 
-@_jit_sizes("Lq", "n_rot", "n_buf", "M_all")
+@_jit
+def _lane_slots(PM, PL, PACC, s_lo, s_hi, r, row_ok, M_all, offs_d,
+                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WITH_ACC: tl.constexpr):
+    """Buffers s_lo:s_hi of rows r, BLOCK_S per load (one (S, R, D) tile), merged into BLOCK_S independent lanes
+    (lane j takes buffers s_lo + j, s_lo + j + S, ...): element-wise online softmax, no reduction or layout
+    change inside the loop. Returns the lanes' (max (S, R), sum (S, R), acc (S, R, D) if WITH_ACC else 0.0)."""
+    sidx = tl.arange(0, BLOCK_S)
+    m3 = tl.full([BLOCK_S, r.shape[0]], float("-inf"), dtype=tl.float32)
+    l3 = tl.zeros([BLOCK_S, r.shape[0]], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK_S, r.shape[0], BLOCK_D], dtype=tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        sl = s0 + sidx
+        idx = sl.to(tl.int64)[:, None] * M_all + r[None, :]
+        ok = (sl < s_hi)[:, None] & row_ok[None, :]
+        m = tl.load(PM + idx, mask=ok, other=float("-inf"))
+        l = tl.load(PL + idx, mask=ok, other=0.0)
+        m_new = tl.maximum(m3, m)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m3 - m_safe)
+        w = tl.exp2(m - m_safe)
+        l3 = l3 * alpha + w * l
+        if WITH_ACC:
+            a = tl.load(PACC + idx[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0)
+            a3 = a3 * alpha[:, :, None] + w[:, :, None] * a
+        m3 = m_new
+    return m3, l3, a3
+
+
+@_jit
+def _lane_weights(m3, m_fin):
+    """exp2(lane max - final max) (0 for empty lanes), (S, R)."""
+    m_safe = tl.where(m_fin == float("-inf"), 0.0, m_fin)
+    return tl.exp2(m3 - m_safe[None, :])
+
+
+@_jit_sizes("Lq", "n_items", "n_obuf", "M_all")
 def _combine_kernel(
-    PM, PL, PACC, VMEAN, ROT, OUT,
-    Lq, n_rot, n_buf, M_all,
+    PM, PL, PACC, OFFS, VMEAN, ROT, OUT,
+    Lq, n_heads, n_items, n_obuf, chunk, M_all,
     s_vm, s_ob, s_oi, s_oh,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-    V_LLOYD: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, V_LLOYD: tl.constexpr,
 ):
-    """Merge the slots of a row tile of KV head h, un-rotate lloyd values, normalise, write (B, Lq, Hq, d).
+    """Merge the buffers of a row tile of KV head h (its prefix items, `_head_items`, then its n_obuf exact and
+    appended buffers), un-rotate lloyd values, normalise, write (B, Lq, Hq, d).
 
-    Pass 1 finds each row's max and normaliser over all slots; pass 2 (lloyd values) sums the coded slots in
-    rotated space; pass 3 writes BLOCK_C output columns at a time: the other slots' columns plus the
-    un-rotated (acc_rot @ R[:, cols]) part, so only a (d x BLOCK_C) slice of R is on chip at a time."""
+    Buffers are merged in BLOCK_S lanes (`_lane_slots`), the lanes once at the end. Lloyd values (prefix items
+    in rotated space): the items' lanes with their accumulators, the other buffers' maxima and sums, then
+    BLOCK_C output columns at a time the other buffers' columns plus the un-rotated acc_rot @ R[:, cols] (a
+    float32 tl.dot from 16 rows, else a (rows, d, BLOCK_C) broadcast product), so only a (d x BLOCK_C) slice
+    of R is on chip at a time."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < M_all
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    base = h.to(tl.int64) * n_buf * M_all + r
-    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
-    l_rot = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s in range(0, n_buf):
-        m = tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf"))
-        l = tl.load(PL + base + s * M_all, mask=row_ok, other=0.0)
-        m_new = tl.maximum(m_run, m)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_run - m_safe)
-        w = tl.exp2(m - m_safe)
-        l_run = l_run * alpha + w * l
-        if V_LLOYD:
-            l_rot = l_rot * alpha + tl.where(s < n_rot, w * l, 0.0)
-        m_run = m_new
-    m_fin = tl.where(m_run == float("-inf"), 0.0, m_run)
-    inv_l = 1.0 / tl.where(l_run > 0, l_run, 1.0)
-    acc_rot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    first_raw = 0
-    if V_LLOYD:
-        first_raw = n_rot
-        for s in range(0, n_rot):
-            w = tl.exp2(tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf")) - m_fin)
-            a = tl.load(PACC + (base + s * M_all)[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
-                        other=0.0)
-            acc_rot += w[:, None] * a
+    _, i0, i1, _ = _head_items(OFFS, h, n_heads, chunk, BLOCK_H, False)
+    o0 = n_items + h * n_obuf
     b = r // (G * Lq)
     i = (r // G) % Lq
     hq = h * G + r % G
     o_off = b.to(tl.int64) * s_ob + i.to(tl.int64) * s_oi + hq.to(tl.int64) * s_oh
-    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        c_ok = cols < D
-        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for s in range(first_raw, n_buf):
-            w = tl.exp2(tl.load(PM + base + s * M_all, mask=row_ok, other=float("-inf")) - m_fin)
-            a = tl.load(PACC + (base + s * M_all)[:, None] * BLOCK_D + cols[None, :], mask=row_ok[:, None],
-                        other=0.0)
-            acc += w[:, None] * a
-        if V_LLOYD:  # x = mean + R^T y  ->  rows: acc_rot @ R + l_rot * mean
+    m_p, l_p, a_p = _lane_slots(PM, PL, PACC, i0, i1, r, row_ok, M_all, offs_d, BLOCK_S, BLOCK_D, True)
+    m_o, l_o, a_o = _lane_slots(PM, PL, PACC, o0, o0 + n_obuf, r, row_ok, M_all, offs_d, BLOCK_S, BLOCK_D,
+                                not V_LLOYD)
+    m_fin = tl.maximum(tl.max(m_p, axis=0), tl.max(m_o, axis=0))
+    w_p = _lane_weights(m_p, m_fin)
+    w_o = _lane_weights(m_o, m_fin)
+    l_pre = tl.sum(w_p * l_p, axis=0)
+    l_all = l_pre + tl.sum(w_o * l_o, axis=0)
+    inv_l = 1.0 / tl.where(l_all > 0, l_all, 1.0)
+    if V_LLOYD:
+        acc_rot = tl.sum(w_p[:, :, None] * a_p, axis=0)
+        m_safe = tl.where(m_fin == float("-inf"), 0.0, m_fin)
+        for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cols < D
+            acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            for s in range(o0, o0 + n_obuf):  # the few exact/appended buffers, against the final max
+                w = tl.exp2(tl.load(PM + s * M_all + r, mask=row_ok, other=float("-inf")) - m_safe)
+                a = tl.load(PACC + (s * M_all + r).to(tl.int64)[:, None] * BLOCK_D + cols[None, :],
+                            mask=row_ok[:, None], other=0.0)
+                acc += w[:, None] * a
+            # x = mean + R^T y  ->  rows: acc_rot @ R + l_pre * mean
             rc = tl.load(ROT + offs_d[:, None] * D + cols[None, :], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+            if BLOCK_M >= 16 and BLOCK_D <= 128:
+                acc += tl.dot(acc_rot, rc, input_precision="ieee")
+            else:
+                acc += tl.sum(acc_rot[:, :, None] * rc[None, :, :], axis=1)  # float32 FMAs, exact
             mean = tl.load(VMEAN + h * s_vm + cols, mask=c_ok, other=0.0).to(tl.float32)
-            acc += tl.dot(acc_rot, rc, input_precision="ieee") + l_rot[:, None] * mean[None, :]
-        tl.store(OUT + o_off[:, None] + cols[None, :], (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
-                 mask=row_ok[:, None] & c_ok[None, :])
+            acc += l_pre[:, None] * mean[None, :]
+            tl.store(OUT + o_off[:, None] + cols[None, :], (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
+                     mask=row_ok[:, None] & c_ok[None, :])
+    else:
+        acc = tl.sum(w_p[:, :, None] * a_p, axis=0) + tl.sum(w_o[:, :, None] * a_o, axis=0)
+        tl.store(OUT + o_off[:, None] + offs_d[None, :], (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,13 +668,21 @@ def _placeholder(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.float32, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def _zero_offsets(device: torch.device, n_heads: int) -> torch.Tensor:
+    """Offsets of an absent prefix (every head empty) for the work-list lookups."""
+    return torch.zeros(n_heads + 1, dtype=torch.int32, device=device)
+
+
 def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch.device,
-                 block_m=None, block_n=None, chunk=None, programs_per_sm: float = 2.0):
+                 block_m=None, block_n=None, chunk=None, programs_per_sm: Optional[float] = None):
     """(BLOCK_M, BLOCK_N, chunk, num_warps, num_stages). Decode (few rows): one tile of 16..64 rows and chunks
     small enough for ~`programs_per_sm` programs per SM; prefill: 64-row tiles and longer chunks."""
     bm = block_m or min(64, max(16, _next_pow2(M_all)))
-    bn = block_n or (64 if d <= 128 else 32)
+    bn = block_n or ((128 if bm <= 32 else 64) if d <= 128 else 32)  # H100 sweep; 64-row tiles: 128 spills
     n_tiles = -(-M_all // bm)
+    if programs_per_sm is None:  # H100 sweep: one program per SM for decode tiles, two for prefill
+        programs_per_sm = 1.0 if n_tiles == 1 else 2.0
     if chunk is None:
         target = max(1, int(programs_per_sm * _num_sms(device)))
         want = -(-n_entries * n_tiles // target)  # entries per program for ~target programs
@@ -544,6 +692,17 @@ def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch
     # sm_90: 110-210 registers per thread at 8 warps, no spills, for every codec, decode and prefill tiles)
     warps = 8 if d > 64 else 4
     return bm, bn, chunk, warps, 2
+
+
+def _combine_config(M_all: int, block_d: int, v_lloyd: bool) -> tuple[int, int, int]:
+    """(rows, buffers per step, output columns per un-rotation step) of a combine program. Decode (up to 64
+    rows): tiles of 4 rows (more programs), 16 buffers per load for d = 128; prefill: 32-row tiles (16 for
+    lloyd values). (rows, buffers, d) loads and (rows, d, columns) un-rotation products of 8-16k elements: no
+    register spills for sm_90 (benchmarks/check_ragged_compile.py)."""
+    rows = min(4, _next_pow2(M_all)) if M_all <= 64 else (16 if v_lloyd else 32)
+    per_step = max(1, (4096 if v_lloyd and rows >= 16 else 8192) // (rows * block_d))
+    cols = 32 if rows >= 16 and block_d <= 128 else max(8, 16384 // (rows * block_d))
+    return rows, per_step, min(cols, block_d)
 
 
 def _rot_cols(block_d: int) -> int:
@@ -579,23 +738,26 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     M_all = B * Lq * G
     n_entries = prefix.num_entries if prefix is not None else 0
     bm, bn, chunk, warps, stages = _pick_config(M_all, n_entries + (L_app if L_app else 0), Hkv, d, dev,
-                                                block_m, block_n, chunk)
+                                                block_m, block_n, chunk, _PROGRAMS_PER_SM)
     warps, stages = num_warps or warps, num_stages or stages
     BD = max(16, _next_pow2(d))
+    BH = max(2, _next_pow2(Hkv))
     if queries.stride(-1) != 1:
         queries = queries.contiguous()
 
     placeholder = _placeholder(dev)
     K_CODEC = V_CODEC = 0
     K_BITS = V_BITS = 8
-    n_pre, E = 0, 0
-    kx = ks = kg = km = kc = vx = vs = vg = vc = offs = beta = placeholder
+    n_items, E = 0, 0
+    kx = ks = kg = km = kc = vx = vs = vg = vc = beta = placeholder
     ek = ev = eb = rot = vmean = placeholder
+    offs = _zero_offsets(dev, Hkv) if prefix is None else prefix.offsets
     q_rot = queries
     k_stride = v_stride = s_km = s_vm = 0
     if prefix is not None and prefix.max_length:
-        n_pre = -(-prefix.max_length // chunk)
-        offs, beta = prefix.offsets, prefix.beta
+        # the work list: ceil(length / chunk) items per head, found in the kernels from the device offsets
+        n_items = sum(-(-n // chunk) for n in prefix.lengths)
+        beta = prefix.beta
         pk, pv = prefix.keys, prefix.values
         K_CODEC, V_CODEC = _CODEC_ID[pk.codec], _CODEC_ID[pv.codec]
         kx, ks, k_stride = _data_views(pk)
@@ -610,7 +772,6 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     if prefix is not None and prefix.num_exact:
         E = prefix.num_exact
         ek, ev, eb = prefix.exact_keys.contiguous(), prefix.exact_values.contiguous(), prefix.exact_beta.contiguous()
-    n_shared = n_pre + (1 if E else 0)
     n_app = -(-L_app // chunk) if L_app else 0
     if L_app:
         ak, av = app_keys, app_values
@@ -626,13 +787,16 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 mask = mask.contiguous()
     else:
         ak = av = mask = placeholder
-    n_buf = n_shared + n_app
-    n_slots = n_shared + B * n_app
+    e1 = 1 if E else 0
+    n_other = e1 + B * n_app  # programs per KV head beside its prefix items
+    n_obuf = e1 + n_app  # their buffers per KV head (the sequences' appended rows are disjoint)
+    n_slots = n_items + Hkv * n_other
+    n_buf = n_items + Hkv * n_obuf
     V_LLOYD = V_CODEC == 1
 
-    pm = _alloc((Hkv, n_buf, M_all), torch.float32, dev)
-    pl = _alloc((Hkv, n_buf, M_all), torch.float32, dev)
-    pacc = _alloc((Hkv, n_buf, M_all, BD), torch.float32, dev)
+    pm = _alloc((max(n_buf, 1), M_all), torch.float32, dev)
+    pl = _alloc((max(n_buf, 1), M_all), torch.float32, dev)
+    pacc = _alloc((max(n_buf, 1), M_all, BD), torch.float32, dev)
     out = _alloc((B, Lq, Hq, d), queries.dtype, dev)
 
     if queries.dtype == torch.float32:
@@ -656,31 +820,31 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                                              queries.stride(0), queries.stride(1), queries.stride(2),
                                              D=d, BLOCK_M=16, BLOCK_D=BD, BLOCK_C=_rot_cols(BD), num_warps=8)
         if n_slots:
-            _partial_kernel[(n_tiles, Hkv, n_slots)](
+            _partial_kernel[(n_tiles, n_slots)](
                 queries, q_rot, offs, beta,
                 kx, ks, kg, km, kc, vx, vs, vg, vc,
                 ek, ev, eb,
                 ak, av, mask,
                 pm, pl, pacc,
-                B, Lq, L_app, E, n_pre, n_shared, max(n_app, 1), chunk, n_buf, M_all, scale * _LOG2E,
+                B, Lq, L_app, E, Hkv, n_items, max(n_other, 1), n_obuf, max(n_app, 1), chunk, M_all,
+                scale * _LOG2E,
                 queries.stride(0), queries.stride(1), queries.stride(2),
                 q_rot.stride(0), q_rot.stride(1), q_rot.stride(2),
                 k_stride, v_stride, s_km,
                 ak.stride(0) if L_app else 0, ak.stride(1) if L_app else 0, ak.stride(2) if L_app else 0,
                 av.stride(0) if L_app else 0, av.stride(1) if L_app else 0, av.stride(2) if L_app else 0,
                 mask.stride(0) if app_mask is not None else 0,
-                G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, K_CODEC=K_CODEC, K_BITS=K_BITS, V_CODEC=V_CODEC,
-                V_BITS=V_BITS, HAS_MASK=app_mask is not None, UPCAST=upcast, DOT_PRECISION=dot_precision,
+                G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, BLOCK_H=BH, K_CODEC=K_CODEC, K_BITS=K_BITS,
+                V_CODEC=V_CODEC, V_BITS=V_BITS, SELECT=_LLOYD_SELECT, HAS_MASK=app_mask is not None,
+                UPCAST=upcast, DOT_PRECISION=dot_precision,
                 num_warps=warps, num_stages=stages,
             )
-        # combine tiles of 32 rows x 8 warps: lloyd's float32 un-rotation (rows x d) @ (d x d) does not spill
-        # registers for sm_90 up to d = 128 (16-row tiles do; benchmarks/check_ragged_compile.py)
-        cm = 32
+        cm, cs, cc = _combine_config(M_all, BD, V_LLOYD)
         _combine_kernel[(-(-M_all // cm), Hkv)](
-            pm, pl, pacc, vmean, rot, out,
-            Lq, n_pre, n_buf, M_all,
+            pm, pl, pacc, offs, vmean, rot, out,
+            Lq, Hkv, n_items, n_obuf, chunk, M_all,
             s_vm, out.stride(0), out.stride(1), out.stride(2),
-            G=G, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=_rot_cols(BD), V_LLOYD=V_LLOYD, num_warps=8,
+            G=G, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=cc, BLOCK_S=cs, BLOCK_H=BH, V_LLOYD=V_LLOYD, num_warps=8,
         )
     return out
 

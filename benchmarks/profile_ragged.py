@@ -1,0 +1,150 @@
+"""Where the ragged attention op spends its time, and which launch settings win (H100; bench_serving_kernel.py's shapes).
+
+1. GPU correctness checks of the current kernels (bench_serving_kernel.run_checks);
+2. per-kernel time split (torch.profiler, CUDA activity) of _rotate/_partial/_combine for decode and prefill;
+3. µs/layer (CUDA-graph replays over layers beyond L2) of the current kernels, and of a baseline copy of the
+   module if one is importable as compactor.kernels.ragged_attention_old (e.g. `git show main:kernels/...`);
+4. a sweep of decode/prefill settings (programs per SM, key block, stages, lloyd centroid lookup).
+
+    python benchmarks/profile_ragged.py --T 32768 --ratio 10 --deadline 240
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_serving_kernel as bench  # noqa: E402
+
+Hq, Hkv, d = 32, 8, 128
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="+", default=[32768])
+    ap.add_argument("--ratio", type=int, default=10)
+    ap.add_argument("--codecs", nargs="+", default=["16", "K4V4", "q4_0"])
+    ap.add_argument("--deadline", type=float, default=240.0)
+    ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    new = importlib.import_module("compactor.kernels.ragged_attention")
+    try:
+        old = importlib.import_module("compactor.kernels.ragged_attention_old")
+    except ImportError:
+        old = None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cpu_gen = torch.Generator().manual_seed(0)
+    log = bench.log
+    rows = []
+
+    def over():
+        return time.time() - bench.START > args.deadline
+
+    if not args.no_checks:
+        log("== correctness ==")
+        _, ok = bench.run_checks(new, False)
+        log("checks", "OK" if ok else "FAILED")
+
+    def layers_of(T, codec, n):
+        return [bench.random_prefix(bench.ragged_lengths(T, args.ratio, Hkv, cpu_gen), codec, d, dev, gen)
+                for _ in range(n)]
+
+    def fns_of(mod, prefixes, B, Lq, L_app, **kw):
+        out = []
+        for p in prefixes:
+            q = torch.randn(B, Hq, Lq, d, device=dev, generator=gen).to(torch.bfloat16)
+            ak = torch.randn(B, Hkv, L_app, d, device=dev, generator=gen).to(torch.bfloat16)
+            av = torch.randn(B, Hkv, L_app, d, device=dev, generator=gen).to(torch.bfloat16)
+            out.append(lambda p=p, q=q, ak=ak, av=av: mod.ragged_attention_triton(q, p, ak, av, **kw))
+        return out
+
+    def split(fns):
+        """Mean µs per call of each kernel name over eager calls of fns."""
+        for f in fns[:2]:
+            f()
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for f in fns:
+                    f()
+                torch.cuda.synchronize()
+            tot = defaultdict(float)
+            for e in prof.events():
+                if e.device_type.name == "CUDA":
+                    tot[e.name] += e.time_range.elapsed_us()
+            return {k: v / len(fns) for k, v in tot.items()}
+        except Exception as exc:  # the profiler is a diagnostic: never lose the run to it
+            return {f"profiler-{type(exc).__name__}": 0.0}
+
+    cases = [("decode", 1, 1, 64), ("decode B=8", 8, 1, 64), ("prefill", 1, 256, 256)]
+    for T in args.T:
+        for codec in args.codecs:
+            probe = layers_of(T, codec, 1)[0]
+            nb = probe.nbytes()
+            n_layers = bench.n_layers_for(nb)
+            prefixes = [probe] + layers_of(T, codec, n_layers - 1)
+            for name, B, Lq, L_app in cases:
+                if over():
+                    log("deadline: skipped", T, codec, name)
+                    continue
+                ps = prefixes if Lq == 1 else prefixes[:4]
+                kw = dict(min_ms=40, trials=3) if Lq > 1 else {}
+                us_new = bench.time_us(fns_of(new, ps, B, Lq, L_app), **kw)
+                us_old = bench.time_us(fns_of(old, ps, B, Lq, L_app), **kw) if old else float("nan")
+                sp_new = split(fns_of(new, ps[:8], B, Lq, L_app))
+                sp_old = split(fns_of(old, ps[:8], B, Lq, L_app)) if old else {}
+                fmt = lambda sp: " ".join(f"{k.strip('_').split('_kernel')[0]}={v:.1f}" for k, v in sorted(sp.items()))
+                log(f"T={T} {codec:5s} {name:10s}: new {us_new:8.2f} us  old {us_old:8.2f} us | new split "
+                    f"{fmt(sp_new)} | old split {fmt(sp_old)}")
+                rows.append((T, codec, name, us_old, us_new))
+            if args.no_sweep:
+                continue
+            # decode sweep
+            grid = [(pps, bn, 2, sel) for pps in (1, 2) for bn in (64, 128)
+                    for sel in ((True, False) if codec == "K4V4" else (True,))]
+            best = None
+            for pps, bn, st, sel in grid:
+                if over():
+                    break
+                new._PROGRAMS_PER_SM, new._LLOYD_SELECT = pps, sel
+                try:
+                    us = bench.time_us(fns_of(new, prefixes, 1, 1, 64, block_n=bn, num_stages=st), min_ms=30,
+                                       trials=3)
+                except Exception as exc:  # a config that does not compile or launch
+                    log(f"  sweep pps={pps} bn={bn} st={st} select={sel}: {type(exc).__name__} {str(exc)[:100]}")
+                    continue
+                log(f"  sweep decode T={T} {codec} pps={pps} bn={bn} st={st} select={sel}: {us:.2f} us")
+                if best is None or us < best[0]:
+                    best = (us, pps, bn, st, sel)
+            log(f"  BEST decode T={T} {codec}: {best}")
+            for pps, bn in ((2, 64), (4, 128), (2, 128)):
+                if over():
+                    break
+                new._PROGRAMS_PER_SM, new._LLOYD_SELECT = pps, True
+                try:
+                    us = bench.time_us(fns_of(new, prefixes[:4], 1, 256, 256, block_n=bn), min_ms=40, trials=3)
+                except Exception as exc:
+                    log(f"  sweep prefill pps={pps} bn={bn}: {type(exc).__name__} {str(exc)[:100]}")
+                    continue
+                log(f"  sweep prefill T={T} {codec} pps={pps} bn={bn}: {us:.2f} us")
+            new._PROGRAMS_PER_SM, new._LLOYD_SELECT = None, True
+            del prefixes
+            torch.cuda.empty_cache()
+    print("\n| T | codec | case | old µs | new µs | speed-up |\n|---:|---|---|---:|---:|---:|")
+    for T, codec, name, a, b in rows:
+        print(f"| {T} | {codec} | {name} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
