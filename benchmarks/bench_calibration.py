@@ -40,20 +40,25 @@ from compactor.storage.kv_codec import parse_kv_bits
 OFF = {"codebooks": False, "layer_bits": False, "phase_bits": False, "head_budgets": False, "budget": "layer"}
 
 
-def configs(cal: Calibration, ratio: float, preset_mode: str) -> list[tuple[str, str, dict]]:
-    """(label, kv bits, defaults) rows for one ratio; preset_mode: the preset's budget mode (the baseline's)."""
+def configs(cal: Calibration, ratio: float, preset_mode: str, powers: tuple = (1.0,)
+            ) -> list[tuple[str, str, dict, float]]:
+    """(label, kv bits, defaults, head-weight power) rows for one ratio; preset_mode: the preset's budget mode (the
+    baseline's); powers: head budgets are also tried with the weights raised to these powers (tempered)."""
     rows = []
     modes = ("layer", "global") if preset_mode in ("layer", "global") else (preset_mode,)
+    tag = lambda m, p: m if p == 1 else f"{m}, weights^{p:g}"  # noqa: E731
     if ratio > 1:
-        rows += [(f"16-bit, {preset_mode} budgets", "16", OFF)]
-        rows += [(f"16-bit, head budgets ({m})", "16", {**OFF, "head_budgets": True, "budget": m}) for m in modes]
-    rows += [("K4V4 Beta codebooks, uniform bits", "K4V4", OFF),
-             ("K4V4 + fitted codebooks", "K4V4", {**OFF, "codebooks": True}),
-             ("K4V4 + measured per-layer bits", "K4V4", {**OFF, "layer_bits": True})]
+        rows += [(f"16-bit, {preset_mode} budgets", "16", OFF, 1.0)]
+        rows += [(f"16-bit, head budgets ({tag(m, p)})", "16", {**OFF, "head_budgets": True, "budget": m}, p)
+                 for m in modes for p in powers]
+    rows += [("K4V4 Beta codebooks, uniform bits", "K4V4", OFF, 1.0),
+             ("K4V4 + fitted codebooks", "K4V4", {**OFF, "codebooks": True}, 1.0),
+             ("K4V4 + measured per-layer bits", "K4V4", {**OFF, "layer_bits": True}, 1.0)]
     if ratio > 1:
         mode = calibrated_budget_mode(cal, preset_mode)
-        rows += [(f"K4V4 + head budgets ({mode})", "K4V4", {**OFF, "head_budgets": True, "budget": mode})]
-    rows += [("K4V4 calibrated (the file's defaults)", "K4V4", dict(cal.meta["defaults"]))]
+        rows += [(f"K4V4 + head budgets ({tag(mode, p)})", "K4V4", {**OFF, "head_budgets": True, "budget": mode}, p)
+                 for p in powers]
+    rows += [("K4V4 calibrated (the file's defaults)", "K4V4", dict(cal.meta["defaults"]), 1.0)]
     return rows
 
 
@@ -70,6 +75,8 @@ def main() -> None:
     ap.add_argument("--preset", default="fast", choices=sorted(PRESETS),
                     help="method and budget mode of every row (quality: kvgrad scores need the gradient probe)")
     ap.add_argument("--out", default="benchmarks/results_calibration.md")
+    ap.add_argument("--head-powers", default="1", help="comma-separated powers of the head weights to try "
+                    "(tempered head budgets, e.g. 1,0.5,0.25)")
     args = ap.parse_args()
 
     lm = load_model(args.model)
@@ -82,6 +89,7 @@ def main() -> None:
     method = method_from_options("am", args.seed, preset=args.preset)
     preset_mode = preset(args.preset)["options"]["budget"]
     split_share = preset(args.preset)["options"].get("split_share", 0.5)
+    powers = tuple(float(p) for p in args.head_powers.split(","))
     rows = []
     t_start = time.perf_counter()
     for play in plays:
@@ -91,11 +99,13 @@ def main() -> None:
                                   sources=preset(args.preset)["options"].get("sources"))
         ev = Evaluator(lm.model, lm.tokenizer, cap, ids, C=args.C)
         for ratio in [float(r) for r in args.ratios.split(",")]:
-            for label, bits, defaults in configs(cal, ratio, preset_mode):
+            for label, bits, defaults, power in configs(cal, ratio, preset_mode, powers):
                 c = Calibration({**cal.meta, "defaults": defaults}, cal.arrays)
                 # the defaults row is what compress does (no head budgets under split); the others force their part
                 mode = calibrated_budget_mode(c, preset_mode) if "defaults" in label else None
                 plan = calibrated_plan([parse_kv_bits(bits)] * L, c, None, (), d, mode)
+                if power != 1 and plan.score_weights is not None:
+                    plan.score_weights = plan.score_weights ** power
                 t0 = time.perf_counter()
                 budget = calibrated_budget_mode(c, preset_mode) if plan.budget else preset_mode
                 layers, _ = compact_capture(cap, method, ratio, budget, 0.75, False, plan.codecs,
