@@ -79,6 +79,7 @@ class Settings:
     head_ratio: float = 10.0
     head_shrink: float = 0.5
     head_continuation: int = 32   # continuation tokens of the per-head sensitivity scores
+    head_powers: tuple = (1.0, 0.5, 0.25)  # the check tries the head weights raised to each (tempered)
     check_ratio: float = 10.0
     check_bits: str = "K4V4"
     max_queries: int = 2048       # reference queries per KV head for the compaction stages
@@ -217,7 +218,7 @@ class Calibrator:
         "allocation": ("avg_bits", "bit_options"),
         "policies": ("taqg_b_low", "heldout_traces", "trace_continuation", "seed"),
         "heads": DOCS + ("head_ratio", "head_shrink", "head_continuation", "max_queries"),
-        "check": DOCS + ("check_ratio", "check_bits", "max_queries"),
+        "check": DOCS + ("check_ratio", "check_bits", "max_queries", "head_powers"),
     }
 
     def run(self) -> tuple[dict, dict]:
@@ -494,7 +495,8 @@ class Calibrator:
     def stage_check(self, draft: Calibration, pol: dict) -> dict:
         """Held-out document at check_ratio, once per preset: each calibrated part added in turn, kept when it
         lowers cKL. The fast preset (layer budgets; head budgets tried with layer and global budgets) gives
-        `defaults`, the quality preset (split budgets, its probe and query sources) gives `defaults_split`."""
+        `defaults`, the quality preset (split budgets, its probe and query sources) gives `defaults_split`; head
+        budgets are tried with the weights raised to each of `head_powers`."""
         s = self.s
         ids = self.picked()[-1][1]
         base = [parse_kv_bits(s.check_bits)] * self.L
@@ -515,8 +517,9 @@ class Calibrator:
                                                False, plan.codecs, "bfloat16", s.seed,
                                                score_weights=plan.score_weights, codebooks=plan.codebooks,
                                                split_share=options.get("split_share", 0.5))
-                budgets[f"budgets_{name}_{'heads_' + budget if defaults['head_budgets'] else 'base_' + budget}"] = \
-                    used.numpy().astype(np.int64)
+                if defaults.get("head_power", 1.0) == 1:  # the heat maps show base and untempered head budgets
+                    key = f"budgets_{name}_{'heads_' + budget if defaults['head_budgets'] else 'base_' + budget}"
+                    budgets[key] = used.numpy().astype(np.int64)
                 row = ev.score(layers, "am", s.check_ratio, 0.0, plan.codecs, "bfloat16", s.seed, plan.codebooks)
                 rows.append({"config": f"{name}: {label}", "ckl": row.ckl, "retention": row.retention,
                              "stored_bytes": row.stored_bytes, "memory_bytes": row.memory_bytes})
@@ -533,10 +536,13 @@ class Calibrator:
                     best, chosen = c, trial
             tries = {}
             for mode in (("layer", "global") if own != "split" else ("split",)):
-                tries[mode] = score(f"+ head budgets ({mode})", {**chosen, "head_budgets": True, "budget": mode})
-            mode = min(tries, key=tries.get)
-            if tries[mode] < best:
-                best, chosen = tries[mode], {**chosen, "head_budgets": True, "budget": mode}
+                for power in s.head_powers:
+                    trial = {**chosen, "head_budgets": True, "budget": mode, "head_power": float(power)}
+                    tag = mode if power == 1 else f"{mode}, weights^{power:g}"
+                    tries[mode, float(power)] = (score(f"+ head budgets ({tag})", trial), trial)
+            ckl, trial = min(tries.values(), key=lambda t: t[0])
+            if ckl < best:
+                best, chosen = ckl, trial
             chosen_by[name] = {**chosen, "phase_bits": phase_bits}
         return {"rows": rows, "defaults": chosen_by["fast"], "defaults_split": chosen_by["quality"], **budgets}
 

@@ -177,7 +177,13 @@ def test_tiny_calibration_writes_a_valid_file_and_report(tiny_calibration):
     assert split["budget"] == "split" and cal.meta["defaults"]["budget"] in ("layer", "global")
     assert any(k.startswith("fast: ") for k in rows) and "quality: + head budgets (split)" in rows
     before = [v for k, v in rows.items() if k.startswith("quality: ") and "head budgets" not in k]
-    assert split["head_budgets"] == (rows["quality: + head budgets (split)"] < min(before))
+    heads = {k: v for k, v in rows.items() if k.startswith("quality: + head budgets")}
+    assert set(heads) == {"quality: + head budgets (split)", "quality: + head budgets (split, weights^0.5)",
+                          "quality: + head budgets (split, weights^0.25)"}
+    assert split["head_budgets"] == (min(heads.values()) < min(before))
+    if split["head_budgets"]:  # the power of the best tempered row
+        best = min(heads, key=heads.get)
+        assert split["head_power"] == (float(best.split("^")[1].rstrip(")")) if "^" in best else 1.0)
     text = md.read_text()
     for part in ("Phase boundaries", "Redundancy", "length-matched", "Codebooks", "TAQG", "Defaults"):
         assert part.lower() in text.lower()

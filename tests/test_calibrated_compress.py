@@ -185,3 +185,22 @@ def test_phase_boundaries_follow_the_markers_in_the_compressed_tokens(lm, cal, c
     for b, marker in zip(phases.bounds[1:-1], ("<think>", "</think>")):
         assert text(b).count(marker) == 1 and text(b - 1).count(marker) == 0, (b, marker)
     assert phases.bounds[-1] == ids.numel()
+
+
+def test_tempered_head_weights(lm, tmp_path):
+    """A check that chose head_power p gives score weights w**p (float64 reference), and says so."""
+    from compactor.storage.calibrated_plan import calibrated_plan
+    from compactor.storage.calibration_file import Calibration
+    from compactor.storage.kv_codec import parse_kv_bits
+
+    c = read_calibration(write_synthetic_calibration(
+        tmp_path / "t.h5", lm, defaults_split={"codebooks": False, "layer_bits": False, "phase_bits": False, "head_budgets": True,
+                        "budget": "split", "head_power": 0.25}))
+    base = [parse_kv_bits("16")] * lm.config.num_hidden_layers
+    w = torch.from_numpy(c.arrays["head_weights"]).double()
+    split = calibrated_plan(base, c, None, (), 32, "split")
+    assert torch.allclose(split.score_weights.double(), w ** 0.25, rtol=1e-6)
+    assert split.applied == ["head budgets (weights^0.25)"] and split.budget == "split"
+    layer = calibrated_plan(base, Calibration({**c.meta, "defaults": {**c.meta["defaults_split"], "budget": "layer",
+                                                                        "head_power": 1.0}}, c.arrays), None, (), 32)
+    assert torch.allclose(layer.score_weights.double(), w, rtol=1e-6) and layer.applied == ["head budgets"]

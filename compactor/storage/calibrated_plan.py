@@ -8,7 +8,8 @@ applies the parts the calibration's own held-out check found to help (its `defau
   measured per-layer, per-phase bits at that average (PhasedCodec);
 - codebooks: every lloyd tensor whose bit width has a fitted codebook uses it (its layer's, or its phase's where
   that paid); the codebook travels in the artifact under its own id, so the file decodes without the calibration;
-- head budgets: per-head multipliers of the key scores (from measured sensitivity), and the budget mode to share
+- head budgets: per-head multipliers of the key scores (from measured sensitivity, raised to the check's
+  `head_power`: tempered weights shift less of the budget), and the budget mode to share
   the total with (`plan.budget`); compress uses that mode in place of a preset's "layer"/"global" unless the user
   chose one (pipeline.calibrated_budget_mode).
 Which parts apply is the calibration's check, made once per preset: `defaults` for layer/global budgets (the fast
@@ -85,9 +86,10 @@ def calibrated_plan(base: list[KVCodec], cal: Calibration | None, phases: Phases
         if plan.codebooks:
             plan.applied.append("fitted codebooks")
     if de["head_budgets"]:
-        plan.score_weights = torch.from_numpy(np.asarray(cal.arrays["head_weights"], dtype=np.float32))
+        power = float(de.get("head_power", 1.0))
+        plan.score_weights = torch.from_numpy(np.asarray(cal.arrays["head_weights"], dtype=np.float32)) ** power
         plan.budget = de["budget"]
-        plan.applied.append("head budgets")
+        plan.applied.append("head budgets" if power == 1 else f"head budgets (weights^{power:g})")
     return plan
 
 

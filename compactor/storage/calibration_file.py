@@ -33,6 +33,7 @@ FIELDS = {
 }
 OPTIONAL = {"extra": OBJECT, "defaults_split": OBJECT}  # defaults_split: files made before it have none
 DEFAULT_KEYS = {"codebooks": bool, "layer_bits": bool, "phase_bits": bool, "head_budgets": bool, "budget": str}
+OPTIONAL_DEFAULT_KEYS = {"head_power": float}  # head weights raised to this power in (0, 1]; absent: 1
 
 
 @dataclass
@@ -121,8 +122,9 @@ def validate_meta(meta: dict, where: str) -> dict:
 
 
 def _defaults_ok(de: dict, budgets: tuple) -> bool:
-    return set(de) == set(DEFAULT_KEYS) and all(type(de[k]) is t for k, t in DEFAULT_KEYS.items()) \
-        and de["budget"] in budgets
+    kinds = {**DEFAULT_KEYS, **OPTIONAL_DEFAULT_KEYS}
+    return set(DEFAULT_KEYS) <= set(de) <= set(kinds) and all(type(v) is kinds[k] for k, v in de.items()) \
+        and de["budget"] in budgets and 0 < de.get("head_power", 1.0) <= 1
 
 
 def dataset_specs(meta: dict) -> dict[str, tuple[np.dtype, tuple]]:
