@@ -121,7 +121,7 @@ def main():
                 log(f"T={T} r={ratio} {codec:5s} {name:10s}: new {us_new:8.2f} us  old {us_old:8.2f} us | new split "
                     f"{fmt(sp_new)} | old split {fmt(sp_old)}")
                 rows.append((T, ratio, codec, name, us_old, us_new))
-            if not args.no_variants and not over():
+            if not args.no_variants and ratio == args.ratio[0] and not over():
                 variants = [("separate combine", dict(_FUSE_COMBINE=False))]
                 if codec.startswith("K"):
                     variants += [("rotate kernel", dict(_ROTATE="kernel")), ("rotate matmul", dict(_ROTATE="matmul"))]
