@@ -87,7 +87,7 @@ def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=N
         if stride % 16 == 0:
             div16.add(name)
     M_all = B * G * Lq
-    fused = m._FUSE_COMBINE and (-(-M_all // bm) == 1 or B == 1)
+    fused = m._fuse_merge(1, -(-M_all // bm), B)
     fm, fs, fc = m._combine_config(M_all, BD, vc == 1, fused_rows=bm)
     rot_in = kc == 1 and m._ROTATE == "prologue" and d <= 128
     consts = dict(G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, BLOCK_H=8, K_CODEC=kc, K_BITS=kb, V_CODEC=vc,

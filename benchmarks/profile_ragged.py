@@ -122,7 +122,7 @@ def main():
                     f"{fmt(sp_new)} | old split {fmt(sp_old)}")
                 rows.append((T, ratio, codec, name, us_old, us_new))
             if not args.no_variants and ratio == args.ratio[0] and not over():
-                variants = [("separate combine", dict(_FUSE_COMBINE=False))]
+                variants = [("fused merge", dict(_FUSE_COMBINE=True))]
                 if codec.startswith("K"):
                     variants += [("rotate kernel", dict(_ROTATE="kernel")), ("rotate matmul", dict(_ROTATE="matmul"))]
                 for vname, knobs in variants:

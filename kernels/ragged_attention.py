@@ -32,14 +32,16 @@ Triton, one online-softmax pass per split, then a combine (flash-decoding style 
    per row (`_dequant_tile`), and dequantized in registers to the queries' dtype for tl.dot (float32
    accumulation), as the loader would have dequantized them:
    * lloyd keys: the query is rotated instead of the keys, exact since R is orthogonal:
-     q.(mean + g R^T c) = q.mean + g (R q).c; R q comes from `_rotate_kernel` (float32) just before;
+     q.(mean + g R^T c) = q.mean + g (R q).c; each prefix program rotates its own rows in its prologue (a
+     float32 product, 3xTF32 on the GPU; d <= 128), beyond that `_rotate_kernel` runs just before;
      centroids up to 4 bits by a select chain in registers (a gather from the codebook measured 1.5x slower);
    * lloyd values: sum_j p_j g_j c_j is accumulated in rotated space (g folded into p) and un-rotated once in
      the combine step, plus mean * sum_j p_j;
    * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them;
      a q4_0 tile holds each block's low and high nibbles side by side, so its columns are a fixed permutation
      of the coordinates (`_tile_coords`): the query is loaded and the accumulator stored in that order.
-2. `_combine_kernel`, grid (row tiles, Hkv): merges a row's buffers in lanes (`_lane_slots`, several buffers
+2. `_combine_kernel`, grid (row tiles, Hkv) (decode; for prefill of one sequence the last program of each
+   (row tile, KV head) does the same merge itself, by an atomic ticket: `_FUSE_COMBINE`): merges a row's buffers in lanes (`_lane_slots`, several buffers
    per load, no reduction inside the loop), un-rotates lloyd values ((rows x d) @ (d x d) in float32, output
    columns a slice at a time), normalises and writes (B, Lq, Hq, d).
 Decode (Lq = 1) and prefill (Lq = hundreds) are the same kernels with different tiles: `chunk` is chosen so
@@ -95,8 +97,10 @@ _PROGRAMS_PER_SM = None  # split target override (benchmarks sweep it); None: _p
 # lloyd centroids up to 4 bits: a select chain over the codebook in registers (True) or a gather from it
 # (H100, K4V4 decode at 32k: 66 vs 96 µs/layer)
 _LLOYD_SELECT = True
-# the last program of each (row tile, KV head) merges its buffers (no combine launch) where the rows allow
-_FUSE_COMBINE = True
+# the last program of each (row tile, KV head) merges its buffers (no combine launch): "prefill" (one sequence,
+# several row tiles; H100 run 5: 16-bit prefill 138 vs 145 µs at 32k, and decode 0.3-2.5 µs SLOWER fused: the
+# merge's ~12 µs is its own latency, not the launch), True (wherever the rows allow), False (never)
+_FUSE_COMBINE = "prefill"
 # lloyd query rotation R q: "prologue" (each prefix program rotates its rows, d <= 128), "kernel" (_rotate_kernel
 # before the partial kernel), "matmul" (one float32 torch matmul before it)
 _ROTATE = "prologue"
@@ -865,7 +869,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     n_tiles = -(-M_all // bm)
     # fused merge: every program of (tile, head) covers the same global rows (one tile, or one sequence) and
     # every head has a program (exact or appended slots), so the last one to finish can write the output
-    fused = bool(_FUSE_COMBINE and n_other and (n_tiles == 1 or B == 1))
+    fused = _fuse_merge(n_other, n_tiles, B)
     counters = _counters(dev, n_tiles * Hkv) if fused else placeholder
     if interpret:
         rot_precision = "ieee"
@@ -929,6 +933,14 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 ROT_PRECISION=rot_precision, num_warps=8,
             )
     return out
+
+
+def _fuse_merge(n_other: int, n_tiles: int, B: int) -> bool:
+    """Whether the partial kernel merges (see _FUSE_COMBINE): every head needs a program (exact or appended
+    slots) and all programs of a (tile, head) must cover the same global rows (one tile, or one sequence)."""
+    if not _FUSE_COMBINE or not n_other or not (n_tiles == 1 or B == 1):
+        return False
+    return _FUSE_COMBINE is True or n_tiles > 1
 
 
 _COUNTERS: dict = {}

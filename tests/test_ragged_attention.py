@@ -413,7 +413,7 @@ if _INTERP:
         got = ragged_attention_triton(q, prefix, ak, av)
         assert rel_err(got, ragged_attention_torch(q, prefix, ak, av)) < 2e-6
 
-    @pytest.mark.parametrize("fuse,rotate", [(True, "prologue"), (False, "prologue"), (True, "kernel"),
+    @pytest.mark.parametrize("fuse,rotate", [(True, "prologue"), (False, "prologue"), ("prefill", "kernel"),
                                              (False, "matmul")])
     @pytest.mark.parametrize("label,B,Lq", [("K4V4", 2, 1), ("K2V3", 1, 40), ("16", 3, 1), ("q4_0", 1, 37)])
     def test_interp_merge_and_rotation_paths(fuse, rotate, label, B, Lq, monkeypatch):
