@@ -65,27 +65,36 @@ def codec_parts(label):
 
 def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=None):
     (kc, kb), (vc, vb) = codec_parts(label)
-    bm, bn, _, warps, st = m._pick_config(B * G * Lq, 1000, 8, d, m.torch.device("cpu"), None, block_n, None)
+    lloyd = kc == 1 or vc == 1
+    bm, bn, _, warps, st = m._pick_config(B * G * Lq, 1000, 8, d, m.torch.device("cpu"), None, block_n, None,
+                                          lloyd=lloyd)
     BD = max(16, m._next_pow2(d))
     data = {0: "*" + TY[qty], 1: "*u8", 2: "*i8", 3: "*u8"}
-    types = dict(Q="*" + TY[qty], QROT="*fp32", OFFS="*i32", BETA="*fp32", KX=data[kc],
+    types = dict(Q="*" + TY[qty], QROT="*fp32", KROT="*fp32", CNT="*i32", VMEAN="*fp16", VROT="*fp32",
+                 OUT="*" + TY[qty], OFFS="*i32", BETA="*fp32", KX=data[kc],
                  KS="*fp16" if kc >= 2 else data[kc], KGAIN="*fp16", KMEAN="*fp16", KCENT="*fp32", VX=data[vc],
                  VS="*fp16" if vc >= 2 else data[vc], VGAIN="*fp16", VCENT="*fp32", EK="*fp32", EV="*fp32",
                  EBETA="*fp32", AK="*" + TY[qty], AV="*" + TY[qty], AMASK="*i8" if mask else "*fp32", PM="*fp32",
                  PL="*fp32", PACC="*fp32", qk_scale2="fp32")
     for n in ("s_qb", "s_qh", "s_qi", "s_rb", "s_rh", "s_ri", "k_stride", "v_stride", "s_km", "s_akb", "s_akh",
-              "s_akl", "s_avb", "s_avh", "s_avl", "s_mb"):
+              "s_akl", "s_avb", "s_avh", "s_avl", "s_mb", "s_vm", "s_ob", "s_oi", "s_oh"):
         types[n] = "i64"
     row = {0: d, 1: None, 2: d // 32 * 34, 3: d // 32 * 18}
     div16 = {"s_qb", "s_qh", "s_qi", "s_rb", "s_rh", "s_ri", "s_km", "s_akb", "s_akh", "s_akl", "s_avb", "s_avh",
-             "s_avl"} if d % 16 == 0 else set()
+             "s_avl", "s_ob", "s_oi", "s_oh"} if d % 16 == 0 else set()
     for name, c, b in (("k_stride", kc, kb), ("v_stride", vc, vb)):
         stride = row[c] if c != 1 else (d * b + 7) // 8
         if stride % 16 == 0:
             div16.add(name)
+    M_all = B * G * Lq
+    fused = m._fuse_merge(1, -(-M_all // bm), B)
+    fm, fs, fc = m._combine_config(M_all, BD, vc == 1, fused_rows=bm)
+    rot_in = kc == 1 and m._ROTATE == "prologue" and d <= 128
     consts = dict(G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, BLOCK_H=8, K_CODEC=kc, K_BITS=kb, V_CODEC=vc,
-                  V_BITS=vb, SELECT=m._LLOYD_SELECT, HAS_MASK=mask, UPCAST=False, DOT_PRECISION="tf32")
-    name = f"partial {label:8s} q={qty} d={d} G={G} bm={bm} bn={bn} w={warps} st={stages or st}{' mask' if mask else ''}"
+                  V_BITS=vb, SELECT=m._LLOYD_SELECT, HAS_MASK=mask, UPCAST=False, DOT_PRECISION="tf32",
+                  ROT_IN=rot_in, ROT_PRECISION="tf32x3", FUSED=fused, CM=fm, CS=fs, CC=fc)
+    name = (f"partial {label:8s} q={qty} d={d} G={G} bm={bm} bn={bn} w={warps} st={stages or st}"
+            f"{' mask' if mask else ''}{' fused' if fused else ''}{' rot' if rot_in else ''}")
     return name, (m._partial_kernel, types, consts, div16, warps, stages or st)
 
 
@@ -116,7 +125,8 @@ def main():
                              OUT="*bf16", s_vm="i64", s_ob="i64", s_oi="i64", s_oh="i64")
                 variants[f"combine d={d} rows={cm} lloyd={vl}"] = (
                     m._combine_kernel, types, dict(G=4, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=cc, BLOCK_S=cs,
-                                                   BLOCK_H=8, V_LLOYD=vl), {"s_ob", "s_oi", "s_oh"}, 8, 2)
+                                                   BLOCK_H=8, V_LLOYD=vl, ROT_PRECISION="tf32x3"),
+                    {"s_ob", "s_oi", "s_oh"}, 8, 2)
     only = sys.argv[1] if len(sys.argv) > 1 else ""  # optional substring filter, e.g. "combine"
     variants = {k: v for k, v in variants.items() if only in k}
     print(f"triton {triton.__version__}, target sm_90, {len(variants)} variants")

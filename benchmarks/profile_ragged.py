@@ -4,9 +4,11 @@
 2. per-kernel time split (torch.profiler, CUDA activity) of _rotate/_partial/_combine for decode and prefill;
 3. µs/layer (CUDA-graph replays over layers beyond L2) of the current kernels, and of a baseline copy of the
    module if one is importable as compactor.kernels.ragged_attention_old (e.g. `git show main:kernels/...`);
-4. a sweep of decode/prefill settings (programs per SM, key block, stages, lloyd centroid lookup).
+4. decode variants of the current kernels (separate combine; query rotation by _rotate_kernel or a matmul);
+5. a sweep of decode/prefill settings (programs per SM, key block, stages, lloyd centroid lookup);
+and the same-size copy of each layer's stored bytes (the decode ceiling; % = copy µs / kernel µs).
 
-    python benchmarks/profile_ragged.py --T 32768 --ratio 10 --deadline 240
+    python benchmarks/profile_ragged.py --T 32768 --ratio 10 20 --deadline 240
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ Hq, Hkv, d = 32, 8, 128
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[32768])
-    ap.add_argument("--ratio", type=int, default=10)
+    ap.add_argument("--ratio", type=int, nargs="+", default=[10])
+    ap.add_argument("--cases", nargs="+", default=["decode", "decode B=8", "prefill"])
+    ap.add_argument("--no-variants", action="store_true")
     ap.add_argument("--codecs", nargs="+", default=["16", "K4V4", "q4_0"])
     ap.add_argument("--deadline", type=float, default=240.0)
     ap.add_argument("--no-checks", action="store_true")
@@ -55,7 +59,7 @@ def main():
         log("checks", "OK" if ok else "FAILED")
 
     def layers_of(T, codec, n):
-        return [bench.random_prefix(bench.ragged_lengths(T, args.ratio, Hkv, cpu_gen), codec, d, dev, gen)
+        return [bench.random_prefix(bench.ragged_lengths(T, ratio, Hkv, cpu_gen), codec, d, dev, gen)
                 for _ in range(n)]
 
     def fns_of(mod, prefixes, B, Lq, L_app, **kw):
@@ -87,13 +91,23 @@ def main():
         except Exception as exc:  # the profiler is a diagnostic: never lose the run to it
             return {f"profiler-{type(exc).__name__}": 0.0}
 
-    cases = [("decode", 1, 1, 64), ("decode B=8", 8, 1, 64), ("prefill", 1, 256, 256)]
-    for T in args.T:
+    def fmt(sp):
+        return " ".join(f"{k.strip('_').split('_kernel')[0]}={v:.1f}" for k, v in sorted(sp.items()))
+
+    cases = [c for c in [("decode", 1, 1, 64), ("decode B=8", 8, 1, 64), ("prefill", 1, 256, 256)]
+             if c[0] in args.cases]
+    copy = {}
+    for T, ratio in [(T, r) for T in args.T for r in args.ratio]:
         for codec in args.codecs:
+            if over():
+                log("deadline: skipped", T, ratio, codec)
+                continue
             probe = layers_of(T, codec, 1)[0]
             nb = probe.nbytes()
             n_layers = bench.n_layers_for(nb)
             prefixes = [probe] + layers_of(T, codec, n_layers - 1)
+            copy[T, ratio, codec] = bench.same_size_copy_us(nb)
+            log(f"T={T} r={ratio} {codec}: {nb / 1e6:.2f} MB/layer, same-size copy {copy[T, ratio, codec]:.2f} us")
             for name, B, Lq, L_app in cases:
                 if over():
                     log("deadline: skipped", T, codec, name)
@@ -104,10 +118,27 @@ def main():
                 us_old = bench.time_us(fns_of(old, ps, B, Lq, L_app), **kw) if old else float("nan")
                 sp_new = split(fns_of(new, ps[:8], B, Lq, L_app))
                 sp_old = split(fns_of(old, ps[:8], B, Lq, L_app)) if old else {}
-                fmt = lambda sp: " ".join(f"{k.strip('_').split('_kernel')[0]}={v:.1f}" for k, v in sorted(sp.items()))
-                log(f"T={T} {codec:5s} {name:10s}: new {us_new:8.2f} us  old {us_old:8.2f} us | new split "
+                log(f"T={T} r={ratio} {codec:5s} {name:10s}: new {us_new:8.2f} us  old {us_old:8.2f} us | new split "
                     f"{fmt(sp_new)} | old split {fmt(sp_old)}")
-                rows.append((T, codec, name, us_old, us_new))
+                rows.append((T, ratio, codec, name, us_old, us_new))
+            if not args.no_variants and ratio == args.ratio[0] and not over():
+                variants = [("fused merge", dict(_FUSE_COMBINE=True))]
+                if codec.startswith("K"):
+                    variants += [("rotate kernel", dict(_ROTATE="kernel")), ("rotate matmul", dict(_ROTATE="matmul"))]
+                for vname, knobs in variants:
+                    saved = {k: getattr(new, k) for k in knobs}
+                    for k, v in knobs.items():
+                        setattr(new, k, v)
+                    try:
+                        us = bench.time_us(fns_of(new, prefixes, 1, 1, 64))
+                        sp = split(fns_of(new, prefixes[:8], 1, 1, 64))
+                        log(f"  variant T={T} r={ratio} {codec} decode {vname}: {us:.2f} us | split {fmt(sp)}")
+                        rows.append((T, ratio, codec, f"decode ({vname})", float("nan"), us))
+                    except Exception as exc:
+                        log(f"  variant {vname}: {type(exc).__name__} {str(exc)[:150]}")
+                    finally:
+                        for k, v in saved.items():
+                            setattr(new, k, v)
             if args.no_sweep:
                 continue
             # decode sweep
@@ -141,9 +172,14 @@ def main():
             new._PROGRAMS_PER_SM, new._LLOYD_SELECT = None, True
             del prefixes
             torch.cuda.empty_cache()
-    print("\n| T | codec | case | old µs | new µs | speed-up |\n|---:|---|---|---:|---:|---:|")
-    for T, codec, name, a, b in rows:
-        print(f"| {T} | {codec} | {name} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+    if copy:
+        log(f"copy ceiling (1 GiB device copy): {bench.copy_ceiling_gbs():.0f} GB/s")
+    print("\n| T | r | codec | case | old µs | new µs | speed-up | same-size copy µs | % of copy (new) |\n"
+          "|---:|---:|---|---|---:|---:|---:|---:|---:|")
+    for T, ratio, codec, name, a, b in rows:
+        c = copy.get((T, ratio, codec), float("nan"))
+        pct = f"{100 * c / b:.0f}%" if name.startswith("decode") else ""
+        print(f"| {T} | {ratio} | {codec} | {name} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {c:.2f} | {pct} |")
 
 
 if __name__ == "__main__":

@@ -32,14 +32,16 @@ Triton, one online-softmax pass per split, then a combine (flash-decoding style 
    per row (`_dequant_tile`), and dequantized in registers to the queries' dtype for tl.dot (float32
    accumulation), as the loader would have dequantized them:
    * lloyd keys: the query is rotated instead of the keys, exact since R is orthogonal:
-     q.(mean + g R^T c) = q.mean + g (R q).c; R q comes from `_rotate_kernel` (float32) just before;
+     q.(mean + g R^T c) = q.mean + g (R q).c; each prefix program rotates its own rows in its prologue (a
+     float32 product, 3xTF32 on the GPU; d <= 128), beyond that `_rotate_kernel` runs just before;
      centroids up to 4 bits by a select chain in registers (a gather from the codebook measured 1.5x slower);
    * lloyd values: sum_j p_j g_j c_j is accumulated in rotated space (g folded into p) and un-rotated once in
      the combine step, plus mean * sum_j p_j;
    * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them;
      a q4_0 tile holds each block's low and high nibbles side by side, so its columns are a fixed permutation
      of the coordinates (`_tile_coords`): the query is loaded and the accumulator stored in that order.
-2. `_combine_kernel`, grid (row tiles, Hkv): merges a row's buffers in lanes (`_lane_slots`, several buffers
+2. `_combine_kernel`, grid (row tiles, Hkv) (decode; for prefill of one sequence the last program of each
+   (row tile, KV head) does the same merge itself, by an atomic ticket: `_FUSE_COMBINE`): merges a row's buffers in lanes (`_lane_slots`, several buffers
    per load, no reduction inside the loop), un-rotates lloyd values ((rows x d) @ (d x d) in float32, output
    columns a slice at a time), normalises and writes (B, Lq, Hq, d).
 Decode (Lq = 1) and prefill (Lq = hundreds) are the same kernels with different tiles: `chunk` is chosen so
@@ -95,6 +97,15 @@ _PROGRAMS_PER_SM = None  # split target override (benchmarks sweep it); None: _p
 # lloyd centroids up to 4 bits: a select chain over the codebook in registers (True) or a gather from it
 # (H100, K4V4 decode at 32k: 66 vs 96 µs/layer)
 _LLOYD_SELECT = True
+# the last program of each (row tile, KV head) merges its buffers (no combine launch): "prefill" (one sequence,
+# several row tiles; H100 run 5: 16-bit prefill 138 vs 145 µs at 32k, and decode 0.3-2.5 µs SLOWER fused: the
+# merge's ~12 µs is its own latency, not the launch), True (wherever the rows allow), False (never)
+_FUSE_COMBINE = "prefill"
+# lloyd query rotation R q: "prologue" (each prefix program rotates its rows, d <= 128), "kernel" (_rotate_kernel
+# before the partial kernel), "matmul" (one float32 torch matmul before it)
+_ROTATE = "prologue"
+# keys per block of 64-row (prefill) tiles without lloyd codes, d <= 128 (lloyd tiles: 64, more spills registers)
+_PREFILL_BN_PLAIN = 128
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,25 +415,36 @@ def _head_items(OFFS, h_or_item, n_heads, chunk, BLOCK_H: tl.constexpr, BY_ITEM:
 
 @_jit_sizes("B", "Lq", "L_app", "E", "n_items", "n_other", "n_obuf", "n_app", "chunk", "M_all")
 def _partial_kernel(
-    Q, QROT, OFFS, BETA,
+    Q, QROT, KROT, OFFS, BETA,
     KX, KS, KGAIN, KMEAN, KCENT, VX, VS, VGAIN, VCENT,
     EK, EV, EBETA,
     AK, AV, AMASK,
     PM, PL, PACC,
+    CNT, VMEAN, VROT, OUT,
     B, Lq, L_app, E, n_heads, n_items, n_other, n_obuf, n_app, chunk, M_all, qk_scale2,
     s_qb, s_qh, s_qi, s_rb, s_rh, s_ri,
     k_stride, v_stride, s_km,
     s_akb, s_akh, s_akl, s_avb, s_avh, s_avl, s_mb,
+    s_vm, s_ob, s_oi, s_oh,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr, SELECT: tl.constexpr,
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROT_IN: tl.constexpr, ROT_PRECISION: tl.constexpr,
+    FUSED: tl.constexpr, CM: tl.constexpr, CS: tl.constexpr, CC: tl.constexpr,
 ):
     """One (row tile, slot): partial (max, sum, acc) of its rows over its slot's keys, written to buffer `buf`.
     Slots (= buffers) 0..n_items-1 are the prefix chunks of the work list (`_head_items`: only chunks that hold
     entries); then per KV head h, n_other slots n_items + h*n_other + k: its exact segment (k = 0, if E), then
     appended chunk a of sequence s (k = [E > 0] + s*n_app + a), written to buffer n_items + h*n_obuf + [E > 0] + a
-    (the sequences' rows are disjoint)."""
+    (the sequences' rows are disjoint).
+
+    ROT_IN (lloyd keys, d <= 128): the program rotates its own query rows (R q, float32 product) instead of
+    reading QROT from `_rotate_kernel`. FUSED (every program of row tile pid_m of head h covers the same global
+    rows: one row tile, or one sequence; and every head has at least one program): after writing its buffer the
+    program takes a ticket from the counter CNT[pid_m, h] (release/acquire); the one that draws the last merges
+    the head's buffers for the tile (`_combine_rows`, CM rows at a time) and puts the counter back to 0 for the
+    next launch (no memset, CUDA-graph safe). One stream at a time per counter buffer."""
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     DOT_TY: tl.constexpr = Q.dtype.element_ty
@@ -469,8 +491,13 @@ def _partial_kernel(
         if K_CODEC == 1:
             q_mask = row_ok[:, None] & d_ok[None, :]
             q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
-            r_off = b.to(tl.int64) * s_rb + hq.to(tl.int64) * s_rh + i.to(tl.int64) * s_ri
-            q_rot = tl.load(QROT + r_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+            if ROT_IN:  # (R q)^T = q^T R^T with R^T[k, c] = R[c, k]
+                rt = tl.load(KROT + offs_d[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & d_ok[None, :],
+                             other=0.0)
+                q_rot = tl.dot(q.to(tl.float32), rt, input_precision=ROT_PRECISION)
+            else:
+                r_off = b.to(tl.int64) * s_rb + hq.to(tl.int64) * s_rh + i.to(tl.int64) * s_ri
+                q_rot = tl.load(QROT + r_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
             mean = tl.load(KMEAN + h * s_km + offs_d, mask=d_ok, other=0.0).to(tl.float32)
             qm = tl.sum(q.to(tl.float32) * mean[None, :], axis=1)
             q_dot = _dot_operand(q_rot, DOT_TY, UPCAST)
@@ -506,6 +533,18 @@ def _partial_kernel(
     tl.store(PM + p_off, m_i, mask=row_ok)
     tl.store(PL + p_off, l_i, mask=row_ok)
     tl.store(PACC + p_off[:, None] * BLOCK_D + out_cols[None, :], acc, mask=row_ok[:, None])
+    if FUSED:
+        _, i0, i1, _ = _head_items(OFFS, h, n_heads, chunk, BLOCK_H, False)
+        tl.debug_barrier()  # every thread's partial stores issued before the (release) ticket
+        cnt_ptr = CNT + pid_m * n_heads + h
+        ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+        if ticket == i1 - i0 + n_other - 1:  # the last program of (tile, head): merge
+            tl.atomic_xchg(cnt_ptr, 0)
+            for c0 in range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, M_all), CM):
+                rr = c0 + tl.arange(0, CM)
+                _combine_rows(PM, PL, PACC, OFFS, VMEAN, VROT, OUT, h, rr, Lq, n_heads, n_items, n_obuf, chunk,
+                              M_all, s_vm, s_ob, s_oi, s_oh, G, D, CM, BLOCK_D, CC, CS, BLOCK_H, V_CODEC == 1,
+                              ROT_PRECISION)
 
 
 @_jit
@@ -545,15 +584,16 @@ def _lane_slots(PM, PL, PACC, s_lo, s_hi, r, row_ok, M_all, offs_d,
         sl = s0 + sidx
         idx = sl.to(tl.int64)[:, None] * M_all + r[None, :]
         ok = (sl < s_hi)[:, None] & row_ok[None, :]
-        m = tl.load(PM + idx, mask=ok, other=float("-inf"))
-        l = tl.load(PL + idx, mask=ok, other=0.0)
+        m = tl.load(PM + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(PL + idx, mask=ok, other=0.0, cache_modifier=".cg")
         m_new = tl.maximum(m3, m)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m3 - m_safe)
         w = tl.exp2(m - m_safe)
         l3 = l3 * alpha + w * l
         if WITH_ACC:
-            a = tl.load(PACC + idx[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0)
+            a = tl.load(PACC + idx[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0,
+                        cache_modifier=".cg")
             a3 = a3 * alpha[:, :, None] + w[:, :, None] * a
         m3 = m_new
     return m3, l3, a3
@@ -572,19 +612,30 @@ def _combine_kernel(
     Lq, n_heads, n_items, n_obuf, chunk, M_all,
     s_vm, s_ob, s_oi, s_oh,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, V_LLOYD: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, V_LLOYD: tl.constexpr, ROT_PRECISION: tl.constexpr,
 ):
-    """Merge the buffers of a row tile of KV head h (its prefix items, `_head_items`, then its n_obuf exact and
+    """Grid (row tiles, Hkv): `_combine_rows` for BLOCK_M rows of KV head h (when the partial kernel did not
+    merge them itself)."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    _combine_rows(PM, PL, PACC, OFFS, VMEAN, ROT, OUT, tl.program_id(1), r, Lq, n_heads, n_items, n_obuf, chunk,
+                  M_all, s_vm, s_ob, s_oi, s_oh, G, D, BLOCK_M, BLOCK_D, BLOCK_C, BLOCK_S, BLOCK_H, V_LLOYD,
+                  ROT_PRECISION)
+
+
+@_jit
+def _combine_rows(PM, PL, PACC, OFFS, VMEAN, ROT, OUT, h, r, Lq, n_heads, n_items, n_obuf, chunk, M_all,
+                  s_vm, s_ob, s_oi, s_oh, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+                  V_LLOYD: tl.constexpr, ROT_PRECISION: tl.constexpr):
+    """Merge the buffers of rows r of KV head h (its prefix items, `_head_items`, then its n_obuf exact and
     appended buffers), un-rotate lloyd values, normalise, write (B, Lq, Hq, d).
 
     Buffers are merged in BLOCK_S lanes (`_lane_slots`), the lanes once at the end. Lloyd values (prefix items
     in rotated space): the items' lanes with their accumulators, the other buffers' maxima and sums, then
     BLOCK_C output columns at a time the other buffers' columns plus the un-rotated acc_rot @ R[:, cols] (a
-    float32 tl.dot from 16 rows, else a (rows, d, BLOCK_C) broadcast product), so only a (d x BLOCK_C) slice
-    of R is on chip at a time."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    float32 tl.dot from 16 rows (ROT_PRECISION: 3xTF32 on the GPU, ieee under the interpreter), else a (rows, d, BLOCK_C) broadcast product), so only a (d x BLOCK_C) slice
+    of R is on chip at a time. Partials are read through L2 (.cg): in the fused path other programs of the
+    same launch wrote them."""
     row_ok = r < M_all
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -611,14 +662,15 @@ def _combine_kernel(
             c_ok = cols < D
             acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
             for s in range(o0, o0 + n_obuf):  # the few exact/appended buffers, against the final max
-                w = tl.exp2(tl.load(PM + s * M_all + r, mask=row_ok, other=float("-inf")) - m_safe)
+                w = tl.exp2(tl.load(PM + s * M_all + r, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                            - m_safe)
                 a = tl.load(PACC + (s * M_all + r).to(tl.int64)[:, None] * BLOCK_D + cols[None, :],
-                            mask=row_ok[:, None], other=0.0)
+                            mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
                 acc += w[:, None] * a
             # x = mean + R^T y  ->  rows: acc_rot @ R + l_pre * mean
             rc = tl.load(ROT + offs_d[:, None] * D + cols[None, :], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
             if BLOCK_M >= 16 and BLOCK_D <= 128:
-                acc += tl.dot(acc_rot, rc, input_precision="ieee")
+                acc += tl.dot(acc_rot, rc, input_precision=ROT_PRECISION)
             else:
                 acc += tl.sum(acc_rot[:, :, None] * rc[None, :, :], axis=1)  # float32 FMAs, exact
             mean = tl.load(VMEAN + h * s_vm + cols, mask=c_ok, other=0.0).to(tl.float32)
@@ -675,11 +727,19 @@ def _zero_offsets(device: torch.device, n_heads: int) -> torch.Tensor:
 
 
 def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch.device,
-                 block_m=None, block_n=None, chunk=None, programs_per_sm: Optional[float] = None):
+                 block_m=None, block_n=None, chunk=None, programs_per_sm: Optional[float] = None,
+                 lloyd: bool = False):
     """(BLOCK_M, BLOCK_N, chunk, num_warps, num_stages). Decode (few rows): one tile of 16..64 rows and chunks
-    small enough for ~`programs_per_sm` programs per SM; prefill: 64-row tiles and longer chunks."""
+    small enough for ~`programs_per_sm` programs per SM; prefill: 64-row tiles and longer chunks. lloyd: the
+    prefix has lloyd codes (64-row tiles keep 64-key blocks: 128 spill registers on sm_90)."""
     bm = block_m or min(64, max(16, _next_pow2(M_all)))
-    bn = block_n or ((128 if bm <= 32 else 64) if d <= 128 else 32)  # H100 sweep; 64-row tiles: 128 spills
+    if d > 128:
+        bn_auto = 32
+    elif bm <= 32:
+        bn_auto = 128
+    else:  # H100 run 4: 128-key blocks 10-15% faster for 16-bit and q4_0 prefill, slower for K4V4 (spills)
+        bn_auto = 64 if lloyd else _PREFILL_BN_PLAIN
+    bn = block_n or bn_auto
     n_tiles = -(-M_all // bm)
     if programs_per_sm is None:  # H100 sweep: one program per SM for decode tiles, two for prefill
         programs_per_sm = 1.0 if n_tiles == 1 else 2.0
@@ -694,12 +754,16 @@ def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch
     return bm, bn, chunk, warps, 2
 
 
-def _combine_config(M_all: int, block_d: int, v_lloyd: bool) -> tuple[int, int, int]:
+def _combine_config(M_all: int, block_d: int, v_lloyd: bool, fused_rows: Optional[int] = None):
     """(rows, buffers per step, output columns per un-rotation step) of a combine program. Decode (up to 64
     rows): tiles of 4 rows (more programs), 16 buffers per load for d = 128; prefill: 32-row tiles (16 for
     lloyd values). (rows, buffers, d) loads and (rows, d, columns) un-rotation products of 8-16k elements: no
-    register spills for sm_90 (benchmarks/check_ragged_compile.py)."""
-    rows = min(4, _next_pow2(M_all)) if M_all <= 64 else (16 if v_lloyd else 32)
+    register spills for sm_90 (benchmarks/check_ragged_compile.py). fused_rows: the partial kernel's row tile
+    (the last program of a tile merges it alone, in steps of up to 32 rows, 16 for lloyd values)."""
+    if fused_rows is None:
+        rows = min(4, _next_pow2(M_all)) if M_all <= 64 else (16 if v_lloyd else 32)
+    else:
+        rows = min(fused_rows, 16 if v_lloyd else 32, max(4, _next_pow2(M_all)))
     per_step = max(1, (4096 if v_lloyd and rows >= 16 else 8192) // (rows * block_d))
     cols = 32 if rows >= 16 and block_d <= 128 else max(8, 16384 // (rows * block_d))
     return rows, per_step, min(cols, block_d)
@@ -737,8 +801,9 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     G = Hq // Hkv
     M_all = B * Lq * G
     n_entries = prefix.num_entries if prefix is not None else 0
+    lloyd = prefix is not None and "lloyd" in (prefix.keys.codec, prefix.values.codec)
     bm, bn, chunk, warps, stages = _pick_config(M_all, n_entries + (L_app if L_app else 0), Hkv, d, dev,
-                                                block_m, block_n, chunk, _PROGRAMS_PER_SM)
+                                                block_m, block_n, chunk, _PROGRAMS_PER_SM, lloyd)
     warps, stages = num_warps or warps, num_stages or stages
     BD = max(16, _next_pow2(d))
     BH = max(2, _next_pow2(Hkv))
@@ -750,7 +815,8 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     K_BITS = V_BITS = 8
     n_items, E = 0, 0
     kx = ks = kg = km = kc = vx = vs = vg = vc = beta = placeholder
-    ek = ev = eb = rot = vmean = placeholder
+    ek = ev = eb = rot = vmean = krot = placeholder
+    rotate = None  # how R q is made for lloyd keys
     offs = _zero_offsets(dev, Hkv) if prefix is None else prefix.offsets
     q_rot = queries
     k_stride = v_stride = s_km = s_vm = 0
@@ -765,7 +831,13 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
         if pk.codec == "lloyd":
             K_BITS, kg, km, kc = pk.bits, pk.gains, pk.mean, pk.centroids
             s_km = km.stride(0)
-            q_rot = _alloc((B, Hq, Lq, d), torch.float32, dev)  # R q, filled by _rotate_kernel below
+            krot = pk.rotation
+            rotate = "prologue" if _ROTATE == "prologue" and d <= 128 else (_ROTATE if _ROTATE != "prologue"
+                                                                           else "kernel")
+            if rotate == "kernel":
+                q_rot = _alloc((B, Hq, Lq, d), torch.float32, dev)  # R q, filled by _rotate_kernel below
+            elif rotate == "matmul":  # (B*Hq*Lq, d) @ R^T in float32 (cuBLAS; no TF32: the flag is switched off)
+                q_rot = _rotate_matmul(queries, krot)
         if pv.codec == "lloyd":
             V_BITS, vg, vmean, vc, rot = pv.bits, pv.gains, pv.mean, pv.centroids, pv.rotation
             s_vm = vmean.stride(0)
@@ -794,6 +866,15 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     n_buf = n_items + Hkv * n_obuf
     V_LLOYD = V_CODEC == 1
 
+    n_tiles = -(-M_all // bm)
+    # fused merge: every program of (tile, head) covers the same global rows (one tile, or one sequence) and
+    # every head has a program (exact or appended slots), so the last one to finish can write the output
+    fused = _fuse_merge(n_other, n_tiles, B)
+    counters = _counters(dev, n_tiles * Hkv) if fused else placeholder
+    if interpret:
+        rot_precision = "ieee"
+    else:
+        rot_precision = "tf32x3"  # ~float32 accuracy on the tensor cores (the rotations are float32 products)
     pm = _alloc((max(n_buf, 1), M_all), torch.float32, dev)
     pl = _alloc((max(n_buf, 1), M_all), torch.float32, dev)
     pacc = _alloc((max(n_buf, 1), M_all, BD), torch.float32, dev)
@@ -812,20 +893,21 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
 
     ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with ctx:
-        n_tiles = -(-M_all // bm)
-        if K_CODEC == 1:
+        if rotate == "kernel":
             n_q = B * Hq * Lq
             # 16 rows x 8 warps: the float32 (exact-FMA) d x d product fits the registers without spilling
             _rotate_kernel[(-(-n_q // 16),)](queries, prefix.keys.rotation, q_rot, n_q, Hq, Lq,
                                              queries.stride(0), queries.stride(1), queries.stride(2),
                                              D=d, BLOCK_M=16, BLOCK_D=BD, BLOCK_C=_rot_cols(BD), num_warps=8)
         if n_slots:
+            fm, fs, fc = _combine_config(M_all, BD, V_LLOYD, fused_rows=bm)
             _partial_kernel[(n_tiles, n_slots)](
-                queries, q_rot, offs, beta,
+                queries, q_rot, krot, offs, beta,
                 kx, ks, kg, km, kc, vx, vs, vg, vc,
                 ek, ev, eb,
                 ak, av, mask,
                 pm, pl, pacc,
+                counters, vmean, rot, out,
                 B, Lq, L_app, E, Hkv, n_items, max(n_other, 1), n_obuf, max(n_app, 1), chunk, M_all,
                 scale * _LOG2E,
                 queries.stride(0), queries.stride(1), queries.stride(2),
@@ -834,19 +916,54 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 ak.stride(0) if L_app else 0, ak.stride(1) if L_app else 0, ak.stride(2) if L_app else 0,
                 av.stride(0) if L_app else 0, av.stride(1) if L_app else 0, av.stride(2) if L_app else 0,
                 mask.stride(0) if app_mask is not None else 0,
+                s_vm, out.stride(0), out.stride(1), out.stride(2),
                 G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, BLOCK_H=BH, K_CODEC=K_CODEC, K_BITS=K_BITS,
                 V_CODEC=V_CODEC, V_BITS=V_BITS, SELECT=_LLOYD_SELECT, HAS_MASK=app_mask is not None,
-                UPCAST=upcast, DOT_PRECISION=dot_precision,
+                UPCAST=upcast, DOT_PRECISION=dot_precision, ROT_IN=rotate == "prologue",
+                ROT_PRECISION=rot_precision, FUSED=fused, CM=fm, CS=fs, CC=fc,
                 num_warps=warps, num_stages=stages,
             )
-        cm, cs, cc = _combine_config(M_all, BD, V_LLOYD)
-        _combine_kernel[(-(-M_all // cm), Hkv)](
-            pm, pl, pacc, offs, vmean, rot, out,
-            Lq, Hkv, n_items, n_obuf, chunk, M_all,
-            s_vm, out.stride(0), out.stride(1), out.stride(2),
-            G=G, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=cc, BLOCK_S=cs, BLOCK_H=BH, V_LLOYD=V_LLOYD, num_warps=8,
-        )
+        if not fused:
+            cm, cs, cc = _combine_config(M_all, BD, V_LLOYD)
+            _combine_kernel[(-(-M_all // cm), Hkv)](
+                pm, pl, pacc, offs, vmean, rot, out,
+                Lq, Hkv, n_items, n_obuf, chunk, M_all,
+                s_vm, out.stride(0), out.stride(1), out.stride(2),
+                G=G, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=cc, BLOCK_S=cs, BLOCK_H=BH, V_LLOYD=V_LLOYD,
+                ROT_PRECISION=rot_precision, num_warps=8,
+            )
     return out
+
+
+def _fuse_merge(n_other: int, n_tiles: int, B: int) -> bool:
+    """Whether the partial kernel merges (see _FUSE_COMBINE): every head needs a program (exact or appended
+    slots) and all programs of a (tile, head) must cover the same global rows (one tile, or one sequence)."""
+    if not _FUSE_COMBINE or not n_other or not (n_tiles == 1 or B == 1):
+        return False
+    return _FUSE_COMBINE is True or n_tiles > 1
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """The fused merge's int32 tickets, one per (row tile, KV head), zero between launches (the last program of
+    each puts it back). One buffer per device, grown (never freed: captured CUDA graphs keep its address)."""
+    held = _COUNTERS.setdefault(device, [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+def _rotate_matmul(queries: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """R q for every query row, float32 (B, Hq, Lq, d) contiguous: one matmul (rows, d) @ R^T, no TF32."""
+    B, Hq, Lq, d = queries.shape
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return (queries.reshape(B * Hq * Lq, d).float() @ rotation.float().T).view(B, Hq, Lq, d)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def _data_views(part) -> tuple[torch.Tensor, torch.Tensor, int]:

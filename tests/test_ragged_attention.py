@@ -413,6 +413,25 @@ if _INTERP:
         got = ragged_attention_triton(q, prefix, ak, av)
         assert rel_err(got, ragged_attention_torch(q, prefix, ak, av)) < 2e-6
 
+    @pytest.mark.parametrize("fuse,rotate", [(True, "prologue"), (False, "prologue"), ("prefill", "kernel"),
+                                             (False, "matmul")])
+    @pytest.mark.parametrize("label,B,Lq", [("K4V4", 2, 1), ("K2V3", 1, 40), ("16", 3, 1), ("q4_0", 1, 37)])
+    def test_interp_merge_and_rotation_paths(fuse, rotate, label, B, Lq, monkeypatch):
+        """The merge in the partial kernel (last program of a tile and head) and the separate combine; the query
+        rotation in the prologue, by _rotate_kernel and by a matmul: same outputs; the tickets are back to 0."""
+        _poison(monkeypatch)
+        monkeypatch.setattr(attn_mod, "_FUSE_COMBINE", fuse)
+        monkeypatch.setattr(attn_mod, "_ROTATE", rotate)
+        d, lens, G = 64, [70, 0, 1, 33], 2
+        arrays, attrs, books = stored(label if label != "16" else "raw", lens, d, seed=B + Lq)
+        prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+        q, ak, av, mask = make_queries(sum(lens) + Lq, B, 4 * G, Lq, Lq + 5, 4, d, torch.float32, pad=B > 1)
+        for _ in range(2):  # a second call sees the counters the first one left
+            got = ragged_attention_triton(q, prefix, ak, av, mask, block_n=16, chunk=32)
+            assert rel_err(got, ragged_attention_torch(q, prefix, ak, av, mask)) < 2e-6
+        for held in attn_mod._COUNTERS.values():
+            assert not held[-1].any(), "a ticket counter was left non-zero"
+
     def test_interp_dispatcher_routes_to_triton(monkeypatch):
         monkeypatch.setenv("COMPACTOR_TRITON", "1")
         arrays, attrs, books = stored("q4_0", [10, 4], 32)
@@ -431,7 +450,7 @@ if _INTERP:
         assert rel_err(out, ragged_attention_torch(q, prefix, ak, av)) < 2e-6
 
 
-_N_INTERP = len(KERNEL_CASES) + 3 + 1 + 1
+_N_INTERP = len(KERNEL_CASES) + 3 + 1 + 16 + 1
 
 
 @pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
