@@ -188,7 +188,7 @@ def served_bytes(encoded: list[tuple[dict, dict]], codebooks: dict, head_dim: in
 def cache_from_artifact(art: Artifact, model, keep_quantized: bool | None = None) -> CompactedCache:
     """The cache an (already checked) artifact serves on the model's device. keep_quantized=True: the prefix as
     stored, ragged per head and in its codecs (`RaggedLayer`, served by the ragged kernel); False: decoded to the
-    model's dtype and padded to each layer's longest head; None: `keep_quantized_default(model)`."""
+    model's dtype and padded to each layer's longest head; None: `keep_quantized_default(model, art)`."""
     if keep_quantized is None:
         keep_quantized = keep_quantized_default(model, art)
     if not keep_quantized:
