@@ -468,7 +468,7 @@ if _INTERP:
         assert rel_err(out, ragged_attention_torch(q, prefix, ak, av)) < 2e-6
 
 
-_N_INTERP = len(KERNEL_CASES) + 3 + 1 + 16 + 1
+_N_INTERP = len(KERNEL_CASES) + 3 + 1 + 16 + 3 + 1
 
 
 @pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
