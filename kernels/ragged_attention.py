@@ -40,10 +40,11 @@ Triton, one online-softmax pass per split, then a combine (flash-decoding style 
    * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them;
      a q4_0 tile holds each block's low and high nibbles side by side, so its columns are a fixed permutation
      of the coordinates (`_tile_coords`): the query is loaded and the accumulator stored in that order.
-2. `_combine_kernel`, grid (row tiles, Hkv) (decode; for prefill of one sequence the last program of each
-   (row tile, KV head) does the same merge itself, by an atomic ticket: `_FUSE_COMBINE`): merges a row's buffers in lanes (`_lane_slots`, several buffers
-   per load, no reduction inside the loop), un-rotates lloyd values ((rows x d) @ (d x d) in float32, output
-   columns a slice at a time), normalises and writes (B, Lq, Hq, d).
+2. `_combine_kernel`, grid (row tiles, Hkv, column blocks) (decode; for prefill of one sequence the last
+   program of each (row tile, KV head) does the merge itself, by an atomic ticket: `_FUSE_COMBINE`, in lanes,
+   `_lane_slots`): gathers all the head's buffers in one round of loads (the merge's cost is its dependent L2
+   round trips, not its bytes), un-rotates lloyd values ((rows x d) @ (d x cols) in float32), normalises and
+   writes (B, Lq, Hq, d).
 Decode (Lq = 1) and prefill (Lq = hundreds) are the same kernels with different tiles: `chunk` is chosen so
 the grid holds about one (decode) or two (prefill) programs per SM (`_pick_config`).
 
@@ -614,12 +615,76 @@ def _combine_kernel(
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, V_LLOYD: tl.constexpr, ROT_PRECISION: tl.constexpr,
 ):
-    """Grid (row tiles, Hkv): `_combine_rows` for BLOCK_M rows of KV head h (when the partial kernel did not
-    merge them itself)."""
+    """Grid (row tiles, Hkv, BLOCK_D / BLOCK_C): output columns cols = BLOCK_C * pid_2 + [0, BLOCK_C) of BLOCK_M
+    rows of KV head h, merged from all of h's buffers (its prefix items i0..i1, `_head_items`, then its n_obuf
+    exact and appended buffers) when the partial kernel did not merge them itself.
+
+    One round of loads: buffer j of the head is i0 + j (j < n_p = i1 - i0) or o0 + j - n_p, and BLOCK_S of
+    them are gathered at once ((S, rows) maxima and sums, (S, rows, BLOCK_C) accumulators), then reduced over S;
+    the launcher sizes BLOCK_S to the head's buffer count, so decode takes one step (a longer head loops, with
+    an online rescale between steps). The maxima and sums are recomputed by each column block (S x rows floats).
+    Lloyd values (prefix accumulators in rotated space): the prefix buffers are gathered over all d columns in
+    the same round, acc_rot @ R[:, cols] un-rotates them (float32: 3xTF32 tl.dot from 16 rows, else a
+    (rows, d, BLOCK_C) broadcast product), plus l_pre * mean[cols]."""
+    h = tl.program_id(1)
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    _combine_rows(PM, PL, PACC, OFFS, VMEAN, ROT, OUT, tl.program_id(1), r, Lq, n_heads, n_items, n_obuf, chunk,
-                  M_all, s_vm, s_ob, s_oi, s_oh, G, D, BLOCK_M, BLOCK_D, BLOCK_C, BLOCK_S, BLOCK_H, V_LLOYD,
-                  ROT_PRECISION)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = r < M_all
+    c_ok = cols < D
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    b = r // (G * Lq)
+    i = (r // G) % Lq
+    hq = h * G + r % G
+    o_off = b.to(tl.int64) * s_ob + i.to(tl.int64) * s_oi + hq.to(tl.int64) * s_oh
+    if V_LLOYD:  # independent of the partials: issued before the gather
+        rc = tl.load(ROT + offs_d[:, None] * D + cols[None, :], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+        mean = tl.load(VMEAN + h * s_vm + cols, mask=c_ok, other=0.0).to(tl.float32)
+    _, i0, i1, _ = _head_items(OFFS, h, n_heads, chunk, BLOCK_H, False)
+    n_p = i1 - i0
+    n_all = n_p + n_obuf
+    o0 = n_items + h * n_obuf
+    sidx = tl.arange(0, BLOCK_S)
+    m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    l_pre = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_rot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, n_all, BLOCK_S):
+        j = s0 + sidx
+        is_p = j < n_p
+        buf = tl.where(is_p, i0 + j, o0 + j - n_p)
+        idx = buf.to(tl.int64)[:, None] * M_all + r[None, :]
+        ok = (j < n_all)[:, None] & row_ok[None, :]
+        m = tl.load(PM + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(PL + idx, mask=ok, other=0.0, cache_modifier=".cg")
+        if V_LLOYD:
+            ok_c = ok & (~is_p)[:, None]
+            a_p = tl.load(PACC + idx[:, :, None] * BLOCK_D + offs_d[None, None, :],
+                          mask=(ok & is_p[:, None])[:, :, None], other=0.0, cache_modifier=".cg")
+        else:
+            ok_c = ok
+        a = tl.load(PACC + idx[:, :, None] * BLOCK_D + cols[None, None, :], mask=ok_c[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_safe)
+        w = tl.exp2(m - m_safe[None, :])  # (S, rows); 0 for masked buffers
+        l_run = l_run * alpha + tl.sum(w * l, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * a, axis=0)
+        if V_LLOYD:
+            l_pre = l_pre * alpha + tl.sum(tl.where(is_p[:, None], w * l, 0.0), axis=0)
+            acc_rot = acc_rot * alpha[:, None] + tl.sum(w[:, :, None] * a_p, axis=0)
+        m_run = m_new
+    inv_l = 1.0 / tl.where(l_run > 0, l_run, 1.0)
+    if V_LLOYD:  # x = mean + R^T y  ->  rows: acc_rot @ R + l_pre * mean
+        if BLOCK_M >= 16 and BLOCK_D <= 128:
+            acc += tl.dot(acc_rot, rc, input_precision=ROT_PRECISION)
+        else:
+            acc += tl.sum(acc_rot[:, :, None] * rc[None, :, :], axis=1)  # float32 FMAs, exact
+        acc += l_pre[:, None] * mean[None, :]
+    tl.store(OUT + o_off[:, None] + cols[None, :], (acc * inv_l[:, None]).to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & c_ok[None, :])
 
 
 @_jit
@@ -754,19 +819,34 @@ def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch
     return bm, bn, chunk, warps, 2
 
 
-def _combine_config(M_all: int, block_d: int, v_lloyd: bool, fused_rows: Optional[int] = None):
-    """(rows, buffers per step, output columns per un-rotation step) of a combine program. Decode (up to 64
-    rows): tiles of 4 rows (more programs), 16 buffers per load for d = 128; prefill: 32-row tiles (16 for
-    lloyd values). (rows, buffers, d) loads and (rows, d, columns) un-rotation products of 8-16k elements: no
-    register spills for sm_90 (benchmarks/check_ragged_compile.py). fused_rows: the partial kernel's row tile
-    (the last program of a tile merges it alone, in steps of up to 32 rows, 16 for lloyd values)."""
-    if fused_rows is None:
-        rows = min(4, _next_pow2(M_all)) if M_all <= 64 else (16 if v_lloyd else 32)
-    else:
+def _combine_config(M_all: int, block_d: int, v_lloyd: bool, fused_rows: Optional[int] = None,
+                    head_buffers: Optional[int] = None):
+    """(rows, buffers per step, output columns) of a merge program.
+
+    Fused (fused_rows: the partial kernel's row tile; the last program of a tile merges it alone in steps of up
+    to 32 rows, 16 for lloyd values, `_combine_rows`): (rows, buffers, d) loads and (rows, d, columns)
+    un-rotation products of 8-16k elements (no register spills for sm_90, benchmarks/check_ragged_compile.py).
+
+    `_combine_kernel` (decode: 4-row tiles; prefill of several sequences: 32 rows, 16 for lloyd values): one
+    program per (row tile, KV head, column block) gathers up to `buffers` of the head's buffers in one round of
+    loads; buffers = the power of two >= head_buffers (the most buffers a head has) within a register budget of
+    (buffers, rows, columns) float32 tiles of 8k elements (lloyd: the prefix tiles span all d columns, ~20k),
+    so decode at 32-128k (13-40 buffers per head) takes one step. head_buffers None: the largest allowed."""
+    if fused_rows is not None:
         rows = min(fused_rows, 16 if v_lloyd else 32, max(4, _next_pow2(M_all)))
-    per_step = max(1, (4096 if v_lloyd and rows >= 16 else 8192) // (rows * block_d))
-    cols = 32 if rows >= 16 and block_d <= 128 else max(8, 16384 // (rows * block_d))
-    return rows, per_step, min(cols, block_d)
+        per_step = max(1, (4096 if v_lloyd and rows >= 16 else 8192) // (rows * block_d))
+        cols = 32 if rows >= 16 and block_d <= 128 else max(8, 16384 // (rows * block_d))
+        return rows, per_step, min(cols, block_d)
+    rows = min(4, _next_pow2(M_all)) if M_all <= 64 else (16 if v_lloyd else 32)
+    if v_lloyd:
+        cols = min(block_d, 32 if rows >= 16 and block_d <= 128 else max(8, 16384 // (rows * block_d)))
+        cap = 20480 // (rows * (block_d + cols))
+    else:
+        cols = min(block_d, 32)
+        cap = 8192 // (rows * cols)
+    cap = max(2, 1 << (max(1, cap).bit_length() - 1))  # a power of two
+    want = cap if head_buffers is None else max(2, _next_pow2(head_buffers))
+    return rows, min(cap, want), cols
 
 
 def _rot_cols(block_d: int) -> int:
@@ -924,8 +1004,9 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 num_warps=warps, num_stages=stages,
             )
         if not fused:
-            cm, cs, cc = _combine_config(M_all, BD, V_LLOYD)
-            _combine_kernel[(-(-M_all // cm), Hkv)](
+            head_buffers = n_obuf + (max(-(-n // chunk) for n in prefix.lengths) if n_items else 0)
+            cm, cs, cc = _combine_config(M_all, BD, V_LLOYD, head_buffers=head_buffers)
+            _combine_kernel[(-(-M_all // cm), Hkv, BD // cc)](
                 pm, pl, pacc, offs, vmean, rot, out,
                 Lq, Hkv, n_items, n_obuf, chunk, M_all,
                 s_vm, out.stride(0), out.stride(1), out.stride(2),

@@ -432,6 +432,24 @@ if _INTERP:
         for held in attn_mod._COUNTERS.values():
             assert not held[-1].any(), "a ticket counter was left non-zero"
 
+    @pytest.mark.parametrize("label", ["K4V4", "16", "q4_0"])
+    def test_interp_combine_gathers_in_several_steps(label, monkeypatch):
+        """The separate combine with 2 buffers per gather (the launcher sizes it to a head's buffer count: one
+        step): heads of 0, 1 and 5 prefix items plus the exact and appended buffers merge over several steps
+        with the online rescale between them."""
+        _poison(monkeypatch)
+        monkeypatch.setattr(attn_mod, "_FUSE_COMBINE", False)
+        real = attn_mod._combine_config
+        monkeypatch.setattr(attn_mod, "_combine_config", lambda *a, **k: (lambda c: (c[0], 2, c[2]))(real(*a, **k))
+                            if k.get("fused_rows") is None else real(*a, **k))
+        d, lens, G = 64, [70, 0, 1, 33], 2
+        arrays, attrs, books = stored(label if label != "16" else "raw", lens, d, seed=3)
+        prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+        q, ak, av, mask = make_queries(sum(lens) + 1, 2, 4 * G, 1, 6, 4, d, torch.float32, pad=True)
+        got = ragged_attention_triton(q, prefix, ak, av, mask, block_n=16, chunk=16)
+        assert torch.isfinite(got).all()
+        assert rel_err(got, ragged_attention_torch(q, prefix, ak, av, mask)) < 2e-6
+
     def test_interp_dispatcher_routes_to_triton(monkeypatch):
         monkeypatch.setenv("COMPACTOR_TRITON", "1")
         arrays, attrs, books = stored("q4_0", [10, 4], 32)
@@ -450,7 +468,7 @@ if _INTERP:
         assert rel_err(out, ragged_attention_torch(q, prefix, ak, av)) < 2e-6
 
 
-_N_INTERP = len(KERNEL_CASES) + 3 + 1 + 16 + 1
+_N_INTERP = len(KERNEL_CASES) + 3 + 1 + 16 + 3 + 1
 
 
 @pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
