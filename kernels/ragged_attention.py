@@ -57,12 +57,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import warnings
 from typing import Optional
 
 import torch
 
+from .attention_stats import _env_flag, _interpret_mode
 from .ragged_prefix import CODECS, RaggedPrefix
 
 try:  # triton is optional: CPU-only installs run the torch reference.
@@ -754,20 +754,6 @@ def _combine_rows(PM, PL, PACC, OFFS, VMEAN, ROT, OUT, h, r, Lq, n_heads, n_item
 # ----------------------------------------------------------------------------------------------
 
 
-def _env_flag(name: str) -> Optional[bool]:
-    v = os.environ.get(name)
-    if v is None or v.strip() == "":
-        return None
-    return v.strip().lower() not in ("0", "false", "no", "off")
-
-
-def _interpret_mode() -> bool:
-    try:
-        return bool(triton.knobs.runtime.interpret)
-    except AttributeError:  # older triton without knobs
-        return bool(_env_flag("TRITON_INTERPRET"))
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -893,7 +879,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     placeholder = _placeholder(dev)
     K_CODEC = V_CODEC = 0
     K_BITS = V_BITS = 8
-    n_items, E = 0, 0
+    n_items, most_items, E = 0, 0, 0
     kx = ks = kg = km = kc = vx = vs = vg = vc = beta = placeholder
     ek = ev = eb = rot = vmean = krot = placeholder
     rotate = None  # how R q is made for lloyd keys
@@ -902,7 +888,8 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     k_stride = v_stride = s_km = s_vm = 0
     if prefix is not None and prefix.max_length:
         # the work list: ceil(length / chunk) items per head, found in the kernels from the device offsets
-        n_items = sum(-(-n // chunk) for n in prefix.lengths)
+        head_items = [-(-n // chunk) for n in prefix.lengths]
+        n_items, most_items = sum(head_items), max(head_items)
         beta = prefix.beta
         pk, pv = prefix.keys, prefix.values
         K_CODEC, V_CODEC = _CODEC_ID[pk.codec], _CODEC_ID[pv.codec]
@@ -1004,7 +991,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 num_warps=warps, num_stages=stages,
             )
         if not fused:
-            head_buffers = n_obuf + (max(-(-n // chunk) for n in prefix.lengths) if n_items else 0)
+            head_buffers = n_obuf + most_items
             cm, cs, cc = _combine_config(M_all, BD, V_LLOYD, head_buffers=head_buffers)
             _combine_kernel[(-(-M_all // cm), Hkv, BD // cc)](
                 pm, pl, pacc, offs, vmean, rot, out,
