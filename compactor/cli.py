@@ -371,14 +371,14 @@ def _artifact_summary(art, path) -> dict:
     and the serving memory, measured from the tensors each load path builds: dequantized (16-bit keys/values
     padded per layer + float32 beta) and as stored (ragged, codes kept; per-phase layers are served dequantized)."""
     from .evaluation.metrics import full_cache_bytes
-    from .serving.loader import decode_layers, is_phased, served_bytes
+    from .serving.loader import artifact_is_phased, decode_layers, served_bytes
     from .storage.kv_codec import byte_breakdown
 
     meta = art.meta
     layers = decode_layers(art)  # also checks that every layer decodes
     lengths = [int(x) for layer in layers for x in layer.lengths]
     full = full_cache_bytes(len(layers), int(meta["num_kv_heads"]), art.T, int(meta["head_dim"]))
-    padded, as_stored = served_bytes([(layer.arrays, layer.attrs) for layer in art.layers], art.codebooks,
+    padded, as_stored = served_bytes([(layer.arrays, layer.attrs) for layer in art.layers], layers, art.codebooks,
                                      int(meta["head_dim"]), art.T)
     return {
         "path": str(path), "document": meta.get("document_name"), "model_id": meta["model_id"],
@@ -388,7 +388,7 @@ def _artifact_summary(art, path) -> dict:
                   "payload_by_kind": byte_breakdown(art), "full_cache": full,
                   "memory": max(1, padded),  # heads keeping nothing: no 0
                   "memory_as_stored": max(1, as_stored),
-                  "servable_as_stored": not any(is_phased(layer.arrays) for layer in art.layers)},
+                  "servable_as_stored": not artifact_is_phased(art)},
         "kept_per_head": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths),
                           "total": sum(lengths)},
         "seconds": dict(meta.get("seconds") or {}),

@@ -92,7 +92,8 @@ class Evaluator:
         trips = [store_and_load(layer, codec, stored_dtype, seed, books) for layer, codec in zip(layers, codecs)]
         layers = [t[0] for t in trips]
         stored_bytes = sum(a.nbytes for t in trips for a in t[1].values()) + sum(b.nbytes for b in books.values())
-        memory_bytes, held_bytes = served_bytes([t[1:] for t in trips], books, layers[0].keys.shape[-1], self.T)
+        memory_bytes, held_bytes = served_bytes([t[1:] for t in trips], layers, books, layers[0].keys.shape[-1],
+                                                self.T)
         cache = cache_from_layers(layers, self.T, self.model)
         logits = continuation_logits(self.model, cache.fork(), self.cont, self.T)
         ckl = float(kl_per_token(self.full_logits, logits).mean())

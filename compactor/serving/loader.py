@@ -114,10 +114,11 @@ def keep_quantized_default(model, art: Artifact | None = None) -> bool:
     padding mask only) and every layer of `art` has one codec (not per-phase codecs); otherwise dequantize (on
     CPU the ragged path is the plain-torch reference, which decodes the prefix at every call: correct but slower
     than the padded cache)."""
-    return ragged_kernel_available(model) and not _sliding_window(model) and not (art is not None and _phased(art))
+    phased = art is not None and artifact_is_phased(art)
+    return ragged_kernel_available(model) and not _sliding_window(model) and not phased
 
 
-def _phased(art: Artifact) -> bool:
+def artifact_is_phased(art: Artifact) -> bool:
     """Whether some layer stores per-phase codecs (a reasoning trace compressed with a calibration)."""
     return any(is_phased(layer.arrays) for layer in art.layers)
 
@@ -158,19 +159,18 @@ def ragged_layers(art: Artifact, device) -> list:
     return out
 
 
-def served_bytes(encoded: list[tuple[dict, dict]], codebooks: dict, head_dim: int, logical_length: int,
-                 dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
-    """(dequantized, as stored): bytes a served cache of these encoded layers (`encode_layer`'s (arrays, attrs)
-    per layer) allocates with keep_quantized=False (decoded to `dtype`, padded to each layer's longest head) and
-    with keep_quantized=True (codes kept, ragged), measured from the tensors each load path builds (on the host,
-    one layer at a time; the same tensors go to the GPU). Layers with per-phase codecs are always served
-    dequantized: then both numbers are the dequantized one."""
+def served_bytes(encoded: list[tuple[dict, dict]], decoded: list[LayerKV], codebooks: dict, head_dim: int,
+                 logical_length: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(dequantized, as stored): bytes a served cache of these layers allocates with keep_quantized=False (the
+    `decoded` layers in `dtype`, padded to each layer's longest head) and with keep_quantized=True (the `encoded`
+    arrays and attributes of `encode_layer` kept as codes, ragged), measured from the tensors each load path
+    builds (on the host, one layer at a time; the same tensors go to the GPU). Layers with per-phase codecs are
+    always served dequantized: then both numbers are the dequantized one."""
     from ..kernels.ragged_prefix import RaggedPrefix
 
     keep = not any(is_phased(arrays) for arrays, _ in encoded)
     padded, ragged, shared = 0, 0, {}
-    for arrays, attrs in encoded:
-        kv = decode_layer(arrays, attrs, codebooks, head_dim)
+    for (arrays, attrs), kv in zip(encoded, decoded):
         pad = torch.arange(kv.keys.shape[1])[None, :] >= kv.lengths[:, None]
         layer = CompactedLayer(kv.keys.to(dtype), kv.values.to(dtype), kv.beta.float().masked_fill(pad, float("-inf")),
                                logical_length)
@@ -196,7 +196,7 @@ def cache_from_artifact(art: Artifact, model, keep_quantized: bool | None = None
     if _sliding_window(model):
         raise ArtifactError("keep_quantized needs a model without sliding-window attention (the ragged kernel "
                             "takes a causal + padding mask only); load with keep_quantized=False")
-    if _phased(art):
+    if artifact_is_phased(art):
         raise ArtifactError("keep_quantized serves one codec per layer, and this artifact stores per-phase codecs "
                             "(a reasoning trace); load with keep_quantized=False")
     device, dtype = _device_dtype(model)
