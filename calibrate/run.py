@@ -52,6 +52,7 @@ from .head_budgets import head_weights
 from .stages import StageCache
 
 TENSORS = ("keys", "values")
+_EVERY_PART = {"codebooks": True, "layer_bits": True, "phase_bits": True, "head_budgets": True}  # the draft's defaults
 
 
 @dataclass
@@ -564,12 +565,8 @@ class Calibrator:
             "codebooks": {"bits": list(s.codebook_bits), "phase_gain": float(s.phase_gain)},
             "allocation": {"avg_bits": [float(a) for a in s.avg_bits], "bit_options": list(s.bit_options)},
             "head_budgets": {"ratio": float(s.head_ratio), "shrink": float(s.head_shrink), "unit": "head"},
-            "defaults": (check or {}).get("defaults") or {"codebooks": True, "layer_bits": True,
-                                                              "phase_bits": True, "head_budgets": True,
-                                                              "budget": "global"},
-            "defaults_split": (check or {}).get("defaults_split") or {"codebooks": True, "layer_bits": True,
-                                                                          "phase_bits": True, "head_budgets": True,
-                                                                          "budget": "split"},
+            "defaults": check["defaults"] if check else {**_EVERY_PART, "budget": "global"},
+            "defaults_split": check["defaults_split"] if check else {**_EVERY_PART, "budget": "split"},
             "settings": s.as_json(),
             "summary": {},
         }
