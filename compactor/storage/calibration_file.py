@@ -85,12 +85,7 @@ def _list(x, kind, lo=None, hi=None, n_max=64) -> bool:
 
 def validate_meta(meta: dict, where: str) -> dict:
     """Typed, range-checked fields (ArtifactError otherwise); a new dict."""
-    unknown = sorted(set(meta) - set(FIELDS) - set(OPTIONAL))
-    if unknown:
-        raise CalibrationError(f"{where}: unknown meta fields {', '.join(unknown)[:200]}")
-    missing = [k for k in FIELDS if k not in meta]
-    if missing:
-        raise CalibrationError(f"{where} lacks required meta fields: {', '.join(missing)}")
+    schema.check_field_set(meta, FIELDS, OPTIONAL, where, CalibrationError)
     try:
         meta = {k: schema.check_value(k, v, {**FIELDS, **OPTIONAL}[k], where) for k, v in meta.items()}
         schema.check_identity(meta["model_weights"], where)

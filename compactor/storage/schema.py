@@ -144,14 +144,19 @@ def parse_meta(raw: dict, where: str) -> dict:
     return meta
 
 
+def check_field_set(meta: dict, required: dict, optional: dict, where: str, error=ArtifactError) -> None:
+    """Refuse (with `error`) meta fields outside required + optional, and missing required ones."""
+    unknown = sorted(set(meta) - set(required) - set(optional))
+    if unknown:
+        raise error(f"{where}: unknown meta fields {', '.join(unknown)[:200]}")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise error(f"{where} lacks required meta fields: {', '.join(missing)}")
+
+
 def validate_v2(meta: dict, where: str) -> dict:
     """Typed, range-checked fields of a v2 file's meta (a new dict; layer_codecs parsed into `codecs`)."""
-    unknown = sorted(set(meta) - set(V2_FIELDS) - set(V2_OPTIONAL))
-    if unknown:
-        raise ArtifactError(f"{where}: unknown meta fields {', '.join(unknown)[:200]}")
-    missing = [k for k in V2_FIELDS if k not in meta]
-    if missing:
-        raise ArtifactError(f"{where} lacks required meta fields: {', '.join(missing)}")
+    check_field_set(meta, V2_FIELDS, V2_OPTIONAL, where)
     meta = {k: check_value(k, v, {**V2_FIELDS, **V2_OPTIONAL}[k], where) for k, v in meta.items()}
     check_identity(meta["model_weights"], where)
     if "chat" in meta:
