@@ -75,7 +75,7 @@ def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=N
                  KS="*fp16" if kc >= 2 else data[kc], KGAIN="*fp16", KMEAN="*fp16", KCENT="*fp32", VX=data[vc],
                  VS="*fp16" if vc >= 2 else data[vc], VGAIN="*fp16", VCENT="*fp32", EK="*fp32", EV="*fp32",
                  EBETA="*fp32", AK="*" + TY[qty], AV="*" + TY[qty], AMASK="*i8" if mask else "*fp32", PM="*fp32",
-                 PL="*fp32", PACC="*fp32", qk_scale2="fp32")
+                 PL="*fp32", PACC="*fp32", qk_scale2="fp32", rot_scale="fp32")
     for n in ("s_qb", "s_qh", "s_qi", "s_rb", "s_rh", "s_ri", "k_stride", "v_stride", "s_km", "s_akb", "s_akh",
               "s_akl", "s_avb", "s_avh", "s_avl", "s_mb", "s_vm", "s_ob", "s_oi", "s_oh"):
         types[n] = "i64"
@@ -88,13 +88,18 @@ def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=N
             div16.add(name)
     M_all = B * G * Lq
     fused = m._fuse_merge(1, -(-M_all // bm), B)
-    fm, fs, fc = m._combine_config(M_all, BD, vc == 1, fused_rows=bm)
-    rot_in = kc == 1 and m._ROTATE == "prologue" and d <= 128
+    hadamard = m._HADAMARD and d & (d - 1) == 0 and 16 <= d <= 128  # as the launcher decides
+    k_had, v_had = kc == 1 and hadamard, vc == 1 and hadamard
+    lut = m._LLOYD_LUT and qty != "fp32"
+    fm, fs, fc = m._combine_config(M_all, BD, vc == 1 and not v_had, fused_rows=bm)
+    rot_in = kc == 1 and not k_had and m._ROTATE == "prologue" and d <= 128
     consts = dict(G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, BLOCK_H=8, K_CODEC=kc, K_BITS=kb, V_CODEC=vc,
                   V_BITS=vb, SELECT=m._LLOYD_SELECT, HAS_MASK=mask, UPCAST=False, DOT_PRECISION="tf32",
-                  ROT_IN=rot_in, ROT_PRECISION="tf32x3", FUSED=fused, CM=fm, CS=fs, CC=fc)
+                  ROT_IN=rot_in, ROT_PRECISION="tf32x3", LUT=lut, K_HAD=k_had, V_HAD=v_had, SPLIT=True,
+                  FUSED=fused, CM=fm, CS=fs, CC=fc)
     name = (f"partial {label:8s} q={qty} d={d} G={G} bm={bm} bn={bn} w={warps} st={stages or st}"
-            f"{' mask' if mask else ''}{' fused' if fused else ''}{' rot' if rot_in else ''}")
+            f"{' mask' if mask else ''}{' fused' if fused else ''}{' rot' if rot_in else ''}"
+            f"{' had' if k_had or v_had else ''}{' lut' if lut and 4 in (kb, vb) and 1 in (kc, vc) else ''}")
     return name, (m._partial_kernel, types, consts, div16, warps, stages or st)
 
 

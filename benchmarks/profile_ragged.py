@@ -4,8 +4,9 @@
 2. per-kernel time split (torch.profiler, CUDA activity) of _rotate/_partial/_combine for decode and prefill;
 3. µs/layer (CUDA-graph replays over layers beyond L2) of the current kernels, and of a baseline copy of the
    module if one is importable as compactor.kernels.ragged_attention_old (e.g. `git show main:kernels/...`);
-4. decode variants of the current kernels (separate combine; query rotation by _rotate_kernel or a matmul);
-5. a sweep of decode/prefill settings (programs per SM, key block, stages, lloyd centroid lookup);
+4. decode variants of the current kernels (fused merge; lloyd centroids by the select chain; rotations with
+   the stored dense R);
+5. a sweep of decode/prefill settings (programs per SM, key block, warps);
 and the same-size copy of each layer's stored bytes (the decode ceiling; % = copy µs / kernel µs).
 
     python benchmarks/profile_ragged.py --T 32768 --ratio 10 20 --deadline 240
@@ -124,7 +125,8 @@ def main():
             if not args.no_variants and ratio == args.ratio[0] and not over():
                 variants = [("fused merge", dict(_FUSE_COMBINE=True))]
                 if codec.startswith("K"):
-                    variants += [("rotate kernel", dict(_ROTATE="kernel")), ("rotate matmul", dict(_ROTATE="matmul"))]
+                    variants += [("select chain", dict(_LLOYD_LUT=False)),
+                                 ("select chain, dense R", dict(_LLOYD_LUT=False, _HADAMARD=False))]
                 for vname, knobs in variants:
                     saved = {k: getattr(new, k) for k in knobs}
                     for k, v in knobs.items():
@@ -142,34 +144,33 @@ def main():
             if args.no_sweep:
                 continue
             # decode sweep
-            grid = [(pps, bn, 2, sel) for pps in (1, 2) for bn in (64, 128)
-                    for sel in ((True, False) if codec == "K4V4" else (True,))]
+            grid = [(pps, bn, 2, w) for pps in (1, 2, 4) for bn in (64, 128) for w in (4, 8)]
             best = None
-            for pps, bn, st, sel in grid:
+            for pps, bn, st, w in grid:
                 if over():
                     break
-                new._PROGRAMS_PER_SM, new._LLOYD_SELECT = pps, sel
+                new._PROGRAMS_PER_SM = pps
                 try:
-                    us = bench.time_us(fns_of(new, prefixes, 1, 1, 64, block_n=bn, num_stages=st), min_ms=30,
-                                       trials=3)
+                    us = bench.time_us(fns_of(new, prefixes, 1, 1, 64, block_n=bn, num_stages=st, num_warps=w),
+                                       min_ms=30, trials=3)
                 except Exception as exc:  # a config that does not compile or launch
-                    log(f"  sweep pps={pps} bn={bn} st={st} select={sel}: {type(exc).__name__} {str(exc)[:100]}")
+                    log(f"  sweep pps={pps} bn={bn} st={st} warps={w}: {type(exc).__name__} {str(exc)[:100]}")
                     continue
-                log(f"  sweep decode T={T} {codec} pps={pps} bn={bn} st={st} select={sel}: {us:.2f} us")
+                log(f"  sweep decode T={T} {codec} pps={pps} bn={bn} st={st} warps={w}: {us:.2f} us")
                 if best is None or us < best[0]:
-                    best = (us, pps, bn, st, sel)
+                    best = (us, pps, bn, st, w)
             log(f"  BEST decode T={T} {codec}: {best}")
             for pps, bn in ((2, 64), (4, 128), (2, 128)):
                 if over():
                     break
-                new._PROGRAMS_PER_SM, new._LLOYD_SELECT = pps, True
+                new._PROGRAMS_PER_SM = pps
                 try:
                     us = bench.time_us(fns_of(new, prefixes[:4], 1, 256, 256, block_n=bn), min_ms=40, trials=3)
                 except Exception as exc:
                     log(f"  sweep prefill pps={pps} bn={bn}: {type(exc).__name__} {str(exc)[:100]}")
                     continue
                 log(f"  sweep prefill T={T} {codec} pps={pps} bn={bn}: {us:.2f} us")
-            new._PROGRAMS_PER_SM, new._LLOYD_SELECT = None, True
+            new._PROGRAMS_PER_SM = None
             del prefixes
             torch.cuda.empty_cache()
     if copy:

@@ -98,6 +98,13 @@ _PROGRAMS_PER_SM = None  # split target override (benchmarks sweep it); None: _p
 # lloyd centroids up to 4 bits: a select chain over the codebook in registers (True) or a gather from it
 # (H100, K4V4 decode at 32k: 66 vs 96 µs/layer)
 _LLOYD_SELECT = True
+# 4-bit lloyd centroids for 16-bit queries by byte permutes in inline PTX (`_lut4`) instead of the select chain
+# (GPU only; the interpreter takes the select chain)
+_LLOYD_LUT = True
+# lloyd parts whose rotation is a randomized Hadamard (power-of-two d <= 128): H made in registers, the query
+# rotated and the values un-rotated in the partial kernel, instead of float32 d x d products with the stored R
+# and an un-rotation in the merge
+_HADAMARD = True
 # the last program of each (row tile, KV head) merges its buffers (no combine launch): "prefill" (one sequence,
 # several row tiles; H100 run 5: 16-bit prefill 138 vs 145 µs at 32k, and decode 0.3-2.5 µs SLOWER fused: the
 # merge's ~12 µs is its own latency, not the launch), True (wherever the rows allow), False (never)
@@ -253,9 +260,68 @@ def _centroids(CENT, code, BITS: tl.constexpr, SELECT: tl.constexpr):
 
 
 @_jit
+def _lut_words(CENT, DOT_TY: tl.constexpr):
+    """The 16 centroids of a 4-bit codebook rounded to the 16-bit DOT_TY, as the 8 int32 words `_lut4` reads:
+    the low bytes of entries 0-3, 4-7, 8-11, 12-15 (byte k of a word = entry 4w + k), then their high bytes."""
+    k = tl.arange(0, 16)
+    bits = tl.load(CENT + k).to(DOT_TY).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    sh = (k % 4) * 8
+    w = k // 4
+    lo = (bits & 0xFF) << sh  # disjoint bytes: the sums below are ORs (the top byte wraps to the sign bit)
+    hi = (bits >> 8) << sh
+    return (tl.sum(tl.where(w == 0, lo, 0), 0), tl.sum(tl.where(w == 1, lo, 0), 0),
+            tl.sum(tl.where(w == 2, lo, 0), 0), tl.sum(tl.where(w == 3, lo, 0), 0),
+            tl.sum(tl.where(w == 0, hi, 0), 0), tl.sum(tl.where(w == 1, hi, 0), 0),
+            tl.sum(tl.where(w == 2, hi, 0), 0), tl.sum(tl.where(w == 3, hi, 0), 0))
+
+
+# One lookup of 4 codes: prmt.b32 picks byte c & 7 of a table word pair for each of the 4 selector nibbles (bit 3 of
+# a nibble would switch prmt to sign replication, so it is masked off), once in entries 0-7 and once in 8-15; a third
+# prmt keeps, per byte, the half that bit 3 of the code names. Done for the low and the high bytes of the 16-bit
+# values, then the bytes are interleaved into two registers of two values each. $4 holds 4 code bytes (8 codes:
+# byte k = code 2k | code 2k+1 << 4); outputs $0,$1 = values of the even codes 0,2 | 4,6 and $2,$3 = the odd ones;
+# $5, $9, .., $33 are the 8 table words (each operand of a 32-bit splat comes 4 times with pack=4).
+_LUT4_HALF = """
+    and.b32 i, {sel}, 0x7777;
+    and.b32 s, {sel}, 0x8888;
+    shr.b32 s, s, 1;
+    or.b32 s, s, 0x3210;
+    prmt.b32 a, $5, $9, i;
+    prmt.b32 b, $13, $17, i;
+    prmt.b32 l, a, b, s;
+    prmt.b32 a, $21, $25, i;
+    prmt.b32 b, $29, $33, i;
+    prmt.b32 h, a, b, s;
+    prmt.b32 {even}, l, h, 0x6240;
+    prmt.b32 {odd}, l, h, 0x7351;"""
+_LUT4_ASM = ("{\n.reg .b32 i, s, a, b, l, h, t;" + _LUT4_HALF.format(sel="$4", even="$0", odd="$2")
+             + "\n    shr.b32 t, $4, 16;" + _LUT4_HALF.format(sel="t", even="$1", odd="$3") + "\n}")
+_LUT4_CONSTRAINTS = "=r,=r,=r,=r," + ",".join(["r"] * 33)  # 4 output registers; the codes, 8 words x 4
+if _HAS_TRITON:  # a global read inside a jit function must be a constexpr
+    _LUT4_ASM = tl.constexpr(_LUT4_ASM)
+    _LUT4_CONSTRAINTS = tl.constexpr(_LUT4_CONSTRAINTS)
+
+
+@_jit
+def _lut4(byte, t0, t1, t2, t3, u0, u1, u2, u3, DOT_TY: tl.constexpr):
+    """(values of the low nibbles, values of the high nibbles) of a uint8 tensor of packed 4-bit codes, in the
+    16-bit DOT_TY, by byte permutes from 8 table words (`_lut_words`): ~3 instructions per value where the select
+    chain takes ~30 (GPU only: inline PTX)."""
+    if DOT_TY == tl.float16:
+        lo, hi = tl.inline_asm_elementwise(asm=_LUT4_ASM, constraints=_LUT4_CONSTRAINTS,
+                                           args=[byte, t0, t1, t2, t3, u0, u1, u2, u3],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        lo, hi = tl.inline_asm_elementwise(asm=_LUT4_ASM, constraints=_LUT4_CONSTRAINTS,
+                                           args=[byte, t0, t1, t2, t3, u0, u1, u2, u3],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    return lo, hi
+
+
+@_jit
 def _dequant_tile(X, XS, CENT, rows, row_ok, offs_d, d_ok, row_stride, D: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CODEC: tl.constexpr, BITS: tl.constexpr,
-                  SELECT: tl.constexpr):
+                  SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr):
     """(BLOCK_N, BLOCK_D) tile of stored rows `rows`: raw values (stored dtype), lloyd centroids (float32, gain
     not applied), q8_0/q4_0 dequantized (float32); column c holds coordinate `_tile_coords(c)`. X points at the
     data (int8 view for q8_0), XS at the same bytes viewed as float16 (block scales); row_stride in elements of X.
@@ -275,12 +341,16 @@ def _dequant_tile(X, XS, CENT, rows, row_ok, offs_d, d_ok, row_stride, D: tl.con
             ROW_BYTES: tl.constexpr = (D * BITS + 7) // 8
             j = tl.arange(0, NB)
             byte = tl.load(X + r[:, None] + j[None, :], mask=row_ok[:, None] & (j < ROW_BYTES)[None, :],
-                           other=0).to(tl.int32)
-            if P == 1:
-                x = _centroids(CENT, byte, BITS, SELECT)
+                           other=0)
+            if LUT and BITS == 4:  # centroids already rounded to DOT_TY; the join puts them in coordinate order
+                w0, w1, w2, w3, w4, w5, w6, w7 = _lut_words(CENT, DOT_TY)
+                lo, hi = _lut4(byte, w0, w1, w2, w3, w4, w5, w6, w7, DOT_TY)
+                x = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_D])
+            elif P == 1:
+                x = _centroids(CENT, byte.to(tl.int32), BITS, SELECT)
             else:
                 sh = tl.arange(0, P) * BITS
-                code = (byte[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
+                code = (byte.to(tl.int32)[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
                 x = tl.reshape(_centroids(CENT, code, BITS, SELECT), [BLOCK_N, BLOCK_D])
         else:  # codes may straddle two bytes
             ok = row_ok[:, None] & d_ok[None, :]
@@ -313,6 +383,45 @@ def _dequant_tile(X, XS, CENT, rows, row_ok, offs_d, d_ok, row_stride, D: tl.con
 
 
 @_jit
+def _hadamard(BLOCK_D: tl.constexpr):
+    """(BLOCK_D, BLOCK_D) float32 Sylvester Hadamard matrix (scipy.linalg.hadamard's order), entries +-1:
+    H[i, j] = (-1)^popcount(i & j), made in registers (BLOCK_D <= 256: the parity of 8 bits by three folds)."""
+    i = tl.arange(0, BLOCK_D)
+    x = i[:, None] & i[None, :]
+    x = x ^ (x >> 4)
+    x = x ^ (x >> 2)
+    x = x ^ (x >> 1)
+    return (1 - 2 * (x & 1)).to(tl.float32)
+
+
+@_jit
+def _rot_signs(ROT, offs_d, d_ok):
+    """s of a power-of-two rotation R = H diag(s) / sqrt(d) (quant/hadamard.py): H's row 0 is all ones, so
+    s_j = sign(R[0, j]). Returns (BLOCK_D,) float32 +-1."""
+    r0 = tl.load(ROT + offs_d, mask=d_ok, other=1.0)
+    return tl.where(r0 < 0, -1.0, 1.0)
+
+
+@_jit
+def _times_hadamard(x, hmat, SPLIT: tl.constexpr):
+    """x @ H for float32 x (rows, d), to float32 accuracy. SPLIT (GPU): x = x1 + x2 + x3, each part the bf16
+    rounding of what the previous ones leave (24 bits in all, bf16 keeps float32's range), times the exact +-1 H
+    in three bf16 tensor-core products with float32 accumulation; else one float32 product (interpreter)."""
+    if SPLIT:
+        hb = hmat.to(tl.bfloat16)
+        x1 = x.to(tl.bfloat16)
+        rem = x - x1.to(tl.float32)
+        x2 = rem.to(tl.bfloat16)
+        x3 = (rem - x2.to(tl.float32)).to(tl.bfloat16)
+        y = tl.dot(x1, hb)
+        y = tl.dot(x2, hb, y)
+        y = tl.dot(x3, hb, y)
+    else:
+        y = tl.dot(x, hmat, input_precision="ieee")
+    return y
+
+
+@_jit
 def _softmax_step(s, m_i, l_i):
     """One online-softmax step in the log2 domain; returns (p, alpha, m_new, l_new). Safe when a whole row of s
     is -inf (masked) and m_i is still -inf."""
@@ -329,7 +438,8 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
                   offs_d, d_ok, qk_scale2, D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
-                  SELECT: tl.constexpr, DOT_TY: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     """Online softmax over prefix entries lo:hi (global rows) for one row tile. q_dot's columns are in the key
     tiles' column order, the returned accumulator's in the value tiles' (`_tile_coords`)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -339,7 +449,7 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
         cols = n0 + tl.arange(0, BLOCK_N)
         ok = cols < hi
         k = _dequant_tile(KX, KS, KCENT, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS,
-                          SELECT)
+                          SELECT, LUT, DOT_TY)
         s = tl.dot(q_dot, tl.trans(_dot_operand(k, DOT_TY, UPCAST)), input_precision=DOT_PRECISION)
         if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
             gk = tl.load(KGAIN + cols, mask=ok, other=0.0).to(tl.float32)
@@ -348,8 +458,8 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
         s = s * qk_scale2 + beta[None, :] * 1.4426950408889634
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         v = _dequant_tile(VX, VS, VCENT, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS,
-                          SELECT)
-        if V_CODEC == 1:  # accumulate sum p g c in rotated space; the combine un-rotates
+                          SELECT, LUT, DOT_TY)
+        if V_CODEC == 1:  # accumulate sum p g c in rotated space; un-rotated once per program or in the combine
             gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
             p = p * gv[None, :]
         pv = tl.dot(_dot_operand(p, DOT_TY, UPCAST), _dot_operand(v, DOT_TY, UPCAST), input_precision=DOT_PRECISION)
@@ -422,7 +532,7 @@ def _partial_kernel(
     AK, AV, AMASK,
     PM, PL, PACC,
     CNT, VMEAN, VROT, OUT,
-    B, Lq, L_app, E, n_heads, n_items, n_other, n_obuf, n_app, chunk, M_all, qk_scale2,
+    B, Lq, L_app, E, n_heads, n_items, n_other, n_obuf, n_app, chunk, M_all, qk_scale2, rot_scale,
     s_qb, s_qh, s_qi, s_rb, s_rh, s_ri,
     k_stride, v_stride, s_km,
     s_akb, s_akh, s_akl, s_avb, s_avh, s_avl, s_mb,
@@ -431,8 +541,8 @@ def _partial_kernel(
     BLOCK_H: tl.constexpr,
     K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr, SELECT: tl.constexpr,
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROT_IN: tl.constexpr, ROT_PRECISION: tl.constexpr,
-    FUSED: tl.constexpr, CM: tl.constexpr, CS: tl.constexpr, CC: tl.constexpr,
+    ROT_IN: tl.constexpr, ROT_PRECISION: tl.constexpr, LUT: tl.constexpr, K_HAD: tl.constexpr, V_HAD: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED: tl.constexpr, CM: tl.constexpr, CS: tl.constexpr, CC: tl.constexpr,
 ):
     """One (row tile, slot): partial (max, sum, acc) of its rows over its slot's keys, written to buffer `buf`.
     Slots (= buffers) 0..n_items-1 are the prefix chunks of the work list (`_head_items`: only chunks that hold
@@ -441,11 +551,16 @@ def _partial_kernel(
     (the sequences' rows are disjoint).
 
     ROT_IN (lloyd keys, d <= 128): the program rotates its own query rows (R q, float32 product) instead of
-    reading QROT from `_rotate_kernel`. FUSED (every program of row tile pid_m of head h covers the same global
-    rows: one row tile, or one sequence; and every head has at least one program): after writing its buffer the
-    program takes a ticket from the counter CNT[pid_m, h] (release/acquire); the one that draws the last merges
-    the head's buffers for the tile (`_combine_rows`, CM rows at a time) and puts the counter back to 0 for the
-    next launch (no memset, CUDA-graph safe). One stream at a time per counter buffer."""
+    reading QROT from `_rotate_kernel`. K_HAD / V_HAD (lloyd keys / values whose rotation is the randomized
+    Hadamard R = H diag(s) / sqrt(d) of a power-of-two d <= 128): H is made in registers (`_hadamard`), the query
+    rotated as ((q * s) @ H) / sqrt(d), and (V_HAD) the program un-rotates its own accumulator,
+    ((acc @ H) * s) / sqrt(d) + l * mean (linear, so the merge needs no rotation), instead of loading the
+    float32 d x d matrix (rot_scale = 1 / sqrt(d)). LUT: 4-bit lloyd centroids by byte permutes (`_lut4`).
+    FUSED (every program of row tile pid_m of head h covers the same global rows: one row tile, or one sequence;
+    and every head has at least one program): after writing its buffer the program takes a ticket from the
+    counter CNT[pid_m, h] (release/acquire); the one that draws the last merges the head's buffers for the tile
+    (`_combine_rows`, CM rows at a time) and puts the counter back to 0 for the next launch (no memset,
+    CUDA-graph safe). One stream at a time per counter buffer."""
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     DOT_TY: tl.constexpr = Q.dtype.element_ty
@@ -492,7 +607,10 @@ def _partial_kernel(
         if K_CODEC == 1:
             q_mask = row_ok[:, None] & d_ok[None, :]
             q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
-            if ROT_IN:  # (R q)^T = q^T R^T with R^T[k, c] = R[c, k]
+            if K_HAD:  # (R q)^T = q^T diag(s) H / sqrt(d)
+                qs = q.to(tl.float32) * _rot_signs(KROT, offs_d, d_ok)[None, :]
+                q_rot = _times_hadamard(qs, _hadamard(BLOCK_D), SPLIT) * rot_scale
+            elif ROT_IN:  # (R q)^T = q^T R^T with R^T[k, c] = R[c, k]
                 rt = tl.load(KROT + offs_d[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & d_ok[None, :],
                              other=0.0)
                 q_rot = tl.dot(q.to(tl.float32), rt, input_precision=ROT_PRECISION)
@@ -509,9 +627,13 @@ def _partial_kernel(
             q_dot = _dot_operand(q, DOT_TY, UPCAST)
         m_i, l_i, acc = _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride,
                                       VX, VS, VGAIN, VCENT, v_stride, offs_d, d_ok, qk_scale2, D,
-                                      BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, V_CODEC, V_BITS, SELECT,
+                                      BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, V_CODEC, V_BITS, SELECT, LUT,
                                       DOT_TY, UPCAST, DOT_PRECISION)
         out_cols = _tile_coords(offs_d, V_CODEC)
+        if V_HAD:  # x = mean + R^T y  ->  rows: (acc @ H) * s / sqrt(d) + l * mean
+            vmean = tl.load(VMEAN + h * s_vm + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            sv = _rot_signs(VROT, offs_d, d_ok) * rot_scale
+            acc = _times_hadamard(acc, _hadamard(BLOCK_D), SPLIT) * sv[None, :] + l_i[:, None] * vmean[None, :]
     else:
         q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if kind == 1:  # the exact segment of head h: E dense float32 entries with their beta
@@ -544,8 +666,8 @@ def _partial_kernel(
             for c0 in range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, M_all), CM):
                 rr = c0 + tl.arange(0, CM)
                 _combine_rows(PM, PL, PACC, OFFS, VMEAN, VROT, OUT, h, rr, Lq, n_heads, n_items, n_obuf, chunk,
-                              M_all, s_vm, s_ob, s_oi, s_oh, G, D, CM, BLOCK_D, CC, CS, BLOCK_H, V_CODEC == 1,
-                              ROT_PRECISION)
+                              M_all, s_vm, s_ob, s_oi, s_oh, G, D, CM, BLOCK_D, CC, CS, BLOCK_H,
+                              V_CODEC == 1 and not V_HAD, ROT_PRECISION)
 
 
 @_jit
@@ -698,9 +820,9 @@ def _combine_rows(PM, PL, PACC, OFFS, VMEAN, ROT, OUT, h, r, Lq, n_heads, n_item
     Buffers are merged in BLOCK_S lanes (`_lane_slots`), the lanes once at the end. Lloyd values (prefix items
     in rotated space): the items' lanes with their accumulators, the other buffers' maxima and sums, then
     BLOCK_C output columns at a time the other buffers' columns plus the un-rotated acc_rot @ R[:, cols] (a
-    float32 tl.dot from 16 rows (ROT_PRECISION: 3xTF32 on the GPU, ieee under the interpreter), else a (rows, d, BLOCK_C) broadcast product), so only a (d x BLOCK_C) slice
-    of R is on chip at a time. Partials are read through L2 (.cg): in the fused path other programs of the
-    same launch wrote them."""
+    float32 tl.dot from 16 rows (ROT_PRECISION: 3xTF32 on the GPU, ieee under the interpreter), else a
+    (rows, d, BLOCK_C) broadcast product), so only a (d x BLOCK_C) slice of R is on chip at a time. Partials are
+    read through L2 (.cg): in the fused path other programs of the same launch wrote them."""
     row_ok = r < M_all
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -886,6 +1008,8 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     offs = _zero_offsets(dev, Hkv) if prefix is None else prefix.offsets
     q_rot = queries
     k_stride = v_stride = s_km = s_vm = 0
+    # rotation_matrix(d, seed) of a power-of-two d is H diag(s) / sqrt(d): the kernels make H themselves
+    hadamard = bool(_HADAMARD and d & (d - 1) == 0 and 16 <= d <= 128)
     if prefix is not None and prefix.max_length:
         # the work list: ceil(length / chunk) items per head, found in the kernels from the device offsets
         head_items = [-(-n // chunk) for n in prefix.lengths]
@@ -899,8 +1023,11 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
             K_BITS, kg, km, kc = pk.bits, pk.gains, pk.mean, pk.centroids
             s_km = km.stride(0)
             krot = pk.rotation
-            rotate = "prologue" if _ROTATE == "prologue" and d <= 128 else (_ROTATE if _ROTATE != "prologue"
-                                                                           else "kernel")
+            if hadamard:
+                rotate = "hadamard"
+            else:
+                rotate = "prologue" if _ROTATE == "prologue" and d <= 128 else (_ROTATE if _ROTATE != "prologue"
+                                                                               else "kernel")
             if rotate == "kernel":
                 q_rot = _alloc((B, Hq, Lq, d), torch.float32, dev)  # R q, filled by _rotate_kernel below
             elif rotate == "matmul":  # (B*Hq*Lq, d) @ R^T in float32 (cuBLAS; no TF32: the flag is switched off)
@@ -931,7 +1058,9 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     n_obuf = e1 + n_app  # their buffers per KV head (the sequences' appended rows are disjoint)
     n_slots = n_items + Hkv * n_other
     n_buf = n_items + Hkv * n_obuf
-    V_LLOYD = V_CODEC == 1
+    V_HAD = V_CODEC == 1 and hadamard  # the partial kernel un-rotates the values
+    V_LLOYD = V_CODEC == 1 and not V_HAD  # the merge un-rotates them
+    lut = bool(_LLOYD_LUT and not interpret and queries.dtype in (torch.float16, torch.bfloat16))
 
     n_tiles = -(-M_all // bm)
     # fused merge: every program of (tile, head) covers the same global rows (one tile, or one sequence) and
@@ -976,7 +1105,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 pm, pl, pacc,
                 counters, vmean, rot, out,
                 B, Lq, L_app, E, Hkv, n_items, max(n_other, 1), n_obuf, max(n_app, 1), chunk, M_all,
-                scale * _LOG2E,
+                scale * _LOG2E, 1.0 / math.sqrt(d),
                 queries.stride(0), queries.stride(1), queries.stride(2),
                 q_rot.stride(0), q_rot.stride(1), q_rot.stride(2),
                 k_stride, v_stride, s_km,
@@ -987,7 +1116,8 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, BLOCK_H=BH, K_CODEC=K_CODEC, K_BITS=K_BITS,
                 V_CODEC=V_CODEC, V_BITS=V_BITS, SELECT=_LLOYD_SELECT, HAS_MASK=app_mask is not None,
                 UPCAST=upcast, DOT_PRECISION=dot_precision, ROT_IN=rotate == "prologue",
-                ROT_PRECISION=rot_precision, FUSED=fused, CM=fm, CS=fs, CC=fc,
+                ROT_PRECISION=rot_precision, LUT=lut, K_HAD=rotate == "hadamard", V_HAD=V_HAD, SPLIT=not interpret,
+                FUSED=fused, CM=fm, CS=fs, CC=fc,
                 num_warps=warps, num_stages=stages,
             )
         if not fused:

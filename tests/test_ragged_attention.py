@@ -413,15 +413,18 @@ if _INTERP:
         got = ragged_attention_triton(q, prefix, ak, av)
         assert rel_err(got, ragged_attention_torch(q, prefix, ak, av)) < 2e-6
 
-    @pytest.mark.parametrize("fuse,rotate", [(True, "prologue"), (False, "prologue"), ("prefill", "kernel"),
-                                             (False, "matmul")])
+    @pytest.mark.parametrize("fuse,rotate", [(True, "hadamard"), (False, "hadamard"), (True, "prologue"),
+                                             (False, "prologue"), ("prefill", "kernel"), (False, "matmul")])
     @pytest.mark.parametrize("label,B,Lq", [("K4V4", 2, 1), ("K2V3", 1, 40), ("16", 3, 1), ("q4_0", 1, 37)])
     def test_interp_merge_and_rotation_paths(fuse, rotate, label, B, Lq, monkeypatch):
-        """The merge in the partial kernel (last program of a tile and head) and the separate combine; the query
-        rotation in the prologue, by _rotate_kernel and by a matmul: same outputs; the tickets are back to 0."""
+        """The merge in the partial kernel (last program of a tile and head) and the separate combine; the
+        rotations of d = 64 made in registers as Hadamard products (query rotation and value un-rotation in the
+        partial kernel), or with the stored dense R: the query in the prologue, by _rotate_kernel or by a matmul,
+        the values in the merge: same outputs; the tickets are back to 0."""
         _poison(monkeypatch)
         monkeypatch.setattr(attn_mod, "_FUSE_COMBINE", fuse)
-        monkeypatch.setattr(attn_mod, "_ROTATE", rotate)
+        monkeypatch.setattr(attn_mod, "_HADAMARD", rotate == "hadamard")
+        monkeypatch.setattr(attn_mod, "_ROTATE", "prologue" if rotate == "hadamard" else rotate)
         d, lens, G = 64, [70, 0, 1, 33], 2
         arrays, attrs, books = stored(label if label != "16" else "raw", lens, d, seed=B + Lq)
         prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
@@ -468,7 +471,7 @@ if _INTERP:
         assert rel_err(out, ragged_attention_torch(q, prefix, ak, av)) < 2e-6
 
 
-_N_INTERP = len(KERNEL_CASES) + 3 + 1 + 16 + 3 + 1
+_N_INTERP = len(KERNEL_CASES) + 3 + 1 + 24 + 3 + 1
 
 
 @pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
@@ -476,3 +479,95 @@ _N_INTERP = len(KERNEL_CASES) + 3 + 1 + 16 + 3 + 1
 def test_triton_kernels_under_interpreter():
     """Run the test_interp_* cases in a child pytest with the interpreter enabled from the start."""
     run_interpreter_child(__file__, _CHILD_ENV, _N_INTERP)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit centroids by byte permutes (inline PTX, GPU only)
+# ----------------------------------------------------------------------------------------------
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX prmt.b32 d, a, b, c in its default mode (PTX ISA: byte k of d is byte c[4k+2:4k] of the 8 bytes
+    {b, a}, a's bytes first; bit 4k+3 replicates that byte's sign bit instead)."""
+    src = (b << 32) | a
+    out = 0
+    for k in range(4):
+        nib = (sel >> (4 * k)) & 0xF
+        byte = (src >> (8 * (nib & 7))) & 0xFF
+        if nib & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * k)
+    return out
+
+
+def _run_lut_asm(asm: str, regs: dict) -> dict:
+    """Executes the and/or/shr/prmt lines of `_LUT4_ASM` on 32-bit Python ints."""
+    import re
+    regs = dict(regs)
+
+    def val(tok):
+        tok = tok.strip()
+        return int(tok, 16) if tok.startswith("0x") else (int(tok) if tok.isdigit() else regs[tok])
+
+    for line in asm.splitlines():
+        m = re.match(r"\s*(and|or|shr|prmt)\.b32\s+([^,]+),(.*);", line)
+        if not m:
+            continue
+        op, dst, args = m.group(1), m.group(2).strip(), [val(t) for t in m.group(3).split(",")]
+        if op == "and":
+            r = args[0] & args[1]
+        elif op == "or":
+            r = args[0] | args[1]
+        elif op == "shr":
+            r = args[0] >> args[1]
+        else:
+            r = _prmt(args[0], args[1], args[2])
+        regs[dst] = r & 0xFFFFFFFF
+    return regs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lut4_asm_looks_up_every_code(dtype):
+    """The PTX of `_lut4`, executed line by line by a prmt model written from the PTX ISA, maps every packed code
+    pair to the centroids rounded to the 16-bit dtype; the table words built as `_lut_words` documents them."""
+    cent = torch.linspace(-2.7, 2.9, 16) ** 3  # distinct, non-uniform, both signs
+    bits = [int(v) & 0xFFFF for v in cent.to(dtype).view(torch.int16).tolist()]
+    words = [sum(((bits[4 * w + k] >> sh) & 0xFF) << (8 * k) for k in range(4)) for sh in (0, 8) for w in range(4)]
+    g = np.random.default_rng(0)
+    for _ in range(200):
+        codes = g.integers(0, 16, 8)
+        packed = sum(int(codes[2 * k] | codes[2 * k + 1] << 4) << (8 * k) for k in range(4))
+        regs = {"$4": packed}
+        for i, w in enumerate(words):  # operand 5 + 4i (each 32-bit splat operand comes 4 times)
+            regs.update({f"${5 + 4 * i + j}": w for j in range(4)})
+        out = _run_lut_asm(str(attn_mod._LUT4_ASM).replace("{\n", "\n").rsplit("}", 1)[0], regs)
+        halves = [(out[f"${r}"] >> (16 * k)) & 0xFFFF for r in range(4) for k in range(2)]
+        even, odd = halves[:4], halves[4:]  # $0, $1: codes 0, 2, 4, 6; $2, $3: codes 1, 3, 5, 7
+        assert even == [bits[c] for c in codes[0::2]]
+        assert odd == [bits[c] for c in codes[1::2]]
+
+
+@pytest.mark.skipif(not (_HAS_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA GPU")
+@pytest.mark.parametrize("label,qdtype", [("K4V4", torch.bfloat16), ("K4V4", torch.float16), ("K4V2", torch.bfloat16),
+                                          ("K3V4", torch.bfloat16)])
+@pytest.mark.parametrize("Lq", [1, 70])
+def test_cuda_lut_and_hadamard_paths(label, qdtype, Lq, monkeypatch):
+    """On the GPU: 4-bit centroids by byte permutes give the select chain's outputs (both round the float32
+    centroids to the queries' dtype), and the Hadamard rotations made in registers agree with the float32
+    products of the stored R; each against the reference."""
+    monkeypatch.setattr(attn_mod, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                      device=device))
+    d, lens, G, B = 128, [300, 0, 1, 77], 4, 2
+    arrays, attrs, books = stored(label, lens, d, seed=Lq, stored_dtype="bfloat16")
+    prefix = RaggedPrefix.from_stored(arrays, attrs, books, d).to("cuda")
+    q, ak, av, mask = (t.cuda() for t in make_queries(sum(lens) + Lq, B, 4 * G, Lq, Lq + 9, 4, d, qdtype, pad=True))
+    ref = ragged_attention_torch(q, prefix, ak, av, mask)
+    outs = {}
+    for lut, had in ((True, True), (False, True), (False, False)):
+        monkeypatch.setattr(attn_mod, "_LLOYD_LUT", lut)
+        monkeypatch.setattr(attn_mod, "_HADAMARD", had)
+        outs[lut, had] = ragged_attention_triton(q, prefix, ak, av, mask)
+        assert torch.isfinite(outs[lut, had]).all()
+        assert rel_err(outs[lut, had], ref) < 2e-2
+    assert rel_err(outs[True, True], outs[False, True]) < 1e-5
+    assert rel_err(outs[False, True], outs[False, False]) < 5e-3
