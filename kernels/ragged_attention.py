@@ -32,21 +32,26 @@ Triton, one online-softmax pass per split, then a combine (flash-decoding style 
    per row (`_dequant_tile`), and dequantized in registers to the queries' dtype for tl.dot (float32
    accumulation), as the loader would have dequantized them:
    * lloyd keys: the query is rotated instead of the keys, exact since R is orthogonal:
-     q.(mean + g R^T c) = q.mean + g (R q).c; each prefix program rotates its own rows in its prologue (a
-     float32 product, 3xTF32 on the GPU; d <= 128), beyond that `_rotate_kernel` runs just before;
-     centroids up to 4 bits by a select chain in registers (a gather from the codebook measured 1.5x slower);
-   * lloyd values: sum_j p_j g_j c_j is accumulated in rotated space (g folded into p) and un-rotated once in
-     the combine step, plus mean * sum_j p_j;
+     q.(mean + g R^T c) = q.mean + g (R q).c; each prefix program rotates its own rows in its prologue. For
+     a power-of-two d <= 128 the rotation is R = H diag(s) / sqrt(d) (quant/hadamard.py): H is made in
+     registers and applied by bf16 tensor-core products, exact for 16-bit queries, float32-accurate by a
+     three-part bf16 split otherwise (`_times_hadamard`); other d use the stored float32 R (3xTF32; beyond
+     d = 128 `_rotate_kernel` runs just before). 4-bit centroids for 16-bit queries: byte permutes in inline
+     PTX (`_lut4`, ~3 instructions per value; H100: K4V4 decode 2.1-2.4x faster than the select chain);
+     otherwise centroids up to 4 bits by a select chain in registers (a gather measured 1.5x slower);
+   * lloyd values: sum_j p_j g_j c_j is accumulated in rotated space (g folded into p) and un-rotated once per
+     program (Hadamard: ((acc @ H) * s) / sqrt(d) + mean * sum_j p_j, linear, so the merge is the plain one),
+     or for other d in the combine step with the stored R;
    * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them;
      a q4_0 tile holds each block's low and high nibbles side by side, so its columns are a fixed permutation
      of the coordinates (`_tile_coords`): the query is loaded and the accumulator stored in that order.
 2. `_combine_kernel`, grid (row tiles, Hkv, column blocks) (decode; for prefill of one sequence the last
    program of each (row tile, KV head) does the merge itself, by an atomic ticket: `_FUSE_COMBINE`, in lanes,
    `_lane_slots`): gathers all the head's buffers in one round of loads (the merge's cost is its dependent L2
-   round trips, not its bytes), un-rotates lloyd values ((rows x d) @ (d x cols) in float32), normalises and
-   writes (B, Lq, Hq, d).
+   round trips, not its bytes), un-rotates lloyd values of a non-Hadamard d ((rows x d) @ (d x cols) in
+   float32), normalises and writes (B, Lq, Hq, d).
 Decode (Lq = 1) and prefill (Lq = hundreds) are the same kernels with different tiles: `chunk` is chosen so
-the grid holds about one (decode) or two (prefill) programs per SM (`_pick_config`).
+the grid holds about two programs per SM (`_pick_config`).
 
 Numerics: scores and softmax in float32 (log2 domain); dot operands in the queries' dtype (16-bit queries: keys,
 values and p rounded to it as in flash attention; float32 queries: TF32 on the GPU, COMPACTOR_TF32=0 for 3xTF32;
@@ -112,8 +117,14 @@ _FUSE_COMBINE = "prefill"
 # lloyd query rotation R q: "prologue" (each prefix program rotates its rows, d <= 128), "kernel" (_rotate_kernel
 # before the partial kernel), "matmul" (one float32 torch matmul before it)
 _ROTATE = "prologue"
-# keys per block of 64-row (prefill) tiles without lloyd codes, d <= 128 (lloyd tiles: 64, more spills registers)
-_PREFILL_BN_PLAIN = 128
+# keys per block of 64-row (prefill) tiles, d <= 128
+_PREFILL_BN = 128
+# decode tiles (16-32 rows, d <= 128): keys per block, programs per SM, warps (H100 sweep, run 8: 2 programs of 4
+# warps with 64-key blocks was the best of {1, 2, 4} x {64, 128} x {4, 8} for 16-bit, K4V4 and q4_0 at 32k and
+# 128k)
+_DECODE_BN = 64
+_DECODE_PPS = 2.0
+_DECODE_WARPS = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +332,7 @@ def _lut4(byte, t0, t1, t2, t3, u0, u1, u2, u3, DOT_TY: tl.constexpr):
 @_jit
 def _dequant_tile(X, XS, CENT, rows, row_ok, offs_d, d_ok, row_stride, D: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CODEC: tl.constexpr, BITS: tl.constexpr,
-                  SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr):
+                  SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr, WORDS):
     """(BLOCK_N, BLOCK_D) tile of stored rows `rows`: raw values (stored dtype), lloyd centroids (float32, gain
     not applied), q8_0/q4_0 dequantized (float32); column c holds coordinate `_tile_coords(c)`. X points at the
     data (int8 view for q8_0), XS at the same bytes viewed as float16 (block scales); row_stride in elements of X.
@@ -343,8 +354,8 @@ def _dequant_tile(X, XS, CENT, rows, row_ok, offs_d, d_ok, row_stride, D: tl.con
             byte = tl.load(X + r[:, None] + j[None, :], mask=row_ok[:, None] & (j < ROW_BYTES)[None, :],
                            other=0)
             if LUT and BITS == 4:  # centroids already rounded to DOT_TY; the join puts them in coordinate order
-                w0, w1, w2, w3, w4, w5, w6, w7 = _lut_words(CENT, DOT_TY)
-                lo, hi = _lut4(byte, w0, w1, w2, w3, w4, w5, w6, w7, DOT_TY)
+                lo, hi = _lut4(byte, WORDS[0], WORDS[1], WORDS[2], WORDS[3], WORDS[4], WORDS[5], WORDS[6], WORDS[7],
+                               DOT_TY)
                 x = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_D])
             elif P == 1:
                 x = _centroids(CENT, byte.to(tl.int32), BITS, SELECT)
@@ -445,11 +456,17 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_words = 0  # the byte-permute tables (`_lut_words`), made once per program
+    v_words = 0
+    if LUT and K_CODEC == 1 and K_BITS == 4:
+        k_words = _lut_words(KCENT, DOT_TY)
+    if LUT and V_CODEC == 1 and V_BITS == 4:
+        v_words = _lut_words(VCENT, DOT_TY)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         ok = cols < hi
         k = _dequant_tile(KX, KS, KCENT, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS,
-                          SELECT, LUT, DOT_TY)
+                          SELECT, LUT, DOT_TY, k_words)
         s = tl.dot(q_dot, tl.trans(_dot_operand(k, DOT_TY, UPCAST)), input_precision=DOT_PRECISION)
         if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
             gk = tl.load(KGAIN + cols, mask=ok, other=0.0).to(tl.float32)
@@ -458,7 +475,7 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
         s = s * qk_scale2 + beta[None, :] * 1.4426950408889634
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         v = _dequant_tile(VX, VS, VCENT, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS,
-                          SELECT, LUT, DOT_TY)
+                          SELECT, LUT, DOT_TY, v_words)
         if V_CODEC == 1:  # accumulate sum p g c in rotated space; un-rotated once per program or in the combine
             gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
             p = p * gv[None, :]
@@ -609,7 +626,10 @@ def _partial_kernel(
             q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
             if K_HAD:  # (R q)^T = q^T diag(s) H / sqrt(d)
                 qs = q.to(tl.float32) * _rot_signs(KROT, offs_d, d_ok)[None, :]
-                q_rot = _times_hadamard(qs, _hadamard(BLOCK_D), SPLIT) * rot_scale
+                if DOT_TY != tl.float32 and SPLIT:  # q * s is exact in the 16-bit dtype: one exact product
+                    q_rot = tl.dot(qs.to(DOT_TY), _hadamard(BLOCK_D).to(DOT_TY)) * rot_scale
+                else:
+                    q_rot = _times_hadamard(qs, _hadamard(BLOCK_D), SPLIT) * rot_scale
             elif ROT_IN:  # (R q)^T = q^T R^T with R^T[k, c] = R[c, k]
                 rt = tl.load(KROT + offs_d[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & d_ok[None, :],
                              other=0.0)
@@ -900,30 +920,30 @@ def _zero_offsets(device: torch.device, n_heads: int) -> torch.Tensor:
 
 
 def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch.device,
-                 block_m=None, block_n=None, chunk=None, programs_per_sm: Optional[float] = None,
-                 lloyd: bool = False):
-    """(BLOCK_M, BLOCK_N, chunk, num_warps, num_stages). Decode (few rows): one tile of 16..64 rows and chunks
-    small enough for ~`programs_per_sm` programs per SM; prefill: 64-row tiles and longer chunks. lloyd: the
-    prefix has lloyd codes (64-row tiles keep 64-key blocks: 128 spill registers on sm_90)."""
+                 block_m=None, block_n=None, chunk=None, programs_per_sm: Optional[float] = None):
+    """(BLOCK_M, BLOCK_N, chunk, num_warps, num_stages). Decode (few rows, one tile of 16 or 32 rows): 64-key
+    blocks, 4 warps, chunks small enough for ~`programs_per_sm` (2) programs per SM; prefill: 64-row tiles of
+    8 warps, 128-key blocks and longer chunks (2 programs per SM)."""
     bm = block_m or min(64, max(16, _next_pow2(M_all)))
+    decode = bm <= 32
     if d > 128:
         bn_auto = 32
-    elif bm <= 32:
-        bn_auto = 128
-    else:  # H100 run 4: 128-key blocks 10-15% faster for 16-bit and q4_0 prefill, slower for K4V4 (spills)
-        bn_auto = 64 if lloyd else _PREFILL_BN_PLAIN
+    elif decode:
+        bn_auto = _DECODE_BN
+    else:  # H100 runs 4 and 8: 128-key blocks 10-15% faster than 64 for every codec
+        bn_auto = _PREFILL_BN
     bn = block_n or bn_auto
     n_tiles = -(-M_all // bm)
-    if programs_per_sm is None:  # H100 sweep: one program per SM for decode tiles, two for prefill
-        programs_per_sm = 1.0 if n_tiles == 1 else 2.0
+    if programs_per_sm is None:  # H100 sweeps (run 8): two programs per SM for decode tiles and for prefill
+        programs_per_sm = _DECODE_PPS if n_tiles == 1 else 2.0
     if chunk is None:
         target = max(1, int(programs_per_sm * _num_sms(device)))
         want = -(-n_entries * n_tiles // target)  # entries per program for ~target programs
         chunk = max(bn, -(-want // bn) * bn)
     chunk = max(bn, -(-int(chunk) // bn) * bn)
-    # 8 warps from d = 128: with 4, the 64 x 128 dequantized tiles and their addresses spill registers (ptxas for
-    # sm_90: 110-210 registers per thread at 8 warps, no spills, for every codec, decode and prefill tiles)
-    warps = 8 if d > 64 else 4
+    # 8 warps from d = 128 for prefill tiles: with 4, the 64 x 128 dequantized tiles and their addresses spill
+    # registers; decode tiles: 4 warps (H100 run 8, K4V4 at 32k: 20.6 us against 29.8 with 8 at 2 programs per SM)
+    warps = _DECODE_WARPS if decode else (8 if d > 64 else 4)
     return bm, bn, chunk, warps, 2
 
 
@@ -989,9 +1009,8 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     G = Hq // Hkv
     M_all = B * Lq * G
     n_entries = prefix.num_entries if prefix is not None else 0
-    lloyd = prefix is not None and "lloyd" in (prefix.keys.codec, prefix.values.codec)
     bm, bn, chunk, warps, stages = _pick_config(M_all, n_entries + (L_app if L_app else 0), Hkv, d, dev,
-                                                block_m, block_n, chunk, _PROGRAMS_PER_SM, lloyd)
+                                                block_m, block_n, chunk, _PROGRAMS_PER_SM)
     warps, stages = num_warps or warps, num_stages or stages
     BD = max(16, _next_pow2(d))
     BH = max(2, _next_pow2(Hkv))
