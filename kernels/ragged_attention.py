@@ -119,7 +119,7 @@ _FUSE_COMBINE = "prefill"
 _ROTATE = "prologue"
 # keys per block of 64-row (prefill) tiles, d <= 128
 _PREFILL_BN = 128
-# decode tiles (16-32 rows, d <= 128): keys per block, programs per SM, warps (H100 sweep, run 8: 2 programs of 4
+# decode tiles (16 rows, d <= 128): keys per block, programs per SM, warps (H100 sweep, run 8: 2 programs of 4
 # warps with 64-key blocks was the best of {1, 2, 4} x {64, 128} x {4, 8} for 16-bit, K4V4 and q4_0 at 32k and
 # 128k)
 _DECODE_BN = 64
@@ -921,21 +921,24 @@ def _zero_offsets(device: torch.device, n_heads: int) -> torch.Tensor:
 
 def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch.device,
                  block_m=None, block_n=None, chunk=None, programs_per_sm: Optional[float] = None):
-    """(BLOCK_M, BLOCK_N, chunk, num_warps, num_stages). Decode (few rows, one tile of 16 or 32 rows): 64-key
-    blocks, 4 warps, chunks small enough for ~`programs_per_sm` (2) programs per SM; prefill: 64-row tiles of
-    8 warps, 128-key blocks and longer chunks (2 programs per SM)."""
+    """(BLOCK_M, BLOCK_N, chunk, num_warps, num_stages). Decode of up to 4 sequences (one tile of 16 rows):
+    64-key blocks, 4 warps, chunks small enough for ~`programs_per_sm` (2) programs per SM; a single 32-row tile
+    (decode of 8 sequences): 128-key blocks, 8 warps, one program per SM; prefill: 64-row tiles of 8 warps,
+    128-key blocks, 2 programs per SM."""
     bm = block_m or min(64, max(16, _next_pow2(M_all)))
-    decode = bm <= 32
+    decode = bm == 16 and d <= 128  # 32-row tiles (decode of 8 sequences): q4_0 slower with these (run 8)
     if d > 128:
         bn_auto = 32
     elif decode:
         bn_auto = _DECODE_BN
+    elif bm == 32:
+        bn_auto = 128
     else:  # H100 runs 4 and 8: 128-key blocks 10-15% faster than 64 for every codec
         bn_auto = _PREFILL_BN
     bn = block_n or bn_auto
     n_tiles = -(-M_all // bm)
     if programs_per_sm is None:  # H100 sweeps (run 8): two programs per SM for decode tiles and for prefill
-        programs_per_sm = _DECODE_PPS if n_tiles == 1 else 2.0
+        programs_per_sm = _DECODE_PPS if decode else (1.0 if n_tiles == 1 else 2.0)
     if chunk is None:
         target = max(1, int(programs_per_sm * _num_sms(device)))
         want = -(-n_entries * n_tiles // target)  # entries per program for ~target programs

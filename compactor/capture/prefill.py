@@ -163,6 +163,7 @@ def prefill_and_capture(model, tokenizer, doc_ids: torch.Tensor, *, chunk_size: 
 
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
+    doc_ids = doc_ids.cpu()  # joined with tokenizer outputs (CPU) below; chunks go to the model's device when fed
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {', '.join(PROBES)}, not {probe!r}")
     shares = source_shares(sources, repeat_fraction)
