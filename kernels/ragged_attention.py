@@ -933,8 +933,10 @@ def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch
         bn_auto = _DECODE_BN
     elif bm == 32:
         bn_auto = 128
-    else:  # H100 runs 4 and 8: 128-key blocks 10-15% faster than 64 for every codec
+    elif d >= 64:  # H100 runs 4 and 8: 128-key blocks 10-15% faster than 64 for every codec
         bn_auto = _PREFILL_BN
+    else:  # d = 32 with 128-key blocks and 4 warps: the byte-permute tiles fail in triton 3.6-3.9's compiler
+        bn_auto = 64
     bn = block_n or bn_auto
     n_tiles = -(-M_all // bm)
     if programs_per_sm is None:  # H100 sweeps (run 8): two programs per SM for decode tiles and for prefill

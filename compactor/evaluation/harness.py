@@ -54,6 +54,7 @@ class Evaluator:
     def __init__(self, model, tokenizer, capture: Capture, ids: torch.Tensor, C: int = 256, n_spans: int = 4,
                  span_len: int = 64):
         self.model, self.capture = model, capture
+        ids = ids.cpu()  # joined with tokenizer outputs (CPU); what is fed goes to the model's device then
         T = self.T = capture.length
         if ids.numel() < T + C:
             raise ValueError(f"evaluation needs T+C={T + C} tokens, the document has {ids.numel()}")
