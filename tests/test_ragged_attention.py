@@ -549,12 +549,13 @@ def test_lut4_asm_looks_up_every_code(dtype):
 
 @pytest.mark.skipif(not (_HAS_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA GPU")
 @pytest.mark.parametrize("label,qdtype", [("K4V4", torch.bfloat16), ("K4V4", torch.float16), ("K4V2", torch.bfloat16),
-                                          ("K3V4", torch.bfloat16)])
+                                          ("K3V4", torch.bfloat16), ("K4V4", torch.float32)])
 @pytest.mark.parametrize("Lq", [1, 70])
 def test_cuda_lut_and_hadamard_paths(label, qdtype, Lq, monkeypatch):
     """On the GPU: 4-bit centroids by byte permutes give the select chain's outputs (both round the float32
     centroids to the queries' dtype), and the Hadamard rotations made in registers agree with the float32
-    products of the stored R; each against the reference."""
+    products of the stored R (float32 queries: the three-part bf16 split of the query rotation, no byte
+    permutes); each against the reference."""
     monkeypatch.setattr(attn_mod, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                       device=device))
     d, lens, G, B = 128, [300, 0, 1, 77], 4, 2
