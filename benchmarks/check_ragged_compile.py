@@ -65,7 +65,8 @@ def codec_parts(label):
 
 def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=None):
     (kc, kb), (vc, vb) = codec_parts(label)
-    bm, bn, _, warps, st = m._pick_config(B * G * Lq, 1000, 8, d, m.torch.device("cpu"), None, block_n, None)
+    bm, bn, _, warps, st = m._pick_config(B * G * Lq, 1000, 8, d, m.torch.device("cpu"), None, block_n, None,
+                                          wide=qty == "fp32")
     BD = max(16, m._next_pow2(d))
     data = {0: "*" + TY[qty], 1: "*u8", 2: "*i8", 3: "*u8"}
     types = dict(Q="*" + TY[qty], QROT="*fp32", KROT="*fp32", CNT="*i32", VMEAN="*fp16", VROT="*fp32",

@@ -920,12 +920,15 @@ def _zero_offsets(device: torch.device, n_heads: int) -> torch.Tensor:
 
 
 def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch.device,
-                 block_m=None, block_n=None, chunk=None, programs_per_sm: Optional[float] = None):
+                 block_m=None, block_n=None, chunk=None, programs_per_sm: Optional[float] = None,
+                 wide: bool = False):
     """(BLOCK_M, BLOCK_N, chunk, num_warps, num_stages). Decode of up to 4 sequences (one tile of 16 rows):
     64-key blocks, 4 warps, chunks small enough for ~`programs_per_sm` (2) programs per SM; a single 32-row tile
     (decode of 8 sequences): 128-key blocks, 8 warps, one program per SM; prefill: 64-row tiles of 8 warps,
-    128-key blocks, 2 programs per SM."""
-    bm = block_m or min(64, max(16, _next_pow2(M_all)))
+    128-key blocks, 2 programs per SM. wide (float32 queries): tiles of at most 32 rows (64-row float32 tiles
+    of sub-byte codes fail to compile with triton 3.6-3.9 for sm_90, and at d = 128 need more shared memory
+    than an H100 block has)."""
+    bm = block_m or min(32 if wide else 64, max(16, _next_pow2(M_all)))
     decode = bm == 16 and d <= 128  # 32-row tiles (decode of 8 sequences): q4_0 slower with these (run 8)
     if d > 128:
         bn_auto = 32
@@ -937,6 +940,8 @@ def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch
         bn_auto = _PREFILL_BN
     else:  # d = 32 with 128-key blocks and 4 warps: the byte-permute tiles fail in triton 3.6-3.9's compiler
         bn_auto = 64
+    if wide and d > 64:  # float32 tiles of 128 keys x 128 need more shared memory than an H100 block has
+        bn_auto = min(bn_auto, 64)
     bn = block_n or bn_auto
     n_tiles = -(-M_all // bm)
     if programs_per_sm is None:  # H100 sweeps (run 8): two programs per SM for decode tiles and for prefill
@@ -1015,7 +1020,8 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     M_all = B * Lq * G
     n_entries = prefix.num_entries if prefix is not None else 0
     bm, bn, chunk, warps, stages = _pick_config(M_all, n_entries + (L_app if L_app else 0), Hkv, d, dev,
-                                                block_m, block_n, chunk, _PROGRAMS_PER_SM)
+                                                block_m, block_n, chunk, _PROGRAMS_PER_SM,
+                                                queries.dtype == torch.float32)
     warps, stages = num_warps or warps, num_stages or stages
     BD = max(16, _next_pow2(d))
     BH = max(2, _next_pow2(Hkv))

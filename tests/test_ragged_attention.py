@@ -577,17 +577,22 @@ def test_cuda_lut_and_hadamard_paths(label, qdtype, Lq, monkeypatch):
 @pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
 @pytest.mark.skipif(_INTERP, reason="compiles for the GPU: runs in the parent process")
 def test_launcher_tiles_compile_for_sm90():
-    """The tiles the launcher picks for 4-bit lloyd codes (byte-permute centroids) compile for an H100 (sm_90) with
-    the installed triton: no GPU needed. Triton 3.6-3.9 fail on d = 32 with 128-key blocks at 4 warps, which the
-    launcher must therefore not pick (found on the GPU by the tiny d = 32 model's prefill)."""
+    """The tiles the launcher picks compile for an H100 (sm_90) with the installed triton and fit its shared memory:
+    no GPU needed. 4-bit lloyd codes (byte-permute centroids for 16-bit queries) at d = 32/64/128 for decode, decode
+    of 8 sequences, prefill of 2 sequences and of one (fused merge), with bf16 and float32 queries; q4_0 and raw
+    with float32 queries. Triton 3.6-3.9 fail on d = 32 with 128-key byte-permute blocks at 4 warps, and on
+    64-row float32 tiles of sub-byte codes, which the launcher must therefore not pick (both found on the GPU)."""
     spec = importlib.util.spec_from_file_location(
         "check_ragged_compile", str(__import__("pathlib").Path(__file__).parents[1] / "benchmarks" /
                                     "check_ragged_compile.py"))
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
-    for d in (32, 64, 128):
-        for B, G, Lq in ((1, 4, 1), (8, 4, 1), (2, 2, 10)):
-            name, args = check.partial_variant("bf16", "K4V4", d, B, G, Lq, Lq + 5, B > 1)
-            assert args[2]["LUT"] and args[2]["K_HAD"], name
-            kernel = check.compile_one(*args)  # raises when the compiler fails
-            assert kernel.asm["cubin"], name
+    cases = [(qty, "K4V4", d, shape) for qty in ("bf16", "fp32") for d in (32, 64, 128)
+             for shape in ((1, 4, 1), (8, 4, 1), (2, 2, 10), (1, 4, 70))]
+    cases += [("fp32", label, 128, (1, 4, 70)) for label in ("q4_0", "16")]
+    for qty, label, d, (B, G, Lq) in cases:
+        name, args = check.partial_variant(qty, label, d, B, G, Lq, Lq + 5, B > 1)
+        if label == "K4V4":
+            assert args[2]["LUT"] == (qty == "bf16") and args[2]["K_HAD"], name
+        kernel = check.compile_one(*args)  # raises when the compiler fails
+        assert kernel.metadata.shared <= check.SHARED_LIMIT, f"{name}: {kernel.metadata.shared} B of shared memory"
