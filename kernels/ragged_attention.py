@@ -925,7 +925,7 @@ def _pick_config(M_all: int, n_entries: int, n_heads: int, d: int, device: torch
     """(BLOCK_M, BLOCK_N, chunk, num_warps, num_stages). Decode of up to 4 sequences (one tile of 16 rows):
     64-key blocks, 4 warps, chunks small enough for ~`programs_per_sm` (2) programs per SM; a single 32-row tile
     (decode of 8 sequences): 128-key blocks, 8 warps, one program per SM; prefill: 64-row tiles of 8 warps,
-    128-key blocks, 2 programs per SM. wide (float32 queries): tiles of at most 32 rows (64-row float32 tiles
+    128-key blocks (64 for d = 32), 2 programs per SM. wide (float32 queries): tiles of at most 32 rows (64-row float32 tiles
     of sub-byte codes fail to compile with triton 3.6-3.9 for sm_90, and at d = 128 need more shared memory
     than an H100 block has)."""
     bm = block_m or min(32 if wide else 64, max(16, _next_pow2(M_all)))
