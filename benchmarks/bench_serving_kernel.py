@@ -191,6 +191,19 @@ def n_layers_for(nbytes, min_total=256 << 20, cap=256):
 # ----------------------------------------------------------------------------------------------
 
 
+def op_fns(mod, prefixes, B, Hq, Hkv, d, Lq, L_app, gen, **kw):
+    """One closure per prefix: mod.ragged_attention_triton over fresh bf16 queries (B, Hq, Lq, d) and appended
+    keys/values (B, Hkv, L_app, d) on the prefix's device; kw are the launcher's tuning knobs."""
+    fns = []
+    for p in prefixes:
+        dev = p.device
+        q = torch.randn(B, Hq, Lq, d, device=dev, generator=gen).to(torch.bfloat16)
+        ak = torch.randn(B, Hkv, L_app, d, device=dev, generator=gen).to(torch.bfloat16)
+        av = torch.randn(B, Hkv, L_app, d, device=dev, generator=gen).to(torch.bfloat16)
+        fns.append(lambda p=p, q=q, ak=ak, av=av: mod.ragged_attention_triton(q, p, ak, av, **kw))
+    return fns
+
+
 def sdpa_decode_fns(T, B, Hq, Hkv, d, n_sets, gen):
     """FlashAttention (sdpa) decode over the full bf16 cache: the G query heads of a KV head become its query rows
     (exact for one query per sequence, which sees every key), so no KV head is repeated."""
@@ -442,14 +455,8 @@ def main():
     def layers_of(T, ratio, codec, n):
         return [random_prefix(ragged_lengths(T, ratio, Hkv, cpu_gen), codec, d, dev, gen) for _ in range(n)]
 
-    def op_fns(prefixes, B, Lq, L_app, **kw):
-        fns = []
-        for p in prefixes:
-            q = torch.randn(B, Hq, Lq, d, device=dev, generator=gen).to(torch.bfloat16)
-            ak = torch.randn(B, Hkv, L_app, d, device=dev, generator=gen).to(torch.bfloat16)
-            av = torch.randn(B, Hkv, L_app, d, device=dev, generator=gen).to(torch.bfloat16)
-            fns.append(lambda p=p, q=q, ak=ak, av=av: mod.ragged_attention_triton(q, p, ak, av, **kw))
-        return fns
+    def layer_fns(prefixes, B, Lq, L_app, **kw):
+        return op_fns(mod, prefixes, B, Hq, Hkv, d, Lq, L_app, gen, **kw)
 
     def op_bytes(p, B, Lq, L_app):
         return p.nbytes() + B * Hkv * L_app * d * 2 * 2 + 2 * B * Hq * Lq * d * 2
@@ -469,7 +476,7 @@ def main():
                 probe = layers_of(T, ratio, codec, 1)[0]
                 nb = op_bytes(probe, 1, 1, args.app)
                 prefixes = [probe] + layers_of(T, ratio, codec, n_layers_for(nb) - 1)
-                fns = op_fns(prefixes, 1, 1, args.app)
+                fns = layer_fns(prefixes, 1, 1, args.app)
                 us = time_us(fns)
                 eag = eager_us(fns[:50])
                 cp = same_size_copy_us(nb)
@@ -497,7 +504,7 @@ def main():
         probe = layers_of(T, ratio, codec, 1)[0]
         nb = op_bytes(probe, B, 1, args.app)
         prefixes = [probe] + layers_of(T, ratio, codec, n_layers_for(nb) - 1)
-        us = time_us(op_fns(prefixes, B, 1, args.app))
+        us = time_us(layer_fns(prefixes, B, 1, args.app))
         batched.append(dict(T=T, ratio=ratio, codec=codec, B=B, us=us, layer_bytes=nb, gbs=nb / (us * 1e-6) / 1e9,
                             sdpa_full_us=sd_us))
         log(f"  B={B} T={T} r={ratio} {codec}: {us:.2f} us/layer ({nb / (us * 1e-6) / 1e9:.0f} GB/s) vs sdpa full "
@@ -517,7 +524,7 @@ def main():
         for ratio in args.ratios:
             for codec in args.codecs:
                 prefixes = layers_of(T, ratio, codec, 4)
-                us = time_us(op_fns(prefixes, 1, Lq, Lq), min_ms=40, trials=3)
+                us = time_us(layer_fns(prefixes, 1, Lq, Lq), min_ms=40, trials=3)
                 prefill.append(dict(T=T, ratio=ratio, codec=codec, ms=us / 1e3, sdpa_full_ms=sp_us / 1e3, sdpa_how=how))
                 log(f"  r={ratio} {codec:5s}: {us / 1e3:.3f} ms/layer vs {sp_us / 1e3:.3f}: {sp_us / us:.1f}x")
         write()
@@ -535,14 +542,14 @@ def main():
                 probe = layers_of(T, 10, codec, 1)[0]
                 nb = op_bytes(probe, 1, 1, args.app)
                 prefixes = [probe] + layers_of(T, 10, codec, n_layers_for(nb) - 1)
-                default_us = time_us(op_fns(prefixes, 1, 1, args.app), min_ms=30, trials=3)
+                default_us = time_us(layer_fns(prefixes, 1, 1, args.app), min_ms=30, trials=3)
                 best = (default_us, "default")
                 for pps, bn, st in grid:
                     if over():
                         break
                     _, _, chunk, _, _ = mod._pick_config(G, probe.num_entries + args.app, Hkv, d, dev, None, bn,
                                                          None, programs_per_sm=pps)
-                    us = time_us(op_fns(prefixes, 1, 1, args.app, block_n=bn, chunk=chunk, num_stages=st),
+                    us = time_us(layer_fns(prefixes, 1, 1, args.app, block_n=bn, chunk=chunk, num_stages=st),
                                  min_ms=30, trials=3)
                     sweep.append(dict(T=T, ratio=10, codec=codec, programs_per_sm=pps, block_n=bn, stages=st,
                                       chunk=chunk, us=us))

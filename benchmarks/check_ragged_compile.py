@@ -87,9 +87,9 @@ def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=N
             div16.add(name)
     M_all = B * G * Lq
     fused = m._fuse_merge(1, -(-M_all // bm), B)
-    hadamard = m._HADAMARD and d & (d - 1) == 0 and 16 <= d <= 128  # as the launcher decides
+    hadamard = m._uses_hadamard(d)
     k_had, v_had = kc == 1 and hadamard, vc == 1 and hadamard
-    lut = m._LLOYD_LUT and qty != "fp32"
+    lut = m._uses_lut({"bf16": m.torch.bfloat16, "fp16": m.torch.float16, "fp32": m.torch.float32}[qty], False)
     fm, fs, fc = m._combine_config(M_all, BD, vc == 1 and not v_had, fused_rows=bm)
     rot_in = kc == 1 and not k_had and m._ROTATE == "prologue" and d <= 128
     consts = dict(G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, BLOCK_H=8, K_CODEC=kc, K_BITS=kb, V_CODEC=vc,

@@ -64,13 +64,7 @@ def main():
                 for _ in range(n)]
 
     def fns_of(mod, prefixes, B, Lq, L_app, **kw):
-        out = []
-        for p in prefixes:
-            q = torch.randn(B, Hq, Lq, d, device=dev, generator=gen).to(torch.bfloat16)
-            ak = torch.randn(B, Hkv, L_app, d, device=dev, generator=gen).to(torch.bfloat16)
-            av = torch.randn(B, Hkv, L_app, d, device=dev, generator=gen).to(torch.bfloat16)
-            out.append(lambda p=p, q=q, ak=ak, av=av: mod.ragged_attention_triton(q, p, ak, av, **kw))
-        return out
+        return bench.op_fns(mod, prefixes, B, Hq, Hkv, d, Lq, L_app, gen, **kw)
 
     def split(fns):
         """Mean µs per call of each kernel name over eager calls of fns."""

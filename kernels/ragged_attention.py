@@ -987,6 +987,17 @@ def _combine_config(M_all: int, block_d: int, v_lloyd: bool, fused_rows: Optiona
     return rows, min(cap, want), cols
 
 
+def _uses_hadamard(d: int) -> bool:
+    """Whether lloyd rotations of head dim d are made in registers: rotation_matrix(d, seed) of a power-of-two d
+    is H diag(s) / sqrt(d) (quant/hadamard.py), and H of d <= 128 fits a program."""
+    return bool(_HADAMARD and d & (d - 1) == 0 and 16 <= d <= 128)
+
+
+def _uses_lut(dtype: torch.dtype, interpret: bool) -> bool:
+    """Whether 4-bit lloyd centroids are looked up by byte permutes: 16-bit queries, compiled for the GPU."""
+    return bool(_LLOYD_LUT and not interpret and dtype in (torch.float16, torch.bfloat16))
+
+
 def _rot_cols(block_d: int) -> int:
     """Output columns per step of the float32 (rows x d) @ (d x d) rotation products: all of them up to d = 128
     (no register spills for sm_90), 64 beyond (a whole 256 x 256 float32 slice of R exceeds shared memory)."""
@@ -1038,8 +1049,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     offs = _zero_offsets(dev, Hkv) if prefix is None else prefix.offsets
     q_rot = queries
     k_stride = v_stride = s_km = s_vm = 0
-    # rotation_matrix(d, seed) of a power-of-two d is H diag(s) / sqrt(d): the kernels make H themselves
-    hadamard = bool(_HADAMARD and d & (d - 1) == 0 and 16 <= d <= 128)
+    hadamard = _uses_hadamard(d)
     if prefix is not None and prefix.max_length:
         # the work list: ceil(length / chunk) items per head, found in the kernels from the device offsets
         head_items = [-(-n // chunk) for n in prefix.lengths]
@@ -1090,7 +1100,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     n_buf = n_items + Hkv * n_obuf
     V_HAD = V_CODEC == 1 and hadamard  # the partial kernel un-rotates the values
     V_LLOYD = V_CODEC == 1 and not V_HAD  # the merge un-rotates them
-    lut = bool(_LLOYD_LUT and not interpret and queries.dtype in (torch.float16, torch.bfloat16))
+    lut = _uses_lut(queries.dtype, interpret)
 
     n_tiles = -(-M_all // bm)
     # fused merge: every program of (tile, head) covers the same global rows (one tile, or one sequence) and
