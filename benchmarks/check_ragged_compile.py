@@ -88,17 +88,19 @@ def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=N
     M_all = B * G * Lq
     fused = m._fuse_merge(1, -(-M_all // bm), B)
     hadamard = m._uses_hadamard(d)
+    dtype = {"bf16": m.torch.bfloat16, "fp16": m.torch.float16, "fp32": m.torch.float32}[qty]
     k_had, v_had = kc == 1 and hadamard, vc == 1 and hadamard
-    lut = m._uses_lut({"bf16": m.torch.bfloat16, "fp16": m.torch.float16, "fp32": m.torch.float32}[qty], False)
+    lut = m._uses_lut(dtype, False)
     fm, fs, fc = m._combine_config(M_all, BD, vc == 1 and not v_had, fused_rows=bm)
+    swap = m._uses_swap(bm, d, dtype)
     rot_in = kc == 1 and not k_had and m._ROTATE == "prologue" and d <= 128
     consts = dict(G=G, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BD, BLOCK_H=8, K_CODEC=kc, K_BITS=kb, V_CODEC=vc,
                   V_BITS=vb, SELECT=m._LLOYD_SELECT, HAS_MASK=mask, UPCAST=False, DOT_PRECISION="tf32",
                   ROT_IN=rot_in, ROT_PRECISION="tf32x3", LUT=lut, K_HAD=k_had, V_HAD=v_had, SPLIT=True,
-                  FUSED=fused, CM=fm, CS=fs, CC=fc)
+                  FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap)
     name = (f"partial {label:8s} q={qty} d={d} G={G} bm={bm} bn={bn} w={warps} st={stages or st}"
             f"{' mask' if mask else ''}{' fused' if fused else ''}{' rot' if rot_in else ''}"
-            f"{' had' if k_had or v_had else ''}{' lut' if lut and 4 in (kb, vb) and 1 in (kc, vc) else ''}")
+            f"{' had' if k_had or v_had else ''}{' swap' if swap else ''}{' lut' if lut and 4 in (kb, vb) and 1 in (kc, vc) else ''}")
     return name, (m._partial_kernel, types, consts, div16, warps, stages or st)
 
 

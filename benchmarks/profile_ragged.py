@@ -14,6 +14,7 @@ and the same-size copy of each layer's stored bytes (the decode ceiling; % = cop
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import os
 import sys
@@ -38,8 +39,14 @@ def main():
     ap.add_argument("--deadline", type=float, default=240.0)
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--knob", nargs="*", default=[], help="NAME=VALUE module settings of the new kernel, e.g. "
+                    "_DECODE_SWAP=True (a Python literal)")
     args = ap.parse_args()
     new = importlib.import_module("compactor.kernels.ragged_attention")
+    for kv in args.knob:
+        name, val = kv.split("=", 1)
+        assert hasattr(new, name), name
+        setattr(new, name, ast.literal_eval(val))
     try:
         old = importlib.import_module("compactor.kernels.ragged_attention_old")
     except ImportError:
@@ -117,17 +124,20 @@ def main():
                     f"{fmt(sp_new)} | old split {fmt(sp_old)}")
                 rows.append((T, ratio, codec, name, us_old, us_new))
             if not args.no_variants and ratio == args.ratio[0] and not over():
-                variants = [("fused merge", dict(_FUSE_COMBINE=True))]
+                flip = not new._DECODE_SWAP
+                variants = [("fused merge", dict(_FUSE_COMBINE=True), {}),
+                            ("transposed products" if flip else "plain products", dict(_DECODE_SWAP=flip), {}),
+                            ("1 stage", {}, dict(num_stages=1)), ("3 stages", {}, dict(num_stages=3))]
                 if codec.startswith("K"):
-                    variants += [("select chain", dict(_LLOYD_LUT=False)),
-                                 ("select chain, dense R", dict(_LLOYD_LUT=False, _HADAMARD=False))]
-                for vname, knobs in variants:
+                    variants += [("select chain", dict(_LLOYD_LUT=False), {}),
+                                 ("select chain, dense R", dict(_LLOYD_LUT=False, _HADAMARD=False), {})]
+                for vname, knobs, kw in variants:
                     saved = {k: getattr(new, k) for k in knobs}
                     for k, v in knobs.items():
                         setattr(new, k, v)
                     try:
-                        us = bench.time_us(fns_of(new, prefixes, 1, 1, 64))
-                        sp = split(fns_of(new, prefixes[:8], 1, 1, 64))
+                        us = bench.time_us(fns_of(new, prefixes, 1, 1, 64, **kw))
+                        sp = split(fns_of(new, prefixes[:8], 1, 1, 64, **kw))
                         log(f"  variant T={T} r={ratio} {codec} decode {vname}: {us:.2f} us | split {fmt(sp)}")
                         rows.append((T, ratio, codec, f"decode ({vname})", float("nan"), us))
                     except Exception as exc:

@@ -125,6 +125,8 @@ _PREFILL_BN = 128
 _DECODE_BN = 64
 _DECODE_PPS = 2.0
 _DECODE_WARPS = 4
+# decode tiles (16 rows, d <= 128, 16-bit queries): products taken transposed, K q^T and V^T P^T (_chunk_loop_t)
+_DECODE_SWAP = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,9 +452,10 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
                   SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, SWAP: tl.constexpr):
     """Online softmax over prefix entries lo:hi (global rows) for one row tile. q_dot's columns are in the key
-    tiles' column order, the returned accumulator's in the value tiles' (`_tile_coords`)."""
+    tiles' column order, the returned accumulator's in the value tiles' (`_tile_coords`). SWAP: the products
+    are taken transposed (`_chunk_loop_t`)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -462,26 +465,75 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
         k_words = _lut_words(KCENT, DOT_TY)
     if LUT and V_CODEC == 1 and V_BITS == 4:
         v_words = _lut_words(VCENT, DOT_TY)
+    if SWAP:
+        m_i, l_i, acc = _chunk_loop_t(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, VS, VGAIN, VCENT,
+                                      v_stride, offs_d, d_ok, qk_scale2, D, BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC,
+                                      K_BITS, V_CODEC, V_BITS, SELECT, LUT, DOT_TY, UPCAST, DOT_PRECISION,
+                                      k_words, v_words)
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            ok = cols < hi
+            k = _dequant_tile(KX, KS, KCENT, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS,
+                              SELECT, LUT, DOT_TY, k_words)
+            s = tl.dot(q_dot, tl.trans(_dot_operand(k, DOT_TY, UPCAST)), input_precision=DOT_PRECISION)
+            if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
+                gk = tl.load(KGAIN + cols, mask=ok, other=0.0).to(tl.float32)
+                s = s * gk[None, :] + qm[:, None]
+            beta = tl.load(BETA + cols, mask=ok, other=float("-inf"))
+            s = s * qk_scale2 + beta[None, :] * 1.4426950408889634
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+            v = _dequant_tile(VX, VS, VCENT, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS,
+                              SELECT, LUT, DOT_TY, v_words)
+            if V_CODEC == 1:  # accumulate sum p g c in rotated space; un-rotated once per program or in the combine
+                gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
+                p = p * gv[None, :]
+            pv = tl.dot(_dot_operand(p, DOT_TY, UPCAST), _dot_operand(v, DOT_TY, UPCAST), input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + pv
+    return m_i, l_i, acc
+
+
+@_jit
+def _chunk_loop_t(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, VS, VGAIN, VCENT, v_stride,
+                  offs_d, d_ok, qk_scale2, D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
+                  SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, k_words, v_words):
+    """`_prefix_chunk`'s loop with transposed products for decode tiles (few query rows): scores as K q^T
+    (BLOCK_N, BLOCK_M) and the accumulator as V^T P^T (BLOCK_D, BLOCK_M), so the dequantized key and value
+    tiles are the first (M-side) operand of the tensor-core product and the query rows its narrow N side.
+    Same results up to float32 summation order; returns (max, sum, acc (BLOCK_M, BLOCK_D))."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+    q_t = tl.trans(q_dot)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         ok = cols < hi
         k = _dequant_tile(KX, KS, KCENT, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS,
                           SELECT, LUT, DOT_TY, k_words)
-        s = tl.dot(q_dot, tl.trans(_dot_operand(k, DOT_TY, UPCAST)), input_precision=DOT_PRECISION)
-        if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
+        s = tl.dot(_dot_operand(k, DOT_TY, UPCAST), q_t, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if K_CODEC == 1:
             gk = tl.load(KGAIN + cols, mask=ok, other=0.0).to(tl.float32)
-            s = s * gk[None, :] + qm[:, None]
+            s = s * gk[:, None] + qm[None, :]
         beta = tl.load(BETA + cols, mask=ok, other=float("-inf"))
-        s = s * qk_scale2 + beta[None, :] * 1.4426950408889634
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        s = s * qk_scale2 + beta[:, None] * 1.4426950408889634
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
         v = _dequant_tile(VX, VS, VCENT, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS,
                           SELECT, LUT, DOT_TY, v_words)
-        if V_CODEC == 1:  # accumulate sum p g c in rotated space; un-rotated once per program or in the combine
+        if V_CODEC == 1:
             gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
-            p = p * gv[None, :]
-        pv = tl.dot(_dot_operand(p, DOT_TY, UPCAST), _dot_operand(v, DOT_TY, UPCAST), input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
-    return m_i, l_i, acc
+            p = p * gv[:, None]
+        pv = tl.dot(tl.trans(_dot_operand(v, DOT_TY, UPCAST)), _dot_operand(p, DOT_TY, UPCAST),
+                    input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_M)
+        acc_t = acc_t * alpha[None, :] + pv
+    return m_i, l_i, tl.trans(acc_t)
 
 
 @_jit
@@ -560,6 +612,7 @@ def _partial_kernel(
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROT_IN: tl.constexpr, ROT_PRECISION: tl.constexpr, LUT: tl.constexpr, K_HAD: tl.constexpr, V_HAD: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, CM: tl.constexpr, CS: tl.constexpr, CC: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     """One (row tile, slot): partial (max, sum, acc) of its rows over its slot's keys, written to buffer `buf`.
     Slots (= buffers) 0..n_items-1 are the prefix chunks of the work list (`_head_items`: only chunks that hold
@@ -648,7 +701,7 @@ def _partial_kernel(
         m_i, l_i, acc = _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride,
                                       VX, VS, VGAIN, VCENT, v_stride, offs_d, d_ok, qk_scale2, D,
                                       BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, V_CODEC, V_BITS, SELECT, LUT,
-                                      DOT_TY, UPCAST, DOT_PRECISION)
+                                      DOT_TY, UPCAST, DOT_PRECISION, SWAP)
         out_cols = _tile_coords(offs_d, V_CODEC)
         if V_HAD:  # x = mean + R^T y  ->  rows: (acc @ H) * s / sqrt(d) + l * mean
             vmean = tl.load(VMEAN + h * s_vm + offs_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -998,6 +1051,12 @@ def _uses_lut(dtype: torch.dtype, interpret: bool) -> bool:
     return bool(_LLOYD_LUT and not interpret and dtype in (torch.float16, torch.bfloat16))
 
 
+def _uses_swap(block_m: int, d: int, dtype: torch.dtype) -> bool:
+    """Whether the prefix products are taken transposed (`_chunk_loop_t`): decode tiles of 16 rows, d <= 128,
+    16-bit queries."""
+    return bool(_DECODE_SWAP and block_m == 16 and d <= 128 and dtype != torch.float32)
+
+
 def _rot_cols(block_d: int) -> int:
     """Output columns per step of the float32 (rows x d) @ (d x d) rotation products: all of them up to d = 128
     (no register spills for sm_90), 64 beyond (a whole 256 x 256 float32 slice of R exceeds shared memory)."""
@@ -1101,6 +1160,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     V_HAD = V_CODEC == 1 and hadamard  # the partial kernel un-rotates the values
     V_LLOYD = V_CODEC == 1 and not V_HAD  # the merge un-rotates them
     lut = _uses_lut(queries.dtype, interpret)
+    swap = _uses_swap(bm, d, queries.dtype)
 
     n_tiles = -(-M_all // bm)
     # fused merge: every program of (tile, head) covers the same global rows (one tile, or one sequence) and
@@ -1157,7 +1217,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 V_CODEC=V_CODEC, V_BITS=V_BITS, SELECT=_LLOYD_SELECT, HAS_MASK=app_mask is not None,
                 UPCAST=upcast, DOT_PRECISION=dot_precision, ROT_IN=rotate == "prologue",
                 ROT_PRECISION=rot_precision, LUT=lut, K_HAD=rotate == "hadamard", V_HAD=V_HAD, SPLIT=not interpret,
-                FUSED=fused, CM=fm, CS=fs, CC=fc,
+                FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap,
                 num_warps=warps, num_stages=stages,
             )
         if not fused:
