@@ -41,6 +41,9 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--knob", nargs="*", default=[], help="NAME=VALUE module settings of the new kernel, e.g. "
                     "_DECODE_SWAP=True (a Python literal)")
+    ap.add_argument("--variant", nargs="*", default=None,
+                    help="decode variants replacing the default list, each NAME=K:V,K:V (K starting with _ a module "
+                         "setting, else a launcher keyword; V a Python literal)")
     args = ap.parse_args()
     new = importlib.import_module("compactor.kernels.ragged_attention")
     for kv in args.knob:
@@ -128,7 +131,14 @@ def main():
                 variants = [("fused merge", dict(_FUSE_COMBINE=True), {}),
                             ("transposed products" if flip else "plain products", dict(_DECODE_SWAP=flip), {}),
                             ("1 stage", {}, dict(num_stages=1)), ("3 stages", {}, dict(num_stages=3))]
-                if codec.startswith("K"):
+                if args.variant is not None:
+                    variants = []
+                    for spec in args.variant:
+                        vname, _, body = spec.partition("=")
+                        pairs = [kv.split(":", 1) for kv in body.split(",") if kv]
+                        variants.append((vname, {k: ast.literal_eval(v) for k, v in pairs if k.startswith("_")},
+                                         {k: ast.literal_eval(v) for k, v in pairs if not k.startswith("_")}))
+                elif codec.startswith("K"):
                     variants += [("select chain", dict(_LLOYD_LUT=False), {}),
                                  ("select chain, dense R", dict(_LLOYD_LUT=False, _HADAMARD=False), {})]
                 for vname, knobs, kw in variants:

@@ -29,7 +29,7 @@ Triton, one online-softmax pass per split, then a combine (flash-decoding style 
      reads its chunk for the rows of EVERY sequence of the batch (the prefix is read once per row tile);
    - per KV head: its exact segment (all sequences), then chunks of `chunk` appended tokens of one sequence.
    Each writes (running max, sum, accumulator) per row. Codes are read as stored, as contiguous byte tiles
-   per row (`_dequant_tile`), and dequantized in registers to the queries' dtype for tl.dot (float32
+   per row (`_tile_load`, `_tile_decode`), and dequantized in registers to the queries' dtype for tl.dot (float32
    accumulation), as the loader would have dequantized them:
    * lloyd keys: the query is rotated instead of the keys, exact since R is orthogonal:
      q.(mean + g R^T c) = q.mean + g (R q).c; each prefix program rotates its own rows in its prologue. For
@@ -125,8 +125,13 @@ _PREFILL_BN = 128
 _DECODE_BN = 64
 _DECODE_PPS = 2.0
 _DECODE_WARPS = 4
-# decode tiles (16 rows, d <= 128, 16-bit queries): products taken transposed, K q^T and V^T P^T (_chunk_loop_t)
+# decode tiles (16 rows, d <= 128, 16-bit queries): products taken transposed, K q^T and V^T P^T (_prefix_chunk)
 _DECODE_SWAP = False
+# the next prefix block's per-key values and quantized codes loaded one step ahead (_prefix_chunk)
+_PREFETCH = 1
+# values un-rotated by a butterfly (_fwht) instead of three bf16 products with H (_times_hadamard)
+_FWHT = True
+_DECODE_MAXNREG = None  # registers per thread cap of decode tiles (benchmarks sweep it: 168 fits 3 programs per SM)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +255,7 @@ def _dot_operand(x, DOT_TY: tl.constexpr, UPCAST: tl.constexpr):
 
 @_jit
 def _tile_coords(offs_d, CODEC: tl.constexpr):
-    """Head-dim coordinate of each column of a `_dequant_tile` tile: the identity, except q4_0 whose tiles hold
+    """Head-dim coordinate of each column of a `_tile_decode` tile: the identity, except q4_0 whose tiles hold
     a block's low nibbles and high nibbles side by side (column blk*32 + 2j + t is coordinate blk*32 + 16t + j)."""
     if CODEC == 3:
         w = offs_d % 32
@@ -332,39 +337,25 @@ def _lut4(byte, t0, t1, t2, t3, u0, u1, u2, u3, DOT_TY: tl.constexpr):
 
 
 @_jit
-def _dequant_tile(X, XS, CENT, rows, row_ok, offs_d, d_ok, row_stride, D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CODEC: tl.constexpr, BITS: tl.constexpr,
-                  SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr, WORDS):
-    """(BLOCK_N, BLOCK_D) tile of stored rows `rows`: raw values (stored dtype), lloyd centroids (float32, gain
-    not applied), q8_0/q4_0 dequantized (float32); column c holds coordinate `_tile_coords(c)`. X points at the
-    data (int8 view for q8_0), XS at the same bytes viewed as float16 (block scales); row_stride in elements of X.
+def _tile_load(X, XS, rows, row_ok, offs_d, d_ok, row_stride, D: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, CODEC: tl.constexpr, BITS: tl.constexpr):
+    """The stored bytes of rows `rows` for `_tile_decode`: (data, scales). X points at the data (int8 view for
+    q8_0), XS at the same bytes viewed as float16 (block scales); row_stride in elements of X.
 
-    Codes are read as contiguous runs of bytes per row (vector loads): lloyd codes of 1, 2, 4 or 8 bits as the
-    row's packed bytes, each split into its 8/BITS codes along a new minor axis (byte j holds coordinates
-    j*8/BITS + t, so the reshape back to (BLOCK_N, BLOCK_D) is in coordinate order); q8_0/q4_0 as
-    (BLOCK_N, blocks, 32 or 16) byte tiles with one fp16 scale per (row, block). Other lloyd widths (3, 5, 6, 7
-    bits: codes straddle bytes) load one byte pair per coordinate."""
+    raw: the (BLOCK_N, BLOCK_D) values, scales 0. lloyd codes of 1, 2, 4 or 8 bits: the rows' packed bytes as
+    contiguous runs (vector loads), (BLOCK_N, BLOCK_D * BITS / 8) uint8; other lloyd widths (3, 5, 6, 7 bits:
+    codes straddle bytes): one byte pair per coordinate, returned as the (BLOCK_N, BLOCK_D) int32 codes.
+    q8_0/q4_0: (BLOCK_N, blocks, 32 or 16) byte tiles and the (BLOCK_N, blocks) float16 scales."""
     r = rows.to(tl.int64) * row_stride
+    sc = 0.0
     if CODEC == 0:
-        x = tl.load(X + r[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        data = tl.load(X + r[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     elif CODEC == 1:
         if 8 % BITS == 0:
-            P: tl.constexpr = 8 // BITS
-            NB: tl.constexpr = BLOCK_D // P
+            NB: tl.constexpr = BLOCK_D // (8 // BITS)
             ROW_BYTES: tl.constexpr = (D * BITS + 7) // 8
             j = tl.arange(0, NB)
-            byte = tl.load(X + r[:, None] + j[None, :], mask=row_ok[:, None] & (j < ROW_BYTES)[None, :],
-                           other=0)
-            if LUT and BITS == 4:  # centroids already rounded to DOT_TY; the join puts them in coordinate order
-                lo, hi = _lut4(byte, WORDS[0], WORDS[1], WORDS[2], WORDS[3], WORDS[4], WORDS[5], WORDS[6], WORDS[7],
-                               DOT_TY)
-                x = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_D])
-            elif P == 1:
-                x = _centroids(CENT, byte.to(tl.int32), BITS, SELECT)
-            else:
-                sh = tl.arange(0, P) * BITS
-                code = (byte.to(tl.int32)[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
-                x = tl.reshape(_centroids(CENT, code, BITS, SELECT), [BLOCK_N, BLOCK_D])
+            data = tl.load(X + r[:, None] + j[None, :], mask=row_ok[:, None] & (j < ROW_BYTES)[None, :], other=0)
         else:  # codes may straddle two bytes
             ok = row_ok[:, None] & d_ok[None, :]
             bit = offs_d[None, :] * BITS
@@ -372,27 +363,71 @@ def _dequant_tile(X, XS, CENT, rows, row_ok, offs_d, d_ok, row_stride, D: tl.con
             shift = bit % 8
             word = tl.load(X + r[:, None] + byte, mask=ok, other=0).to(tl.int32)
             hi = tl.load(X + r[:, None] + byte + 1, mask=ok & (shift + BITS > 8), other=0).to(tl.int32)
-            code = ((word | (hi << 8)) >> shift) & ((1 << BITS) - 1)
-            x = _centroids(CENT, code, BITS, SELECT)
+            data = ((word | (hi << 8)) >> shift) & ((1 << BITS) - 1)
     else:
         NBLK: tl.constexpr = BLOCK_D // 32
         blk = tl.arange(0, NBLK)
         blk_ok = row_ok[:, None] & (blk < D // 32)[None, :]
         if CODEC == 2:  # q8_0: 34-byte blocks = fp16 scale + 32 int8
             j = tl.arange(0, 32)
-            q = tl.load(X + r[:, None, None] + blk[None, :, None] * 34 + 2 + j[None, None, :],
-                        mask=blk_ok[:, :, None], other=0).to(tl.float32)
-            sc = tl.load(XS + (r // 2)[:, None] + blk[None, :] * 17, mask=blk_ok, other=0.0).to(tl.float32)
-            x = tl.reshape(q * sc[:, :, None], [BLOCK_N, BLOCK_D])
+            data = tl.load(X + r[:, None, None] + blk[None, :, None] * 34 + 2 + j[None, None, :],
+                           mask=blk_ok[:, :, None], other=0)
+            sc = tl.load(XS + (r // 2)[:, None] + blk[None, :] * 17, mask=blk_ok, other=0.0)
         else:  # q4_0: 18-byte blocks = fp16 scale + 16 bytes, byte j = q_j | q_{j+16} << 4
             j = tl.arange(0, 16)
-            byte = tl.load(X + r[:, None, None] + blk[None, :, None] * 18 + 2 + j[None, None, :],
-                           mask=blk_ok[:, :, None], other=0).to(tl.int32)
-            sc = tl.load(XS + (r // 2)[:, None] + blk[None, :] * 9, mask=blk_ok, other=0.0).to(tl.float32)
-            lo = ((byte & 15) - 8).to(tl.float32) * sc[:, :, None]
-            hi = ((byte >> 4) - 8).to(tl.float32) * sc[:, :, None]
-            x = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_D])  # column blk*32 + 2j + t: see _tile_coords
+            data = tl.load(X + r[:, None, None] + blk[None, :, None] * 18 + 2 + j[None, None, :],
+                           mask=blk_ok[:, :, None], other=0)
+            sc = tl.load(XS + (r // 2)[:, None] + blk[None, :] * 9, mask=blk_ok, other=0.0)
+    return data, sc
+
+
+@_jit
+def _tile_decode(data, sc, CENT, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CODEC: tl.constexpr,
+                 BITS: tl.constexpr, SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr, WORDS):
+    """(BLOCK_N, BLOCK_D) tile from `_tile_load`'s bytes: raw values (stored dtype), lloyd centroids (float32,
+    gain not applied; DOT_TY by byte permutes when LUT), q8_0/q4_0 dequantized (float32); column c holds
+    coordinate `_tile_coords(c)`. Packed lloyd bytes hold coordinates j*8/BITS + t in byte j, split along a new
+    minor axis, so the reshape back to (BLOCK_N, BLOCK_D) is in coordinate order."""
+    if CODEC == 0:
+        x = data
+    elif CODEC == 1:
+        if 8 % BITS == 0:
+            P: tl.constexpr = 8 // BITS
+            if LUT and BITS == 4:  # centroids already rounded to DOT_TY; the join puts them in coordinate order
+                lo, hi = _lut4(data, WORDS[0], WORDS[1], WORDS[2], WORDS[3], WORDS[4], WORDS[5], WORDS[6], WORDS[7],
+                               DOT_TY)
+                x = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_D])
+            elif P == 1:
+                x = _centroids(CENT, data.to(tl.int32), BITS, SELECT)
+            else:
+                sh = tl.arange(0, P) * BITS
+                code = (data.to(tl.int32)[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
+                x = tl.reshape(_centroids(CENT, code, BITS, SELECT), [BLOCK_N, BLOCK_D])
+        else:
+            x = _centroids(CENT, data, BITS, SELECT)
+    elif CODEC == 2:
+        x = tl.reshape(data.to(tl.float32) * sc.to(tl.float32)[:, :, None], [BLOCK_N, BLOCK_D])
+    else:
+        byte = data.to(tl.int32)
+        scf = sc.to(tl.float32)[:, :, None]
+        lo = ((byte & 15) - 8).to(tl.float32) * scf
+        hi = ((byte >> 4) - 8).to(tl.float32) * scf
+        x = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_D])  # column blk*32 + 2j + t: see _tile_coords
     return x
+
+
+@_jit
+def _block_meta(BETA, KGAIN, VGAIN, cols, ok, K_CODEC: tl.constexpr, V_CODEC: tl.constexpr):
+    """Per-key values of prefix entries `cols`: (beta, key gains, value gains) as float32 (gains of lloyd codes
+    only, else 0)."""
+    beta = tl.load(BETA + cols, mask=ok, other=float("-inf"))
+    gk = 0.0
+    gv = 0.0
+    if K_CODEC == 1:
+        gk = tl.load(KGAIN + cols, mask=ok, other=0.0).to(tl.float32)
+    if V_CODEC == 1:
+        gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
+    return beta, gk, gv
 
 
 @_jit
@@ -435,6 +470,19 @@ def _times_hadamard(x, hmat, SPLIT: tl.constexpr):
 
 
 @_jit
+def _fwht(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x @ H (Sylvester Hadamard, `_hadamard`) for float32 x (ROWS, BLOCK_D), BLOCK_D <= 256 a power of two: log2
+    BLOCK_D butterfly stages (i, i + h) -> (a + b, a - b) of float32 additions, no product and no d x d matrix
+    on chip."""
+    for i in tl.static_range(8):
+        if (2 << i) <= BLOCK_D:
+            y = tl.permute(tl.reshape(x, [ROWS, BLOCK_D // (2 << i), 2, 1 << i]), (0, 1, 3, 2))
+            a, b = tl.split(y)
+            x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [ROWS, BLOCK_D])
+    return x
+
+
+@_jit
 def _softmax_step(s, m_i, l_i):
     """One online-softmax step in the log2 domain; returns (p, alpha, m_new, l_new). Safe when a whole row of s
     is -inf (masked) and m_i is still -inf."""
@@ -452,88 +500,97 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
                   SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, SWAP: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, SWAP: tl.constexpr, PREFETCH: tl.constexpr):
     """Online softmax over prefix entries lo:hi (global rows) for one row tile. q_dot's columns are in the key
-    tiles' column order, the returned accumulator's in the value tiles' (`_tile_coords`). SWAP: the products
-    are taken transposed (`_chunk_loop_t`)."""
+    tiles' column order, the returned accumulator's in the value tiles' (`_tile_coords`).
+
+    SWAP (decode tiles of few query rows): the products are taken transposed, scores as K q^T (BLOCK_N, BLOCK_M)
+    and the accumulator as V^T P^T (BLOCK_D, BLOCK_M), so the dequantized tiles are the wide operand of the
+    tensor-core product. PREFETCH: each step issues the loads of the next block's per-key values (beta, gains)
+    and quantized codes before decoding its own, so their latency hides behind a block of work (loads of a few
+    bytes per thread, or at 2-byte offsets like q4_0's blocks, are not pipelined by Triton's cp.async stages;
+    raw 16-bit tiles are, and stay in the step that uses them)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    q_t = q_dot
+    if SWAP:
+        acc = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+        q_t = tl.trans(q_dot)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_words = 0  # the byte-permute tables (`_lut_words`), made once per program
     v_words = 0
     if LUT and K_CODEC == 1 and K_BITS == 4:
         k_words = _lut_words(KCENT, DOT_TY)
     if LUT and V_CODEC == 1 and V_BITS == 4:
         v_words = _lut_words(VCENT, DOT_TY)
-    if SWAP:
-        m_i, l_i, acc = _chunk_loop_t(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, VS, VGAIN, VCENT,
-                                      v_stride, offs_d, d_ok, qk_scale2, D, BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC,
-                                      K_BITS, V_CODEC, V_BITS, SELECT, LUT, DOT_TY, UPCAST, DOT_PRECISION,
-                                      k_words, v_words)
-    else:
-        for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            ok = cols < hi
-            k = _dequant_tile(KX, KS, KCENT, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS,
-                              SELECT, LUT, DOT_TY, k_words)
-            s = tl.dot(q_dot, tl.trans(_dot_operand(k, DOT_TY, UPCAST)), input_precision=DOT_PRECISION)
-            if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
-                gk = tl.load(KGAIN + cols, mask=ok, other=0.0).to(tl.float32)
-                s = s * gk[None, :] + qm[:, None]
-            beta = tl.load(BETA + cols, mask=ok, other=float("-inf"))
-            s = s * qk_scale2 + beta[None, :] * 1.4426950408889634
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-            v = _dequant_tile(VX, VS, VCENT, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS,
-                              SELECT, LUT, DOT_TY, v_words)
-            if V_CODEC == 1:  # accumulate sum p g c in rotated space; un-rotated once per program or in the combine
-                gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
-                p = p * gv[None, :]
-            pv = tl.dot(_dot_operand(p, DOT_TY, UPCAST), _dot_operand(v, DOT_TY, UPCAST), input_precision=DOT_PRECISION)
-            acc = acc * alpha[:, None] + pv
-    return m_i, l_i, acc
-
-
-@_jit
-def _chunk_loop_t(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, VS, VGAIN, VCENT, v_stride,
-                  offs_d, d_ok, qk_scale2, D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
-                  SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, k_words, v_words):
-    """`_prefix_chunk`'s loop with transposed products for decode tiles (few query rows): scores as K q^T
-    (BLOCK_N, BLOCK_M) and the accumulator as V^T P^T (BLOCK_D, BLOCK_M), so the dequantized key and value
-    tiles are the first (M-side) operand of the tensor-core product and the query rows its narrow N side.
-    Same results up to float32 summation order; returns (max, sum, acc (BLOCK_M, BLOCK_D))."""
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_t = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
-    q_t = tl.trans(q_dot)
+    if PREFETCH:  # the first block's
+        cols = lo + tl.arange(0, BLOCK_N)
+        ok = cols < hi
+        beta, gk, gv = _block_meta(BETA, KGAIN, VGAIN, cols, ok, K_CODEC, V_CODEC)
+        if K_CODEC != 0 and PREFETCH > 1:
+            kd, ks = _tile_load(KX, KS, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS)
+        if V_CODEC != 0 and PREFETCH > 1:
+            vd, vs = _tile_load(VX, VS, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         ok = cols < hi
-        k = _dequant_tile(KX, KS, KCENT, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS,
-                          SELECT, LUT, DOT_TY, k_words)
-        s = tl.dot(_dot_operand(k, DOT_TY, UPCAST), q_t, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        if K_CODEC == 1:
-            gk = tl.load(KGAIN + cols, mask=ok, other=0.0).to(tl.float32)
-            s = s * gk[:, None] + qm[None, :]
-        beta = tl.load(BETA + cols, mask=ok, other=float("-inf"))
-        s = s * qk_scale2 + beta[:, None] * 1.4426950408889634
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[None, :])
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
-        v = _dequant_tile(VX, VS, VCENT, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS,
-                          SELECT, LUT, DOT_TY, v_words)
-        if V_CODEC == 1:
-            gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
-            p = p * gv[:, None]
-        pv = tl.dot(tl.trans(_dot_operand(v, DOT_TY, UPCAST)), _dot_operand(p, DOT_TY, UPCAST),
-                    input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_M)
-        acc_t = acc_t * alpha[None, :] + pv
-    return m_i, l_i, tl.trans(acc_t)
+        nxt = cols + BLOCK_N
+        nxt_ok = nxt < hi
+        if PREFETCH:
+            beta_n, gk_n, gv_n = _block_meta(BETA, KGAIN, VGAIN, nxt, nxt_ok, K_CODEC, V_CODEC)
+            if K_CODEC != 0 and PREFETCH > 1:
+                kd_n, ks_n = _tile_load(KX, KS, nxt, nxt_ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC,
+                                        K_BITS)
+            if V_CODEC != 0 and PREFETCH > 1:
+                vd_n, vs_n = _tile_load(VX, VS, nxt, nxt_ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC,
+                                        V_BITS)
+        else:
+            beta, gk, gv = _block_meta(BETA, KGAIN, VGAIN, cols, ok, K_CODEC, V_CODEC)
+        if K_CODEC == 0 or PREFETCH < 2:
+            kd, ks = _tile_load(KX, KS, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS)
+        k = _dot_operand(_tile_decode(kd, ks, KCENT, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, SELECT, LUT, DOT_TY,
+                                      k_words), DOT_TY, UPCAST)
+        b2 = beta * 1.4426950408889634
+        if SWAP:
+            s = tl.dot(k, q_t, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
+                s = s * gk[:, None] + qm[None, :]
+            s = s * qk_scale2 + b2[:, None]
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[None, :])
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+            if V_CODEC == 1:  # accumulate sum p g c in rotated space
+                p = p * gv[:, None]
+        else:
+            s = tl.dot(q_dot, tl.trans(k), input_precision=DOT_PRECISION)
+            if K_CODEC == 1:
+                s = s * gk[None, :] + qm[:, None]
+            s = s * qk_scale2 + b2[None, :]
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+            if V_CODEC == 1:
+                p = p * gv[None, :]
+        if V_CODEC == 0 or PREFETCH < 2:
+            vd, vs = _tile_load(VX, VS, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS)
+        v = _dot_operand(_tile_decode(vd, vs, VCENT, BLOCK_N, BLOCK_D, V_CODEC, V_BITS, SELECT, LUT, DOT_TY,
+                                      v_words), DOT_TY, UPCAST)
+        if SWAP:
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), _dot_operand(p, DOT_TY, UPCAST),
+                                                input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(_dot_operand(p, DOT_TY, UPCAST), v, input_precision=DOT_PRECISION)
+        if PREFETCH:
+            beta, gk, gv = beta_n, gk_n, gv_n
+            if K_CODEC != 0 and PREFETCH > 1:
+                kd, ks = kd_n, ks_n
+            if V_CODEC != 0 and PREFETCH > 1:
+                vd, vs = vd_n, vs_n
+    if SWAP:
+        acc = tl.trans(acc)
+    return m_i, l_i, acc
 
 
 @_jit
@@ -612,7 +669,7 @@ def _partial_kernel(
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROT_IN: tl.constexpr, ROT_PRECISION: tl.constexpr, LUT: tl.constexpr, K_HAD: tl.constexpr, V_HAD: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, CM: tl.constexpr, CS: tl.constexpr, CC: tl.constexpr,
-    SWAP: tl.constexpr,
+    SWAP: tl.constexpr, PREFETCH: tl.constexpr, FWHT: tl.constexpr,
 ):
     """One (row tile, slot): partial (max, sum, acc) of its rows over its slot's keys, written to buffer `buf`.
     Slots (= buffers) 0..n_items-1 are the prefix chunks of the work list (`_head_items`: only chunks that hold
@@ -701,12 +758,16 @@ def _partial_kernel(
         m_i, l_i, acc = _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride,
                                       VX, VS, VGAIN, VCENT, v_stride, offs_d, d_ok, qk_scale2, D,
                                       BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, V_CODEC, V_BITS, SELECT, LUT,
-                                      DOT_TY, UPCAST, DOT_PRECISION, SWAP)
+                                      DOT_TY, UPCAST, DOT_PRECISION, SWAP, PREFETCH)
         out_cols = _tile_coords(offs_d, V_CODEC)
         if V_HAD:  # x = mean + R^T y  ->  rows: (acc @ H) * s / sqrt(d) + l * mean
             vmean = tl.load(VMEAN + h * s_vm + offs_d, mask=d_ok, other=0.0).to(tl.float32)
             sv = _rot_signs(VROT, offs_d, d_ok) * rot_scale
-            acc = _times_hadamard(acc, _hadamard(BLOCK_D), SPLIT) * sv[None, :] + l_i[:, None] * vmean[None, :]
+            if FWHT:
+                acc = _fwht(acc, BLOCK_M, BLOCK_D)
+            else:
+                acc = _times_hadamard(acc, _hadamard(BLOCK_D), SPLIT)
+            acc = acc * sv[None, :] + l_i[:, None] * vmean[None, :]
     else:
         q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if kind == 1:  # the exact segment of head h: E dense float32 entries with their beta
@@ -1052,7 +1113,7 @@ def _uses_lut(dtype: torch.dtype, interpret: bool) -> bool:
 
 
 def _uses_swap(block_m: int, d: int, dtype: torch.dtype) -> bool:
-    """Whether the prefix products are taken transposed (`_chunk_loop_t`): decode tiles of 16 rows, d <= 128,
+    """Whether the prefix products are taken transposed (`_prefix_chunk`): decode tiles of 16 rows, d <= 128,
     16-bit queries."""
     return bool(_DECODE_SWAP and block_m == 16 and d <= 128 and dtype != torch.float32)
 
@@ -1161,6 +1222,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     V_LLOYD = V_CODEC == 1 and not V_HAD  # the merge un-rotates them
     lut = _uses_lut(queries.dtype, interpret)
     swap = _uses_swap(bm, d, queries.dtype)
+    launch_opts = {"maxnreg": _DECODE_MAXNREG} if _DECODE_MAXNREG and bm == 16 and d <= 128 else {}
 
     n_tiles = -(-M_all // bm)
     # fused merge: every program of (tile, head) covers the same global rows (one tile, or one sequence) and
@@ -1217,8 +1279,8 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 V_CODEC=V_CODEC, V_BITS=V_BITS, SELECT=_LLOYD_SELECT, HAS_MASK=app_mask is not None,
                 UPCAST=upcast, DOT_PRECISION=dot_precision, ROT_IN=rotate == "prologue",
                 ROT_PRECISION=rot_precision, LUT=lut, K_HAD=rotate == "hadamard", V_HAD=V_HAD, SPLIT=not interpret,
-                FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap,
-                num_warps=warps, num_stages=stages,
+                FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap, PREFETCH=_PREFETCH, FWHT=_FWHT,
+                num_warps=warps, num_stages=stages, **launch_opts,
             )
         if not fused:
             head_buffers = n_obuf + most_items
