@@ -33,15 +33,20 @@ Triton, one online-softmax pass per split, then a combine (flash-decoding style 
    accumulation), as the loader would have dequantized them:
    * lloyd keys: the query is rotated instead of the keys, exact since R is orthogonal:
      q.(mean + g R^T c) = q.mean + g (R q).c; each prefix program rotates its own rows in its prologue. For
-     a power-of-two d <= 128 the rotation is R = H diag(s) / sqrt(d) (quant/hadamard.py): H is made in
-     registers and applied by bf16 tensor-core products, exact for 16-bit queries, float32-accurate by a
-     three-part bf16 split otherwise (`_times_hadamard`); other d use the stored float32 R (3xTF32; beyond
-     d = 128 `_rotate_kernel` runs just before). 4-bit centroids for 16-bit queries: byte permutes in inline
+     a power-of-two d <= 128 the rotation is R = H diag(s) / sqrt(d) (quant/hadamard.py), applied by a
+     butterfly of float32 additions (`_fwht`: no d x d matrix on chip; `_FWHT = False` keeps the earlier bf16
+     tensor-core products, `_times_hadamard`); other d use the stored float32 R (3xTF32; beyond d = 128
+     `_rotate_kernel` runs just before). 4-bit centroids for 16-bit queries: byte permutes in inline
      PTX (`_lut4`, ~3 instructions per value; H100: K4V4 decode 2.1-2.4x faster than the select chain);
      otherwise centroids up to 4 bits by a select chain in registers (a gather measured 1.5x slower);
    * lloyd values: sum_j p_j g_j c_j is accumulated in rotated space (g folded into p) and un-rotated once per
      program (Hadamard: ((acc @ H) * s) / sqrt(d) + mean * sum_j p_j, linear, so the merge is the plain one),
      or for other d in the combine step with the stored R;
+   * decode tiles (16 rows: the G query heads of one or a few sequences) take the products transposed,
+     K q^T and V^T P^T (`_DECODE_SWAP`), so the dequantized tile is the wide operand and the few query rows
+     the narrow one; every loop step loads the next block's beta and gains, and the q8_0/q4_0 codes, one step
+     ahead (`_PREFETCH`), since Triton's cp.async stages do not take them (H100 run 9: K4V4 decode at 128k
+     38.0 -> 29.3 us, q4_0 39.1 -> 30.5);
    * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them;
      a q4_0 tile holds each block's low and high nibbles side by side, so its columns are a fixed permutation
      of the coordinates (`_tile_coords`): the query is loaded and the accumulator stored in that order.
@@ -126,8 +131,8 @@ _DECODE_BN = 64
 _DECODE_PPS = 2.0
 _DECODE_WARPS = 4
 # decode tiles (16 rows, d <= 128, 16-bit queries): products taken transposed, K q^T and V^T P^T (_prefix_chunk)
-_DECODE_SWAP = False
-# the next prefix block's per-key values and quantized codes loaded one step ahead (_prefix_chunk)
+_DECODE_SWAP = True
+# the next prefix block's per-key values (and the codes of _prefetches_codes) loaded one step ahead (_prefix_chunk)
 _PREFETCH = 1
 # values un-rotated by a butterfly (_fwht) instead of three bf16 products with H (_times_hadamard)
 _FWHT = True
@@ -500,16 +505,17 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
                   SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, SWAP: tl.constexpr, PREFETCH: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, SWAP: tl.constexpr, PREFETCH: tl.constexpr, K_PRE: tl.constexpr,
+                  V_PRE: tl.constexpr):
     """Online softmax over prefix entries lo:hi (global rows) for one row tile. q_dot's columns are in the key
     tiles' column order, the returned accumulator's in the value tiles' (`_tile_coords`).
 
     SWAP (decode tiles of few query rows): the products are taken transposed, scores as K q^T (BLOCK_N, BLOCK_M)
     and the accumulator as V^T P^T (BLOCK_D, BLOCK_M), so the dequantized tiles are the wide operand of the
-    tensor-core product. PREFETCH: each step issues the loads of the next block's per-key values (beta, gains)
-    and quantized codes before decoding its own, so their latency hides behind a block of work (loads of a few
-    bytes per thread, or at 2-byte offsets like q4_0's blocks, are not pipelined by Triton's cp.async stages;
-    raw 16-bit tiles are, and stay in the step that uses them)."""
+    tensor-core product. PREFETCH: each step issues the loads of the next block's per-key values (beta, gains),
+    and K_PRE / V_PRE its key / value codes, before decoding its own, so their latency hides behind a block of
+    work: Triton's cp.async stages do not pipeline loads of a few bytes per thread, nor q8_0/q4_0 blocks at
+    2-byte offsets (raw tiles and lloyd bytes they do)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     q_t = q_dot
@@ -524,13 +530,13 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
         k_words = _lut_words(KCENT, DOT_TY)
     if LUT and V_CODEC == 1 and V_BITS == 4:
         v_words = _lut_words(VCENT, DOT_TY)
-    if PREFETCH:  # the first block's
+    if PREFETCH:  # the first block's (K_PRE / V_PRE need PREFETCH)
         cols = lo + tl.arange(0, BLOCK_N)
         ok = cols < hi
         beta, gk, gv = _block_meta(BETA, KGAIN, VGAIN, cols, ok, K_CODEC, V_CODEC)
-        if K_CODEC != 0 and PREFETCH > 1:
+        if K_PRE:
             kd, ks = _tile_load(KX, KS, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS)
-        if V_CODEC != 0 and PREFETCH > 1:
+        if V_PRE:
             vd, vs = _tile_load(VX, VS, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -539,15 +545,15 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
         nxt_ok = nxt < hi
         if PREFETCH:
             beta_n, gk_n, gv_n = _block_meta(BETA, KGAIN, VGAIN, nxt, nxt_ok, K_CODEC, V_CODEC)
-            if K_CODEC != 0 and PREFETCH > 1:
+            if K_PRE:
                 kd_n, ks_n = _tile_load(KX, KS, nxt, nxt_ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC,
                                         K_BITS)
-            if V_CODEC != 0 and PREFETCH > 1:
+            if V_PRE:
                 vd_n, vs_n = _tile_load(VX, VS, nxt, nxt_ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC,
                                         V_BITS)
         else:
             beta, gk, gv = _block_meta(BETA, KGAIN, VGAIN, cols, ok, K_CODEC, V_CODEC)
-        if K_CODEC == 0 or PREFETCH < 2:
+        if not K_PRE:
             kd, ks = _tile_load(KX, KS, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS)
         k = _dot_operand(_tile_decode(kd, ks, KCENT, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, SELECT, LUT, DOT_TY,
                                       k_words), DOT_TY, UPCAST)
@@ -573,7 +579,7 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
             if V_CODEC == 1:
                 p = p * gv[None, :]
-        if V_CODEC == 0 or PREFETCH < 2:
+        if not V_PRE:
             vd, vs = _tile_load(VX, VS, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS)
         v = _dot_operand(_tile_decode(vd, vs, VCENT, BLOCK_N, BLOCK_D, V_CODEC, V_BITS, SELECT, LUT, DOT_TY,
                                       v_words), DOT_TY, UPCAST)
@@ -584,9 +590,9 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
             acc = acc * alpha[:, None] + tl.dot(_dot_operand(p, DOT_TY, UPCAST), v, input_precision=DOT_PRECISION)
         if PREFETCH:
             beta, gk, gv = beta_n, gk_n, gv_n
-            if K_CODEC != 0 and PREFETCH > 1:
+            if K_PRE:
                 kd, ks = kd_n, ks_n
-            if V_CODEC != 0 and PREFETCH > 1:
+            if V_PRE:
                 vd, vs = vd_n, vs_n
     if SWAP:
         acc = tl.trans(acc)
@@ -669,7 +675,7 @@ def _partial_kernel(
     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROT_IN: tl.constexpr, ROT_PRECISION: tl.constexpr, LUT: tl.constexpr, K_HAD: tl.constexpr, V_HAD: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, CM: tl.constexpr, CS: tl.constexpr, CC: tl.constexpr,
-    SWAP: tl.constexpr, PREFETCH: tl.constexpr, FWHT: tl.constexpr,
+    SWAP: tl.constexpr, PREFETCH: tl.constexpr, K_PRE: tl.constexpr, V_PRE: tl.constexpr, FWHT: tl.constexpr,
 ):
     """One (row tile, slot): partial (max, sum, acc) of its rows over its slot's keys, written to buffer `buf`.
     Slots (= buffers) 0..n_items-1 are the prefix chunks of the work list (`_head_items`: only chunks that hold
@@ -736,7 +742,9 @@ def _partial_kernel(
             q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
             if K_HAD:  # (R q)^T = q^T diag(s) H / sqrt(d)
                 qs = q.to(tl.float32) * _rot_signs(KROT, offs_d, d_ok)[None, :]
-                if DOT_TY != tl.float32 and SPLIT:  # q * s is exact in the 16-bit dtype: one exact product
+                if FWHT:
+                    q_rot = _fwht(qs, BLOCK_M, BLOCK_D) * rot_scale
+                elif DOT_TY != tl.float32 and SPLIT:  # q * s is exact in the 16-bit dtype: one exact product
                     q_rot = tl.dot(qs.to(DOT_TY), _hadamard(BLOCK_D).to(DOT_TY)) * rot_scale
                 else:
                     q_rot = _times_hadamard(qs, _hadamard(BLOCK_D), SPLIT) * rot_scale
@@ -758,7 +766,7 @@ def _partial_kernel(
         m_i, l_i, acc = _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride,
                                       VX, VS, VGAIN, VCENT, v_stride, offs_d, d_ok, qk_scale2, D,
                                       BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, V_CODEC, V_BITS, SELECT, LUT,
-                                      DOT_TY, UPCAST, DOT_PRECISION, SWAP, PREFETCH)
+                                      DOT_TY, UPCAST, DOT_PRECISION, SWAP, PREFETCH, K_PRE, V_PRE)
         out_cols = _tile_coords(offs_d, V_CODEC)
         if V_HAD:  # x = mean + R^T y  ->  rows: (acc @ H) * s / sqrt(d) + l * mean
             vmean = tl.load(VMEAN + h * s_vm + offs_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -1112,6 +1120,12 @@ def _uses_lut(dtype: torch.dtype, interpret: bool) -> bool:
     return bool(_LLOYD_LUT and not interpret and dtype in (torch.float16, torch.bfloat16))
 
 
+def _prefetches_codes(codec_id: int) -> bool:
+    """Whether the prefix loop loads a codec's codes one block ahead (_PREFETCH 1: q8_0/q4_0, whose blocks sit at
+    2-byte offsets that Triton's cp.async stages do not take; 2: every quantized codec; 0: none)."""
+    return bool(_PREFETCH >= 2 and codec_id != 0 or _PREFETCH >= 1 and codec_id >= 2)
+
+
 def _uses_swap(block_m: int, d: int, dtype: torch.dtype) -> bool:
     """Whether the prefix products are taken transposed (`_prefix_chunk`): decode tiles of 16 rows, d <= 128,
     16-bit queries."""
@@ -1279,7 +1293,8 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 V_CODEC=V_CODEC, V_BITS=V_BITS, SELECT=_LLOYD_SELECT, HAS_MASK=app_mask is not None,
                 UPCAST=upcast, DOT_PRECISION=dot_precision, ROT_IN=rotate == "prologue",
                 ROT_PRECISION=rot_precision, LUT=lut, K_HAD=rotate == "hadamard", V_HAD=V_HAD, SPLIT=not interpret,
-                FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap, PREFETCH=_PREFETCH, FWHT=_FWHT,
+                FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap, PREFETCH=_PREFETCH > 0,
+                K_PRE=_prefetches_codes(K_CODEC), V_PRE=_prefetches_codes(V_CODEC), FWHT=_FWHT,
                 num_warps=warps, num_stages=stages, **launch_opts,
             )
         if not fused:
