@@ -132,7 +132,7 @@ _DECODE_PPS = 2.0
 _DECODE_WARPS = 4
 # decode tiles (16 rows, d <= 128, 16-bit queries): products taken transposed, K q^T and V^T P^T (_prefix_chunk)
 _DECODE_SWAP = True
-# the next prefix block's per-key values (and the codes of _prefetches_codes) loaded one step ahead (_prefix_chunk)
+# decode tiles: the next prefix block's per-key values (and q8_0/q4_0 codes) loaded one step ahead (_prefetch_flags)
 _PREFETCH = 1
 # values un-rotated by a butterfly (_fwht) instead of three bf16 products with H (_times_hadamard)
 _FWHT = True
@@ -551,15 +551,18 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
             if V_PRE:
                 vd_n, vs_n = _tile_load(VX, VS, nxt, nxt_ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC,
                                         V_BITS)
-        else:
-            beta, gk, gv = _block_meta(BETA, KGAIN, VGAIN, cols, ok, K_CODEC, V_CODEC)
         if not K_PRE:
             kd, ks = _tile_load(KX, KS, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS)
         k = _dot_operand(_tile_decode(kd, ks, KCENT, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, SELECT, LUT, DOT_TY,
                                       k_words), DOT_TY, UPCAST)
-        b2 = beta * 1.4426950408889634
         if SWAP:
             s = tl.dot(k, q_t, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        else:
+            s = tl.dot(q_dot, tl.trans(k), input_precision=DOT_PRECISION)
+        if not PREFETCH:  # loaded where used (fewer registers held across the products)
+            beta, gk, _ = _block_meta(BETA, KGAIN, VGAIN, cols, ok, K_CODEC, 0)
+        b2 = beta * 1.4426950408889634
+        if SWAP:
             if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
                 s = s * gk[:, None] + qm[None, :]
             s = s * qk_scale2 + b2[:, None]
@@ -569,20 +572,22 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
             p = tl.exp2(s - m_safe[None, :])
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
-            if V_CODEC == 1:  # accumulate sum p g c in rotated space
-                p = p * gv[:, None]
         else:
-            s = tl.dot(q_dot, tl.trans(k), input_precision=DOT_PRECISION)
             if K_CODEC == 1:
                 s = s * gk[None, :] + qm[:, None]
             s = s * qk_scale2 + b2[None, :]
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-            if V_CODEC == 1:
-                p = p * gv[None, :]
         if not V_PRE:
             vd, vs = _tile_load(VX, VS, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS)
         v = _dot_operand(_tile_decode(vd, vs, VCENT, BLOCK_N, BLOCK_D, V_CODEC, V_BITS, SELECT, LUT, DOT_TY,
                                       v_words), DOT_TY, UPCAST)
+        if V_CODEC == 1:  # accumulate sum p g c in rotated space
+            if not PREFETCH:
+                gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
+            if SWAP:
+                p = p * gv[:, None]
+            else:
+                p = p * gv[None, :]
         if SWAP:
             acc = acc * alpha[None, :] + tl.dot(tl.trans(v), _dot_operand(p, DOT_TY, UPCAST),
                                                 input_precision=DOT_PRECISION)
@@ -1120,10 +1125,16 @@ def _uses_lut(dtype: torch.dtype, interpret: bool) -> bool:
     return bool(_LLOYD_LUT and not interpret and dtype in (torch.float16, torch.bfloat16))
 
 
-def _prefetches_codes(codec_id: int) -> bool:
-    """Whether the prefix loop loads a codec's codes one block ahead (_PREFETCH 1: q8_0/q4_0, whose blocks sit at
-    2-byte offsets that Triton's cp.async stages do not take; 2: every quantized codec; 0: none)."""
-    return bool(_PREFETCH >= 2 and codec_id != 0 or _PREFETCH >= 1 and codec_id >= 2)
+def _prefetch_flags(block_m: int, k_codec: int, v_codec: int) -> tuple:
+    """(PREFETCH, K_PRE, V_PRE) of `_prefix_chunk` for tiles of block_m rows: decode tiles (up to 32 rows) load
+    the next block's beta and gains one step ahead, and (_PREFETCH 1) the q8_0/q4_0 codes, whose blocks sit at
+    2-byte offsets that Triton's cp.async stages do not take, or (_PREFETCH 2) every quantized codec's.
+    Prefill tiles (64 rows) do not: what they would hold across a step spills registers (sm_90, 64 x 128 K4V4
+    tiles: 560 B) and was 1.2-1.6x slower on an H100 (run 9, call 3)."""
+    if not _PREFETCH or block_m > 32:
+        return False, False, False
+    codes = (lambda c: c != 0) if _PREFETCH >= 2 else (lambda c: c >= 2)
+    return True, codes(k_codec), codes(v_codec)
 
 
 def _uses_swap(block_m: int, d: int, dtype: torch.dtype) -> bool:
@@ -1236,6 +1247,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     V_LLOYD = V_CODEC == 1 and not V_HAD  # the merge un-rotates them
     lut = _uses_lut(queries.dtype, interpret)
     swap = _uses_swap(bm, d, queries.dtype)
+    pre = _prefetch_flags(bm, K_CODEC, V_CODEC)
     launch_opts = {"maxnreg": _DECODE_MAXNREG} if _DECODE_MAXNREG and bm == 16 and d <= 128 else {}
 
     n_tiles = -(-M_all // bm)
@@ -1293,8 +1305,8 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 V_CODEC=V_CODEC, V_BITS=V_BITS, SELECT=_LLOYD_SELECT, HAS_MASK=app_mask is not None,
                 UPCAST=upcast, DOT_PRECISION=dot_precision, ROT_IN=rotate == "prologue",
                 ROT_PRECISION=rot_precision, LUT=lut, K_HAD=rotate == "hadamard", V_HAD=V_HAD, SPLIT=not interpret,
-                FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap, PREFETCH=_PREFETCH > 0,
-                K_PRE=_prefetches_codes(K_CODEC), V_PRE=_prefetches_codes(V_CODEC), FWHT=_FWHT,
+                FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap, PREFETCH=pre[0], K_PRE=pre[1], V_PRE=pre[2],
+                FWHT=_FWHT,
                 num_warps=warps, num_stages=stages, **launch_opts,
             )
         if not fused:
