@@ -44,7 +44,7 @@ Triton, one online-softmax pass per split, then a combine (flash-decoding style 
      or for other d in the combine step with the stored R;
    * decode tiles (16 rows: the G query heads of one or a few sequences) take the products transposed,
      K q^T and V^T P^T (`_DECODE_SWAP`), so the dequantized tile is the wide operand and the few query rows
-     the narrow one; every loop step loads the next block's beta and gains, and the q8_0/q4_0 codes, one step
+     the narrow one; every loop step loads the next block's beta and gains, and the q4_0 codes, one step
      ahead (`_PREFETCH`), since Triton's cp.async stages do not take them (H100 run 9: K4V4 decode at 128k
      38.0 -> 29.3 us, q4_0 39.1 -> 30.5);
    * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them;
@@ -132,7 +132,7 @@ _DECODE_PPS = 2.0
 _DECODE_WARPS = 4
 # decode tiles (16 rows, d <= 128, 16-bit queries): products taken transposed, K q^T and V^T P^T (_prefix_chunk)
 _DECODE_SWAP = True
-# decode tiles: the next prefix block's per-key values (and q8_0/q4_0 codes) loaded one step ahead (_prefetch_flags)
+# decode tiles: the next prefix block's per-key values (and q4_0 codes) loaded one step ahead (_prefetch_flags)
 _PREFETCH = 1
 # values un-rotated by a butterfly (_fwht) instead of three bf16 products with H (_times_hadamard)
 _FWHT = True
@@ -1127,13 +1127,14 @@ def _uses_lut(dtype: torch.dtype, interpret: bool) -> bool:
 
 def _prefetch_flags(block_m: int, k_codec: int, v_codec: int) -> tuple:
     """(PREFETCH, K_PRE, V_PRE) of `_prefix_chunk` for tiles of block_m rows: decode tiles (up to 32 rows) load
-    the next block's beta and gains one step ahead, and (_PREFETCH 1) the q8_0/q4_0 codes, whose blocks sit at
-    2-byte offsets that Triton's cp.async stages do not take, or (_PREFETCH 2) every quantized codec's.
+    the next block's beta and gains one step ahead, and (_PREFETCH 1) the q4_0 codes, whose blocks sit at 2-byte
+    offsets that Triton's cp.async stages do not take (q8_0's too, but its twice larger prefetched tiles spill
+    registers for sm_90: 336 B), or (_PREFETCH 2) every quantized codec's.
     Prefill tiles (64 rows) do not: what they would hold across a step spills registers (sm_90, 64 x 128 K4V4
     tiles: 560 B) and was 1.2-1.6x slower on an H100 (run 9, call 3)."""
     if not _PREFETCH or block_m > 32:
         return False, False, False
-    codes = (lambda c: c != 0) if _PREFETCH >= 2 else (lambda c: c >= 2)
+    codes = (lambda c: c != 0) if _PREFETCH >= 2 else (lambda c: c == _CODEC_ID["q4_0"])
     return True, codes(k_codec), codes(v_codec)
 
 
