@@ -98,7 +98,7 @@ def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=N
                   V_BITS=vb, SELECT=m._LLOYD_SELECT, HAS_MASK=mask, UPCAST=False, DOT_PRECISION="tf32",
                   ROT_IN=rot_in, ROT_PRECISION="tf32x3", LUT=lut, K_HAD=k_had, V_HAD=v_had, SPLIT=True,
                   FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap, FWHT=m._FWHT,
-                  **dict(zip(("PREFETCH", "K_PRE", "V_PRE"), m._prefetch_flags(bm, kc, vc))))
+                  PDL=m._PDL, **dict(zip(("PREFETCH", "K_PRE", "V_PRE"), m._prefetch_flags(bm, kc, vc))))
     name = (f"partial {label:8s} q={qty} d={d} G={G} bm={bm} bn={bn} w={warps} st={stages or st}"
             f"{' mask' if mask else ''}{' fused' if fused else ''}{' rot' if rot_in else ''}"
             f"{' had' if k_had or v_had else ''}{' swap' if swap else ''}{' lut' if lut and 4 in (kb, vb) and 1 in (kc, vc) else ''}")
@@ -132,7 +132,7 @@ def main():
                              OUT="*bf16", s_vm="i64", s_ob="i64", s_oi="i64", s_oh="i64")
                 variants[f"combine d={d} rows={cm} lloyd={vl}"] = (
                     m._combine_kernel, types, dict(G=4, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=cc, BLOCK_S=cs,
-                                                   BLOCK_H=8, V_LLOYD=vl, ROT_PRECISION="tf32x3"),
+                                                   BLOCK_H=8, V_LLOYD=vl, ROT_PRECISION="tf32x3", PDL=m._PDL),
                     {"s_ob", "s_oi", "s_oh"}, 8, 2)
     only = sys.argv[1] if len(sys.argv) > 1 else ""  # optional substring filter, e.g. "combine"
     variants = {k: v for k, v in variants.items() if only in k}

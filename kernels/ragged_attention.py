@@ -81,6 +81,12 @@ try:  # triton is optional: CPU-only installs run the torch reference.
 
     _HAS_TRITON = True
     _jit = triton.jit
+    try:  # programmatic dependent launch (sm_90+; triton >= 3.3)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        _HAS_GDC = True
+    except ImportError:  # pragma: no cover - depends on the install
+        _HAS_GDC = False
 
     def _jit_sizes(*names):
         """triton.jit that does not specialise on the sizes `names` (appended length, batch, splits change from
@@ -89,6 +95,7 @@ try:  # triton is optional: CPU-only installs run the torch reference.
 except Exception:  # pragma: no cover - depends on the install
     triton = None
     _HAS_TRITON = False
+    _HAS_GDC = False
 
     class tl:  # noqa: N801 - stub so the annotations below still evaluate
         constexpr = None
@@ -136,6 +143,8 @@ _DECODE_SWAP = True
 _PREFETCH = 1
 # values un-rotated by a butterfly (_fwht) instead of three bf16 products with H (_times_hadamard)
 _FWHT = True
+# the merge launched while the partial kernel runs (programmatic dependent launch; it waits for the partials)
+_PDL = False
 _DECODE_MAXNREG = None  # registers per thread cap of decode tiles (benchmarks sweep it: 168 fits 3 programs per SM)
 
 
@@ -681,6 +690,7 @@ def _partial_kernel(
     ROT_IN: tl.constexpr, ROT_PRECISION: tl.constexpr, LUT: tl.constexpr, K_HAD: tl.constexpr, V_HAD: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, CM: tl.constexpr, CS: tl.constexpr, CC: tl.constexpr,
     SWAP: tl.constexpr, PREFETCH: tl.constexpr, K_PRE: tl.constexpr, V_PRE: tl.constexpr, FWHT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (row tile, slot): partial (max, sum, acc) of its rows over its slot's keys, written to buffer `buf`.
     Slots (= buffers) 0..n_items-1 are the prefix chunks of the work list (`_head_items`: only chunks that hold
@@ -699,6 +709,8 @@ def _partial_kernel(
     counter CNT[pid_m, h] (release/acquire); the one that draws the last merges the head's buffers for the tile
     (`_combine_rows`, CM rows at a time) and puts the counter back to 0 for the next launch (no memset,
     CUDA-graph safe). One stream at a time per counter buffer."""
+    if PDL:  # let the merge launch now: it waits for this grid's writes (gdc_wait) before reading them
+        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
     DOT_TY: tl.constexpr = Q.dtype.element_ty
@@ -883,6 +895,7 @@ def _combine_kernel(
     s_vm, s_ob, s_oi, s_oh,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, V_LLOYD: tl.constexpr, ROT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid (row tiles, Hkv, BLOCK_D / BLOCK_C): output columns cols = BLOCK_C * pid_2 + [0, BLOCK_C) of BLOCK_M
     rows of KV head h, merged from all of h's buffers (its prefix items i0..i1, `_head_items`, then its n_obuf
@@ -912,6 +925,8 @@ def _combine_kernel(
     _, i0, i1, _ = _head_items(OFFS, h, n_heads, chunk, BLOCK_H, False)
     n_p = i1 - i0
     n_all = n_p + n_obuf
+    if PDL:  # launched early (programmatic dependent launch): the partial kernel's writes are visible after this
+        gdc_wait()
     o0 = n_items + h * n_obuf
     sidx = tl.arange(0, BLOCK_S)
     m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -1138,6 +1153,17 @@ def _prefetch_flags(block_m: int, k_codec: int, v_codec: int) -> tuple:
     return True, codes(k_codec), codes(v_codec)
 
 
+def _uses_pdl(device: torch.device, interpret: bool) -> bool:
+    """Whether the merge is launched by programmatic dependent launch (`_PDL`): compiled for a GPU of compute
+    capability 9 or more, with a triton that has griddepcontrol."""
+    return bool(_PDL and _HAS_GDC and not interpret and device.type == "cuda" and _capability(device)[0] >= 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
 def _uses_swap(block_m: int, d: int, dtype: torch.dtype) -> bool:
     """Whether the prefix products are taken transposed (`_prefix_chunk`): decode tiles of 16 rows, d <= 128,
     16-bit queries."""
@@ -1255,6 +1281,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     # fused merge: every program of (tile, head) covers the same global rows (one tile, or one sequence) and
     # every head has a program (exact or appended slots), so the last one to finish can write the output
     fused = _fuse_merge(n_other, n_tiles, B)
+    pdl = not fused and _uses_pdl(dev, interpret)
     counters = _counters(dev, n_tiles * Hkv) if fused else placeholder
     if interpret:
         rot_precision = "ieee"
@@ -1307,7 +1334,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 UPCAST=upcast, DOT_PRECISION=dot_precision, ROT_IN=rotate == "prologue",
                 ROT_PRECISION=rot_precision, LUT=lut, K_HAD=rotate == "hadamard", V_HAD=V_HAD, SPLIT=not interpret,
                 FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap, PREFETCH=pre[0], K_PRE=pre[1], V_PRE=pre[2],
-                FWHT=_FWHT,
+                FWHT=_FWHT, PDL=pdl,
                 num_warps=warps, num_stages=stages, **launch_opts,
             )
         if not fused:
@@ -1318,7 +1345,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 Lq, Hkv, n_items, n_obuf, chunk, M_all,
                 s_vm, out.stride(0), out.stride(1), out.stride(2),
                 G=G, D=d, BLOCK_M=cm, BLOCK_D=BD, BLOCK_C=cc, BLOCK_S=cs, BLOCK_H=BH, V_LLOYD=V_LLOYD,
-                ROT_PRECISION=rot_precision, num_warps=8,
+                ROT_PRECISION=rot_precision, PDL=pdl, num_warps=8, **({"launch_pdl": True} if pdl else {}),
             )
     return out
 
