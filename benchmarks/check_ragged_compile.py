@@ -101,7 +101,8 @@ def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=N
                   PDL=m._PDL, **dict(zip(("PREFETCH", "K_PRE", "V_PRE"), m._prefetch_flags(bm, kc, vc))))
     name = (f"partial {label:8s} q={qty} d={d} G={G} bm={bm} bn={bn} w={warps} st={stages or st}"
             f"{' mask' if mask else ''}{' fused' if fused else ''}{' rot' if rot_in else ''}"
-            f"{' had' if k_had or v_had else ''}{' swap' if swap else ''}{' lut' if lut and 4 in (kb, vb) and 1 in (kc, vc) else ''}")
+            f"{' had' if k_had or v_had else ''}{' swap' if swap else ''}"
+            f"{' lut' if lut and 4 in (kb, vb) and 1 in (kc, vc) else ''}")
     return name, (m._partial_kernel, types, consts, div16, warps, stages or st)
 
 

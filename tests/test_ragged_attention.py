@@ -453,6 +453,44 @@ if _INTERP:
         assert torch.isfinite(got).all()
         assert rel_err(got, ragged_attention_torch(q, prefix, ak, av, mask)) < 2e-6
 
+    @pytest.mark.parametrize("knobs", [{"_DECODE_SWAP": False}, {"_PREFETCH": 0}, {"_PREFETCH": 2},
+                                       {"_FWHT": False}], ids=["plain-products", "no-prefetch", "codes-ahead",
+                                                               "rotation-products"])
+    @pytest.mark.parametrize("label", ["K4V4", "q4_0", "q8_0", "16"])
+    def test_interp_decode_paths(knobs, label, monkeypatch):
+        """Decode tiles of 16-bit queries under each non-default setting of the prefix loop: the products taken
+        plainly instead of transposed, nothing or every code loaded a step ahead, the Hadamard rotations as
+        products with H instead of the butterfly: each matches the reference (heads of 0, 1 and several blocks)."""
+        _poison(monkeypatch)
+        for k, v in knobs.items():
+            monkeypatch.setattr(attn_mod, k, v)
+        d, lens, G = 64, [70, 0, 1, 33], 4
+        arrays, attrs, books = stored(label if label != "16" else "raw", lens, d, seed=5)
+        prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+        q, ak, av, mask = make_queries(sum(lens) + 1, 2, 4 * G, 1, 6, 4, d, torch.bfloat16, pad=True)
+        got = ragged_attention_triton(q, prefix, ak, av, mask, block_n=16, chunk=32)
+        assert torch.isfinite(got).all()
+        assert rel_err(got, ragged_attention_torch(q, prefix, ak, av, mask)) < _tolerance(torch.bfloat16)
+
+    def test_interp_fwht_is_x_times_hadamard():
+        """`_fwht` (the butterfly the kernels rotate with) against x @ scipy.linalg.hadamard(d) in float64."""
+        import scipy.linalg
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def fwht_kernel(X, Y, ROWS: tl.constexpr, D: tl.constexpr):
+            idx = tl.arange(0, ROWS)[:, None] * D + tl.arange(0, D)[None, :]
+            tl.store(Y + idx, attn_mod._fwht(tl.load(X + idx), ROWS, D))
+
+        g = torch.Generator().manual_seed(0)
+        for d in (16, 64, 128, 256):
+            x = torch.randn(16, d, generator=g)
+            y = torch.empty_like(x)
+            fwht_kernel[(1,)](x, y, ROWS=16, D=d)
+            want = x.double() @ torch.from_numpy(scipy.linalg.hadamard(d)).double()
+            assert rel_err(y, want) < 1e-6, d
+
     def test_interp_dispatcher_routes_to_triton(monkeypatch):
         monkeypatch.setenv("COMPACTOR_TRITON", "1")
         arrays, attrs, books = stored("q4_0", [10, 4], 32)
@@ -471,7 +509,7 @@ if _INTERP:
         assert rel_err(out, ragged_attention_torch(q, prefix, ak, av)) < 2e-6
 
 
-_N_INTERP = len(KERNEL_CASES) + 3 + 1 + 24 + 3 + 1
+_N_INTERP = len(KERNEL_CASES) + 3 + 1 + 24 + 3 + 16 + 1 + 1
 
 
 @pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
