@@ -432,8 +432,8 @@ def _tile_decode(data, sc, CENT, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, C
 
 @_jit
 def _block_meta(BETA, KGAIN, VGAIN, cols, ok, K_CODEC: tl.constexpr, V_CODEC: tl.constexpr):
-    """Per-key values of prefix entries `cols`: (beta, key gains, value gains) as float32 (gains of lloyd codes
-    only, else 0)."""
+    """Per-key values of prefix entries `cols`: (beta as stored, key gains, value gains), the gains as float32
+    for lloyd codes, else 0."""
     beta = tl.load(BETA + cols, mask=ok, other=float("-inf"))
     gk = 0.0
     gv = 0.0
