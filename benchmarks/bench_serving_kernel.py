@@ -191,6 +191,18 @@ def n_layers_for(nbytes, min_total=256 << 20, cap=256):
 # ----------------------------------------------------------------------------------------------
 
 
+def set_knobs(mod, specs):
+    """Module settings of the kernel module from "NAME=VALUE" strings (VALUE a Python literal), e.g.
+    "_DECODE_SWAP=False"; an unknown NAME is an error."""
+    import ast
+
+    for kv in specs:
+        name, val = kv.split("=", 1)
+        if not hasattr(mod, name):
+            raise SystemExit(f"{mod.__name__} has no setting {name}")
+        setattr(mod, name, ast.literal_eval(val))
+
+
 def op_fns(mod, prefixes, B, Hq, Hkv, d, Lq, L_app, gen, **kw):
     """One closure per prefix: mod.ragged_attention_triton over fresh bf16 queries (B, Hq, Lq, d) and appended
     keys/values (B, Hkv, L_app, d) on the prefix's device; kw are the launcher's tuning knobs."""

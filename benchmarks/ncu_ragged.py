@@ -9,7 +9,6 @@ line samples with `ncu --import k4v4_32k.ncu-rep --page source --print-source sa
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib
 import os
 import sys
@@ -34,10 +33,7 @@ def main():
     ap.add_argument("--knob", nargs="*", default=[], help="NAME=VALUE module settings, e.g. _DECODE_SWAP=True")
     args = ap.parse_args()
     mod = importlib.import_module("compactor.kernels.ragged_attention")
-    for kv in args.knob:
-        name, val = kv.split("=", 1)
-        assert hasattr(mod, name), name
-        setattr(mod, name, ast.literal_eval(val))
+    bench.set_knobs(mod, args.knob)
     dev = torch.device("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     cpu_gen = torch.Generator().manual_seed(0)

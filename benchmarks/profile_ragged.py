@@ -46,10 +46,7 @@ def main():
                          "setting, else a launcher keyword; V a Python literal)")
     args = ap.parse_args()
     new = importlib.import_module("compactor.kernels.ragged_attention")
-    for kv in args.knob:
-        name, val = kv.split("=", 1)
-        assert hasattr(new, name), name
-        setattr(new, name, ast.literal_eval(val))
+    bench.set_knobs(new, args.knob)
     try:
         old = importlib.import_module("compactor.kernels.ragged_attention_old")
     except ImportError:
