@@ -497,14 +497,15 @@ def _fwht(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @_jit
-def _softmax_step(s, m_i, l_i):
-    """One online-softmax step in the log2 domain; returns (p, alpha, m_new, l_new). Safe when a whole row of s
-    is -inf (masked) and m_i is still -inf."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+def _softmax_step(s, m_i, l_i, KEY_AXIS: tl.constexpr):
+    """One online-softmax step in the log2 domain over the scores s, keys along KEY_AXIS (1: (rows, keys); 0: the
+    transposed (keys, rows)); returns (p, alpha, m_new, l_new). Safe when all of a row's scores are -inf (masked)
+    and m_i is still -inf."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=KEY_AXIS))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_new = l_i * alpha + tl.sum(p, axis=1)
+    p = tl.exp2(s - tl.expand_dims(m_safe, KEY_AXIS))
+    l_new = l_i * alpha + tl.sum(p, axis=KEY_AXIS)
     return p, alpha, m_new, l_new
 
 
@@ -525,6 +526,8 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
     and K_PRE / V_PRE its key / value codes, before decoding its own, so their latency hides behind a block of
     work: Triton's cp.async stages do not pipeline loads of a few bytes per thread, nor q8_0/q4_0 blocks at
     2-byte offsets (raw tiles and lloyd bytes they do)."""
+    KEY_AXIS: tl.constexpr = 0 if SWAP else 1  # of the scores: (BLOCK_N, BLOCK_M) if SWAP, else (BLOCK_M, BLOCK_N)
+    ROW_AXIS: tl.constexpr = 1 - KEY_AXIS
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     q_t = q_dot
@@ -570,22 +573,10 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
             s = tl.dot(q_dot, tl.trans(k), input_precision=DOT_PRECISION)
         if not PREFETCH:  # loaded where used (fewer registers held across the products)
             beta, gk, _ = _block_meta(BETA, KGAIN, VGAIN, cols, ok, K_CODEC, 0)
-        b2 = beta * 1.4426950408889634
-        if SWAP:
-            if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
-                s = s * gk[:, None] + qm[None, :]
-            s = s * qk_scale2 + b2[:, None]
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[None, :])
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
-        else:
-            if K_CODEC == 1:
-                s = s * gk[None, :] + qm[:, None]
-            s = s * qk_scale2 + b2[None, :]
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        if K_CODEC == 1:  # q.(mean + g R^T c) = q.mean + g (R q).c
+            s = s * tl.expand_dims(gk, ROW_AXIS) + tl.expand_dims(qm, KEY_AXIS)
+        s = s * qk_scale2 + tl.expand_dims(beta * 1.4426950408889634, ROW_AXIS)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, KEY_AXIS)
         if not V_PRE:
             vd, vs = _tile_load(VX, VS, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS)
         v = _dot_operand(_tile_decode(vd, vs, VCENT, BLOCK_N, BLOCK_D, V_CODEC, V_BITS, SELECT, LUT, DOT_TY,
@@ -593,15 +584,12 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
         if V_CODEC == 1:  # accumulate sum p g c in rotated space
             if not PREFETCH:
                 gv = tl.load(VGAIN + cols, mask=ok, other=0.0).to(tl.float32)
-            if SWAP:
-                p = p * gv[:, None]
-            else:
-                p = p * gv[None, :]
+            p = p * tl.expand_dims(gv, ROW_AXIS)
         if SWAP:
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), _dot_operand(p, DOT_TY, UPCAST),
-                                                input_precision=DOT_PRECISION)
+            pv = tl.dot(tl.trans(v), _dot_operand(p, DOT_TY, UPCAST), input_precision=DOT_PRECISION)
         else:
-            acc = acc * alpha[:, None] + tl.dot(_dot_operand(p, DOT_TY, UPCAST), v, input_precision=DOT_PRECISION)
+            pv = tl.dot(_dot_operand(p, DOT_TY, UPCAST), v, input_precision=DOT_PRECISION)
+        acc = acc * tl.expand_dims(alpha, KEY_AXIS) + pv  # the accumulator's row axis is the scores' one
         if PREFETCH:
             beta, gk, gv = beta_n, gk_n, gv_n
             if K_PRE:
@@ -640,7 +628,7 @@ def _dense_chunk(q_dot, last_key, lo, hi, K, V, BETA, MASK, k_stride, v_stride, 
             keep = tl.load(MASK + cols, mask=ok, other=0)
             vis = vis & (keep != 0)[None, :]
         s = tl.where(vis, s, float("-inf"))
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 1)
         v = tl.load(V + cols.to(tl.int64)[:, None] * v_stride + offs_d[None, :], mask=tile_ok, other=0.0)
         pv = tl.dot(_dot_operand(p, DOT_TY, UPCAST), _dot_operand(v, DOT_TY, UPCAST), input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + pv
