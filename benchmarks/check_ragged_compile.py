@@ -98,7 +98,8 @@ def partial_variant(qty, label, d, B, G, Lq, L_app, mask, block_n=None, stages=N
                   V_BITS=vb, SELECT=m._LLOYD_SELECT, HAS_MASK=mask, UPCAST=False, DOT_PRECISION="tf32",
                   ROT_IN=rot_in, ROT_PRECISION="tf32x3", LUT=lut, K_HAD=k_had, V_HAD=v_had, SPLIT=True,
                   FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap, FWHT=m._FWHT,
-                  PDL=m._PDL, **dict(zip(("PREFETCH", "K_PRE", "V_PRE"), m._prefetch_flags(bm, kc, vc))))
+                  PDL=m._PDL, PRE_STAGES=stages or m._prefix_stages(swap, st),
+                  **dict(zip(("PREFETCH", "K_PRE", "V_PRE"), m._prefetch_flags(bm, kc, vc))))
     name = (f"partial {label:8s} q={qty} d={d} G={G} bm={bm} bn={bn} w={warps} st={stages or st}"
             f"{' mask' if mask else ''}{' fused' if fused else ''}{' rot' if rot_in else ''}"
             f"{' had' if k_had or v_had else ''}{' swap' if swap else ''}"

@@ -145,6 +145,7 @@ _PREFETCH = 1
 _FWHT = True
 # the merge launched while the partial kernel runs (programmatic dependent launch; it waits for the partials)
 _PDL = True
+_PRE_STAGES = None  # pipeline stages of the prefix loop (benchmarks sweep it); None: `_prefix_stages`' rule
 _DECODE_MAXNREG = None  # registers per thread cap of decode tiles (benchmarks sweep it: 168 fits 3 programs per SM)
 
 
@@ -516,7 +517,7 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
                   K_CODEC: tl.constexpr, K_BITS: tl.constexpr, V_CODEC: tl.constexpr, V_BITS: tl.constexpr,
                   SELECT: tl.constexpr, LUT: tl.constexpr, DOT_TY: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, SWAP: tl.constexpr, PREFETCH: tl.constexpr, K_PRE: tl.constexpr,
-                  V_PRE: tl.constexpr):
+                  V_PRE: tl.constexpr, STAGES: tl.constexpr):
     """Online softmax over prefix entries lo:hi (global rows) for one row tile. q_dot's columns are in the key
     tiles' column order, the returned accumulator's in the value tiles' (`_tile_coords`).
 
@@ -550,7 +551,7 @@ def _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride, VX, V
             kd, ks = _tile_load(KX, KS, cols, ok, offs_d, d_ok, k_stride, D, BLOCK_N, BLOCK_D, K_CODEC, K_BITS)
         if V_PRE:
             vd, vs = _tile_load(VX, VS, cols, ok, offs_d, d_ok, v_stride, D, BLOCK_N, BLOCK_D, V_CODEC, V_BITS)
-    for n0 in range(lo, hi, BLOCK_N):
+    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         cols = n0 + tl.arange(0, BLOCK_N)
         ok = cols < hi
         nxt = cols + BLOCK_N
@@ -678,7 +679,7 @@ def _partial_kernel(
     ROT_IN: tl.constexpr, ROT_PRECISION: tl.constexpr, LUT: tl.constexpr, K_HAD: tl.constexpr, V_HAD: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, CM: tl.constexpr, CS: tl.constexpr, CC: tl.constexpr,
     SWAP: tl.constexpr, PREFETCH: tl.constexpr, K_PRE: tl.constexpr, V_PRE: tl.constexpr, FWHT: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, PRE_STAGES: tl.constexpr,
 ):
     """One (row tile, slot): partial (max, sum, acc) of its rows over its slot's keys, written to buffer `buf`.
     Slots (= buffers) 0..n_items-1 are the prefix chunks of the work list (`_head_items`: only chunks that hold
@@ -771,7 +772,8 @@ def _partial_kernel(
         m_i, l_i, acc = _prefix_chunk(q_dot, qm, lo, hi, BETA, KX, KS, KGAIN, KCENT, k_stride,
                                       VX, VS, VGAIN, VCENT, v_stride, offs_d, d_ok, qk_scale2, D,
                                       BLOCK_M, BLOCK_N, BLOCK_D, K_CODEC, K_BITS, V_CODEC, V_BITS, SELECT, LUT,
-                                      DOT_TY, UPCAST, DOT_PRECISION, SWAP, PREFETCH, K_PRE, V_PRE)
+                                      DOT_TY, UPCAST, DOT_PRECISION, SWAP, PREFETCH, K_PRE, V_PRE,
+                                      PRE_STAGES)
         out_cols = _tile_coords(offs_d, V_CODEC)
         if V_HAD:  # x = mean + R^T y  ->  rows: (acc @ H) * s / sqrt(d) + l * mean
             vmean = tl.load(VMEAN + h * s_vm + offs_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -1141,6 +1143,18 @@ def _prefetch_flags(block_m: int, k_codec: int, v_codec: int) -> tuple:
     return True, codes(k_codec), codes(v_codec)
 
 
+def _prefix_stages(swap: bool, stages: int) -> int:
+    """cp.async pipeline stages of the prefix loop (`tl.range(num_stages=)`; the appended-token loop keeps the
+    kernel's `stages`): 3 for transposed decode tiles (`_uses_swap`), whose stored blocks take 8-32 KB a stage, so
+    a block's loads are issued a whole step before they are waited for (with 2 stages the one buffer is refilled
+    only at the end of the step that reads it). H100 run 10: 1.04x at 128k for 16-bit and K4V4, equal for q4_0 /
+    q8_0 and at 32k; 4 stages no better. sm_90 (check_ragged_compile): spills of K3V5 / K6V3 tiles 600 / 328 B ->
+    96 / 64 B. Other tiles keep `stages` (64-row 16-bit tiles with 4 would exceed shared memory)."""
+    if _PRE_STAGES:
+        return _PRE_STAGES
+    return 3 if swap else stages
+
+
 def _uses_pdl(device: torch.device, interpret: bool) -> bool:
     """Whether the merge is launched by programmatic dependent launch (`_PDL`): compiled for a GPU of compute
     capability 9 or more, with a triton that has griddepcontrol. H100 run 9 (call 7): decode 0.6-1.0 us faster
@@ -1264,6 +1278,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
     lut = _uses_lut(queries.dtype, interpret)
     swap = _uses_swap(bm, d, queries.dtype)
     pre = _prefetch_flags(bm, K_CODEC, V_CODEC)
+    pre_stages = num_stages or _prefix_stages(swap, stages)
     launch_opts = {"maxnreg": _DECODE_MAXNREG} if _DECODE_MAXNREG and bm == 16 and d <= 128 else {}
 
     n_tiles = -(-M_all // bm)
@@ -1323,7 +1338,7 @@ def ragged_attention_triton(queries, prefix: Optional[RaggedPrefix], app_keys=No
                 UPCAST=upcast, DOT_PRECISION=dot_precision, ROT_IN=rotate == "prologue",
                 ROT_PRECISION=rot_precision, LUT=lut, K_HAD=rotate == "hadamard", V_HAD=V_HAD, SPLIT=not interpret,
                 FUSED=fused, CM=fm, CS=fs, CC=fc, SWAP=swap, PREFETCH=pre[0], K_PRE=pre[1], V_PRE=pre[2],
-                FWHT=_FWHT, PDL=pdl,
+                FWHT=_FWHT, PDL=pdl, PRE_STAGES=pre_stages,
                 num_warps=warps, num_stages=stages, **launch_opts,
             )
         if not fused:
