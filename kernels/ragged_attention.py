@@ -293,19 +293,24 @@ def _centroids(CENT, code, BITS: tl.constexpr, SELECT: tl.constexpr):
 
 
 @_jit
+def _lut_word(CENT, first, SHIFT: tl.constexpr, DOT_TY: tl.constexpr):
+    """One `_lut_words` word: byte k = bits SHIFT..SHIFT+7 of centroid first + k rounded to DOT_TY (k = 0..3)."""
+    w = 0
+    for k in tl.static_range(4):
+        bits = tl.load(CENT + first + k).to(DOT_TY).to(tl.int16, bitcast=True).to(tl.int32)
+        w = w | (((bits >> SHIFT) & 0xFF) << (8 * k))
+    return w
+
+
+@_jit
 def _lut_words(CENT, DOT_TY: tl.constexpr):
     """The 16 centroids of a 4-bit codebook rounded to the 16-bit DOT_TY, as the 8 int32 words `_lut4` reads:
-    the low bytes of entries 0-3, 4-7, 8-11, 12-15 (byte k of a word = entry 4w + k), then their high bytes."""
-    k = tl.arange(0, 16)
-    bits = tl.load(CENT + k).to(DOT_TY).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    sh = (k % 4) * 8
-    w = k // 4
-    lo = (bits & 0xFF) << sh  # disjoint bytes: the sums below are ORs (the top byte wraps to the sign bit)
-    hi = (bits >> 8) << sh
-    return (tl.sum(tl.where(w == 0, lo, 0), 0), tl.sum(tl.where(w == 1, lo, 0), 0),
-            tl.sum(tl.where(w == 2, lo, 0), 0), tl.sum(tl.where(w == 3, lo, 0), 0),
-            tl.sum(tl.where(w == 0, hi, 0), 0), tl.sum(tl.where(w == 1, hi, 0), 0),
-            tl.sum(tl.where(w == 2, hi, 0), 0), tl.sum(tl.where(w == 3, hi, 0), 0))
+    the low bytes of entries 0-3, 4-7, 8-11, 12-15 (byte k of a word = entry 4w + k), then their high bytes.
+    Made from scalar loads by every thread (a reduction over a 16-wide tensor would cross warps: 16 barriers)."""
+    return (_lut_word(CENT, 0, 0, DOT_TY), _lut_word(CENT, 4, 0, DOT_TY),
+            _lut_word(CENT, 8, 0, DOT_TY), _lut_word(CENT, 12, 0, DOT_TY),
+            _lut_word(CENT, 0, 8, DOT_TY), _lut_word(CENT, 4, 8, DOT_TY),
+            _lut_word(CENT, 8, 8, DOT_TY), _lut_word(CENT, 12, 8, DOT_TY))
 
 
 # One lookup of 4 codes: prmt.b32 picks byte c & 7 of a table word pair for each of the 4 selector nibbles (bit 3 of
