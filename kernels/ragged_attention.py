@@ -46,7 +46,8 @@ Triton, one online-softmax pass per split, then a combine (flash-decoding style 
      K q^T and V^T P^T (`_DECODE_SWAP`), so the dequantized tile is the wide operand and the few query rows
      the narrow one; every loop step loads the next block's beta and gains, and the q4_0 codes, one step
      ahead (`_PREFETCH`), since Triton's cp.async stages do not take them (H100 run 9: K4V4 decode at 128k
-     38.6 -> 29.1 us, q4_0 39.9 -> 31.5, call 4); the merge is launched by programmatic dependent launch (`_PDL`);
+     38.6 -> 29.1 us, q4_0 39.9 -> 31.5, call 4); their prefix loop is pipelined 3 stages deep (`_prefix_stages`);
+     the merge is launched by programmatic dependent launch (`_PDL`);
    * q8_0/q4_0: fp16 block scale times int8 / (nibble - 8), blocks byte for byte as llama.cpp writes them;
      a q4_0 tile holds each block's low and high nibbles side by side, so its columns are a fixed permutation
      of the coordinates (`_tile_coords`): the query is loaded and the accumulator stored in that order.
