@@ -355,6 +355,15 @@ def _poison(monkeypatch):
                                                                                       device=device))
 
 
+def _four_heads(label, G, B, Lq, L_app, seed, qdtype, pad):
+    """4 KV heads of 70, 0, 1 and 33 prefix entries (d = 64, G query heads each) in `label`'s codec ("16": raw):
+    (prefix, queries, appended keys, appended values, mask)."""
+    d, lens = 64, [70, 0, 1, 33]
+    arrays, attrs, books = stored(label if label != "16" else "raw", lens, d, seed=seed)
+    prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
+    return (prefix,) + tuple(make_queries(sum(lens) + Lq, B, 4 * G, Lq, L_app, 4, d, qdtype, pad=pad))
+
+
 if _INTERP:
 
     @pytest.mark.parametrize("case", KERNEL_CASES, ids=_kid)
@@ -425,10 +434,7 @@ if _INTERP:
         monkeypatch.setattr(attn_mod, "_FUSE_COMBINE", fuse)
         monkeypatch.setattr(attn_mod, "_HADAMARD", rotate == "hadamard")
         monkeypatch.setattr(attn_mod, "_ROTATE", "prologue" if rotate == "hadamard" else rotate)
-        d, lens, G = 64, [70, 0, 1, 33], 2
-        arrays, attrs, books = stored(label if label != "16" else "raw", lens, d, seed=B + Lq)
-        prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
-        q, ak, av, mask = make_queries(sum(lens) + Lq, B, 4 * G, Lq, Lq + 5, 4, d, torch.float32, pad=B > 1)
+        prefix, q, ak, av, mask = _four_heads(label, 2, B, Lq, Lq + 5, B + Lq, torch.float32, pad=B > 1)
         for _ in range(2):  # a second call sees the counters the first one left
             got = ragged_attention_triton(q, prefix, ak, av, mask, block_n=16, chunk=32)
             assert rel_err(got, ragged_attention_torch(q, prefix, ak, av, mask)) < 2e-6
@@ -445,10 +451,7 @@ if _INTERP:
         real = attn_mod._combine_config
         monkeypatch.setattr(attn_mod, "_combine_config", lambda *a, **k: (lambda c: (c[0], 2, c[2]))(real(*a, **k))
                             if k.get("fused_rows") is None else real(*a, **k))
-        d, lens, G = 64, [70, 0, 1, 33], 2
-        arrays, attrs, books = stored(label if label != "16" else "raw", lens, d, seed=3)
-        prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
-        q, ak, av, mask = make_queries(sum(lens) + 1, 2, 4 * G, 1, 6, 4, d, torch.float32, pad=True)
+        prefix, q, ak, av, mask = _four_heads(label, 2, 2, 1, 6, 3, torch.float32, pad=True)
         got = ragged_attention_triton(q, prefix, ak, av, mask, block_n=16, chunk=16)
         assert torch.isfinite(got).all()
         assert rel_err(got, ragged_attention_torch(q, prefix, ak, av, mask)) < 2e-6
@@ -464,10 +467,7 @@ if _INTERP:
         _poison(monkeypatch)
         for k, v in knobs.items():
             monkeypatch.setattr(attn_mod, k, v)
-        d, lens, G = 64, [70, 0, 1, 33], 4
-        arrays, attrs, books = stored(label if label != "16" else "raw", lens, d, seed=5)
-        prefix = RaggedPrefix.from_stored(arrays, attrs, books, d)
-        q, ak, av, mask = make_queries(sum(lens) + 1, 2, 4 * G, 1, 6, 4, d, torch.bfloat16, pad=True)
+        prefix, q, ak, av, mask = _four_heads(label, 4, 2, 1, 6, 5, torch.bfloat16, pad=True)
         got = ragged_attention_triton(q, prefix, ak, av, mask, block_n=16, chunk=32)
         assert torch.isfinite(got).all()
         assert rel_err(got, ragged_attention_torch(q, prefix, ak, av, mask)) < _tolerance(torch.bfloat16)
